@@ -1,0 +1,230 @@
+"""Strict YAML configs: recipes from ``registry/``, dotted overrides, every key validated.
+
+A config node is a registry key (``conditioner: gmm_attrs``) or ``{type: key, **kwargs}``; its kwargs are
+checked against the registered constructor's signature, and the resolved config (every default filled
+in) is what a run directory records. Plain sections (``train``, ``sample``, ``denoiser``) are dataclasses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from .registry import CONDITIONERS, DATASETS, HEADS, LOSSES, MODELS, SAMPLERS, SCHEDULES, Registry, closest
+
+RECIPES = Path(__file__).resolve().parent.parent / "registry"
+
+
+class ConfigError(ValueError):
+    """A config names an unknown key, an unknown registry entry, or a value of the wrong type."""
+
+
+@dataclass
+class DenoiserConfig:
+    sigma_data: float = 0.5  # Expected std of the data (images in [-1, 1]).
+    loss: str = "karras"  # karras | snr | soft_min_snr | eps (L_simple, the paper's).
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000  # Optimiser steps.
+    batch_size: int = 64  # Global batch, split over processes.
+    lr: float = 1e-3  # Peak AdamW learning rate.
+    betas: list = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 1e-3
+    warmup_steps: int = 100  # Linear warm-up, then the lr_decay shape.
+    lr_decay: str = "cosine"  # constant | cosine (to lr_final_frac * lr at the last step)
+    lr_final_frac: float = 0.1
+    grad_clip: float = 1.0  # Max grad norm; 0 disables clipping.
+    ema_power: float = 0.75  # k-diffusion EMAWarmup power.
+    ema_max: float = 0.999  # k-diffusion EMAWarmup max decay.
+    log_every: int = 10  # Steps between metrics.jsonl lines.
+    grid_every: int = 500  # Steps between sample grids (0: only at the end).
+    checkpoint_every: int = 500  # Steps between checkpoints (always one at the end).
+    keep_checkpoints: int = 2  # Older checkpoints are deleted.
+    num_workers: int = 0  # DataLoader workers per process.
+    seed: int = 0  # Seeds the model init and the per-process noise streams.
+
+
+@dataclass
+class SampleConfig:
+    sampler: Any = "dpmpp_2m"  # A SAMPLERS key or {type: key, **options}.
+    steps: int = 50  # Model evaluations for grids and launch/sample.py.
+    cfg_scale: float = 1.0  # Classifier-free guidance scale (1: plain conditional).
+    grid_rows: list = field(default_factory=list)  # Attribute sets ("circle,red") for training grids; [] picks from data.
+    grid_cols: int = 8  # Samples per grid row.
+    seed: int = 0  # Noise seed of the grids.
+
+
+SECTIONS = {"denoiser": DenoiserConfig, "train": TrainConfig, "sample": SampleConfig}
+NODES: dict[str, Registry] = {
+    "dataset": DATASETS, "model": MODELS, "conditioner": CONDITIONERS, "head": HEADS, "schedule": SCHEDULES,
+}
+TOP_LEVEL = ["name", *NODES, *SECTIONS]
+DEFAULT_NODES = {"conditioner": "gmm_attrs", "head": "none", "schedule": "karras"}
+SAMPLER_FIXED_ARGS = ("model", "x", "sigmas", "extra_args", "callback", "disable")
+INJECTED_FROM = {
+    "mapping_cond_dim": "set from conditioner.dim", "num_attrs": "set from the dataset's attributes",
+    "channels": "set from the model's bottleneck",
+}
+
+
+def _unknown_key(path: str, key: str, valid: Iterable[str]) -> ConfigError:
+    valid = sorted(valid)
+    hint = closest(key, valid)
+    hint = f"; did you mean '{hint}'?" if hint else ""
+    return ConfigError(f"{path}: unknown key{hint} Valid keys: {', '.join(valid)}")
+
+
+def _check_type(path: str, value: Any, default: Any) -> Any:
+    """Check ``value`` against the type of ``default`` (ints are accepted as floats)."""
+    if default is None or default is inspect.Parameter.empty or value is None:
+        return value
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected in (list, tuple) and isinstance(value, (list, tuple)):
+        return list(value)
+    if expected in (bool, int, float, str, list, tuple) and not isinstance(value, expected) or (
+        expected is int and isinstance(value, bool)
+    ):
+        raise ConfigError(f"{path}: expected {expected.__name__}, got {value!r}")
+    return value
+
+
+def signature_params(obj: Any, skip: Iterable[str] = ()) -> dict[str, inspect.Parameter]:
+    """Return the keyword parameters a config may set for a registered object."""
+    skip = set(skip)
+    params = inspect.signature(obj).parameters
+    return {n: p for n, p in params.items() if n not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def resolve_node(path: str, node: Any, registry: Registry, skip: Iterable[str] = ()) -> dict:
+    """Validate a ``{type: key, **kwargs}`` node against the registered signature; fill in defaults."""
+    if isinstance(node, str):
+        node = {"type": node}
+    if not isinstance(node, dict) or "type" not in node:
+        raise ConfigError(f"{path}: expected a {registry.name} key or a mapping with 'type', got {node!r}")
+    key = node["type"]
+    if key not in registry:
+        raise ConfigError(f"{path}.type: {registry.unknown_message(key)}")
+    params = signature_params(registry.get(key), skip)
+    resolved = {"type": key}
+    for name, value in node.items():
+        if name == "type":
+            continue
+        if name in registry.injected:
+            raise ConfigError(f"{path}.{name}: {INJECTED_FROM.get(name, 'set by gmmcond')}, never by hand; remove it")
+        if name not in params:
+            raise _unknown_key(f"{path}.{name}", name, [p for p in params if p not in registry.injected])
+        resolved[name] = _check_type(f"{path}.{name}", value, params[name].default)
+    for name, param in params.items():
+        if name in resolved or name in registry.injected:
+            continue
+        if param.default is inspect.Parameter.empty:
+            raise ConfigError(f"{path}.{name}: required by {registry.name} '{key}' but not given")
+        default = param.default
+        resolved[name] = list(default) if isinstance(default, tuple) else default
+    return resolved
+
+
+def resolve_section(path: str, values: Any, schema: type) -> dict:
+    """Validate a plain section against its dataclass; fill in defaults."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    defaults = dataclasses.asdict(schema())
+    for name in values:
+        if name not in fields:
+            raise _unknown_key(f"{path}.{name}", name, fields)
+    return {
+        name: values.get(name, defaults[name]) if fields[name].type in ("Any", Any)  # checked as a node later
+        else _check_type(f"{path}.{name}", values.get(name, defaults[name]), defaults[name])
+        for name in fields
+    }
+
+
+def resolve(raw: dict) -> dict:
+    """Validate a whole config dict and return it with every default filled in."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise _unknown_key(str(key), str(key), TOP_LEVEL)
+    for key in ("name", "dataset", "model"):
+        if key not in raw:
+            raise ConfigError(f"{key}: required section missing")
+    cfg: dict[str, Any] = {"name": str(raw["name"])}
+    for key, registry in NODES.items():
+        cfg[key] = resolve_node(key, raw.get(key, DEFAULT_NODES.get(key)), registry)
+    for key, schema in SECTIONS.items():
+        cfg[key] = resolve_section(key, raw.get(key), schema)
+    cfg["sample"]["sampler"] = resolve_node("sample.sampler", cfg["sample"]["sampler"], SAMPLERS, SAMPLER_FIXED_ARGS)
+    if cfg["head"]["type"] != "none":
+        loss = cfg["head"].get("loss")
+        if loss not in LOSSES:
+            raise ConfigError(f"head.loss: {LOSSES.unknown_message(loss)}")
+    from .models import DENOISER_LOSSES
+
+    if cfg["denoiser"]["loss"] not in DENOISER_LOSSES:
+        raise _unknown_key("denoiser.loss", cfg["denoiser"]["loss"], DENOISER_LOSSES)
+    return cfg
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply one ``dotted.path=value`` override (the value is parsed as YAML) to ``raw`` in place."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like dotted.path=value, e.g. train.steps=200")
+    path, value = override.split("=", 1)
+    keys = path.strip().split(".")
+    node = raw
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if isinstance(child, str) and key in NODES or child is None and key in NODES:
+            child = {"type": child or DEFAULT_NODES.get(key)}  # conditioner=gmm_attrs -> {type: gmm_attrs}
+        elif child is None:
+            child = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(keys[:depth + 1])}: is {child!r}, not a section; cannot set {path}")
+        node[key] = child
+        node = child
+    node[keys[-1]] = yaml.safe_load(value)
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """Return the YAML file for a recipe name in ``registry/`` or a path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    candidate = RECIPES / f"{name_or_path}.yaml"
+    if not candidate.exists():
+        names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+        hint = closest(str(name_or_path), names)
+        hint = f"; did you mean '{hint}'?" if hint else ""
+        raise ConfigError(f"no recipe '{name_or_path}' in {RECIPES}{hint} Recipes: {', '.join(names)}")
+    return candidate
+
+
+def load_config(name_or_path: str | Path, overrides: Iterable[str] = ()) -> dict:
+    """Load a recipe by name (``registry/NAME.yaml``) or path, apply dotted overrides, validate it."""
+    path = recipe_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    for override in overrides:
+        apply_override(raw, override)
+    return resolve(raw)
+
+
+def dump_config(cfg: dict) -> str:
+    """Serialise a resolved config as YAML."""
+    return yaml.safe_dump(cfg, sort_keys=False)

@@ -1,0 +1,179 @@
+"""Datasets on local files: CelebA, CIFAR-10 and a user's folder of images with a CSV of attributes.
+
+Every dataset yields ``(image[3, H, W] in [-1, 1], attrs[K] float, index)`` and carries ``attr_names``
+and ``groups`` (lists of mutually exclusive attributes). Nothing is downloaded: a missing or malformed
+file is a :class:`DatasetError` naming the file and what to do.
+"""
+from __future__ import annotations
+
+import csv
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from . import shapes  # noqa: F401  (registers the embedded default)
+from .registry import DATASETS
+from .shapes import to_tensor
+
+
+class DatasetError(RuntimeError):
+    """A dataset's files are missing or malformed."""
+
+
+def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
+    """Crop the largest centred square and resize it to ``size`` x ``size``."""
+    w, h = image.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return image.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
+
+
+def require(path: Path, what: str) -> Path:
+    """Return ``path`` if it exists, else raise a DatasetError saying what was expected there."""
+    if not path.exists():
+        raise DatasetError(f"{what} not found: {path}")
+    return path
+
+
+@DATASETS.register("celeba")
+class CelebA(Dataset):
+    """CelebA in its official layout: ``img_align_celeba/``, ``list_attr_celeba.txt``, ``list_eval_partition.txt``."""
+
+    SPLITS = {"train": 0, "valid": 1, "test": 2}
+
+    def __init__(
+        self,
+        *,
+        root: str,  # Folder holding the three official entries.
+        size: int = 64,  # Output side: centre crop, then resize.
+        split: str = "train",  # train | valid | test | all
+    ):
+        root_path = Path(root).expanduser()
+        hint = "download CelebA (Liu et al. 2015) by hand and point dataset.root at the folder"
+        images = require(root_path / "img_align_celeba", f"CelebA image folder ({hint})")
+        attr_file = require(root_path / "list_attr_celeba.txt", f"CelebA attribute list ({hint})")
+        part_file = require(root_path / "list_eval_partition.txt", f"CelebA partition list ({hint})")
+        if split not in (*self.SPLITS, "all"):
+            raise ValueError(f"dataset.split must be one of train, valid, test, all; got '{split}'")
+        lines = attr_file.read_text().splitlines()
+        try:
+            count, names = int(lines[0]), lines[1].split()
+            rows = [line.split() for line in lines[2 : 2 + count]]
+            table = {r[0]: [int(v) for v in r[1:]] for r in rows}
+        except (IndexError, ValueError) as exc:
+            raise DatasetError(f"{attr_file}: malformed ({exc}); expected a count line, 40 names, then 'file -1/1 ...' rows") from exc
+        if len(rows) != count or any(len(v) != len(names) for v in table.values()):
+            raise DatasetError(f"{attr_file}: expected {count} rows of {len(names)} values each")
+        partition = dict(line.split() for line in part_file.read_text().splitlines() if line.strip())
+        keep = [f for f in table if split == "all" or int(partition.get(f, -1)) == self.SPLITS[split]]
+        self.root, self.size, self.images = root_path, size, images
+        self.files = sorted(keep)
+        self.attrs = torch.tensor([table[f] for f in self.files], dtype=torch.float32).clamp(min=0)
+        self.attr_names, self.groups = names, []
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        path = require(self.images / self.files[index], "CelebA image")
+        image = center_crop_resize(Image.open(path).convert("RGB"), self.size)
+        return to_tensor(image), self.attrs[index], index
+
+
+@DATASETS.register("cifar10")
+class CIFAR10(Dataset):
+    """CIFAR-10 from the local ``cifar-10-batches-py`` pickles; attributes are the one-hot class."""
+
+    def __init__(
+        self,
+        *,
+        root: str,  # The cifar-10-batches-py folder (or its parent).
+        split: str = "train",  # train (data_batch_1..5) | test (test_batch)
+    ):
+        folder = Path(root).expanduser()
+        if (folder / "cifar-10-batches-py").is_dir():
+            folder = folder / "cifar-10-batches-py"
+        hint = "unpack cifar-10-python.tar.gz (Krizhevsky 2009) and point dataset.root at cifar-10-batches-py"
+        names = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+        if split not in names:
+            raise ValueError(f"dataset.split must be 'train' or 'test', got '{split}'")
+        data, labels = [], []
+        for name in names[split]:
+            batch = self._load(require(folder / name, f"CIFAR-10 batch ({hint})"))
+            data.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(batch[b"labels"])
+        meta = self._load(require(folder / "batches.meta", f"CIFAR-10 metadata ({hint})"))
+        self.attr_names = [n.decode() if isinstance(n, bytes) else n for n in meta[b"label_names"]]
+        self.groups = [list(self.attr_names)]
+        self.size = 32
+        self.data = torch.from_numpy(np.concatenate(data))
+        self.labels = torch.tensor(labels)
+
+    @staticmethod
+    def _load(path: Path) -> dict:
+        try:
+            with open(path, "rb") as f:
+                return pickle.load(f, encoding="bytes")
+        except Exception as exc:
+            raise DatasetError(f"{path}: not a CIFAR-10 pickle ({exc})") from exc
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        attrs = torch.zeros(len(self.attr_names))
+        attrs[self.labels[index]] = 1
+        return self.data[index].float() / 127.5 - 1, attrs, index
+
+
+@DATASETS.register("imagefolder_attrs")
+class ImageFolderAttrs(Dataset):
+    """A folder of images and a CSV: first column the file name, one column of 0/1 (or -1/1) per attribute."""
+
+    def __init__(
+        self,
+        *,
+        root: str,  # Folder of images.
+        csv_file: str = "attrs.csv",  # CSV path, relative to root unless absolute.
+        size: int = 64,  # Output side: centre crop, then resize.
+        groups: list | None = None,  # Optional lists of mutually exclusive attribute names.
+    ):
+        root_path = Path(root).expanduser()
+        csv_path = require(root_path / csv_file, "attribute CSV (first column file name, then 0/1 columns)")
+        with open(csv_path, newline="") as f:
+            rows = list(csv.reader(f))
+        if len(rows) < 2 or len(rows[0]) < 2:
+            raise DatasetError(f"{csv_path}: needs a header (file, attr1, ...) and at least one row")
+        self.attr_names = [name.strip() for name in rows[0][1:]]
+        files, values = [], []
+        for line, row in enumerate(rows[1:], start=2):
+            if len(row) != len(rows[0]):
+                raise DatasetError(f"{csv_path}:{line}: {len(row)} columns, header has {len(rows[0])}")
+            try:
+                vals = [int(float(v)) for v in row[1:]]
+            except ValueError as exc:
+                raise DatasetError(f"{csv_path}:{line}: attribute values must be 0/1 or -1/1 ({exc})") from exc
+            if any(v not in (-1, 0, 1) for v in vals):
+                raise DatasetError(f"{csv_path}:{line}: attribute values must be 0/1 or -1/1, got {row[1:]}")
+            files.append(row[0].strip())
+            values.append(vals)
+        for group in groups or []:
+            for name in group:
+                if name not in self.attr_names:
+                    raise DatasetError(f"dataset.groups names '{name}', which is not a CSV column: {self.attr_names}")
+        missing = [f for f in files if not (root_path / f).exists()]
+        if missing:
+            raise DatasetError(f"{csv_path}: {len(missing)} listed images are missing from {root_path}, e.g. {missing[0]}")
+        self.root, self.size, self.files, self.groups = root_path, size, files, [list(g) for g in groups or []]
+        self.attrs = torch.tensor(values, dtype=torch.float32).clamp(min=0)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        image = center_crop_resize(Image.open(self.root / self.files[index]).convert("RGB"), self.size)
+        return to_tensor(image), self.attrs[index], index

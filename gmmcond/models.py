@@ -1,0 +1,66 @@
+"""k-diffusion models in the MODELS registry, and the Denoiser wrapper that preconditions them."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
+
+import k_diffusion as K
+from torch import nn
+
+from .registry import MODELS
+
+
+@MODELS.register("image_v1")
+def image_v1(
+    mapping_cond_dim: int,  # Injected: the conditioner's .dim.
+    *,
+    input_channels: int = 3,
+    mapping_out: int = 128,  # Width of the mapping network (noise level + condition embedding).
+    depths: Sequence[int] = (1, 2, 2),  # Residual blocks per U-Net stage.
+    channels: Sequence[int] = (32, 64, 128),  # Channels per U-Net stage; each stage after the first halves H, W.
+    self_attn_depths: Sequence[bool] | None = None,  # Self-attention per stage; None is none.
+    dropout_rate: float = 0.0,
+    patch_size: int = 1,
+    skip_stages: int = 0,
+    augment_wrapper: bool = False,  # Wrap in KarrasAugmentWrapper (adds 9 aug_cond dims to mapping_cond).
+) -> nn.Module:
+    """Build k-diffusion's ``image_v1`` U-Net through ``k_diffusion.config.make_model``."""
+    if len(depths) != len(channels):
+        raise ValueError(f"model.depths ({list(depths)}) and model.channels ({list(channels)}) need the same length")
+    config = K.config.load_config({
+        "model": {
+            "type": "image_v1",
+            "input_channels": input_channels,
+            "input_size": [0, 0],  # unused by image_v1
+            "mapping_out": mapping_out,
+            "depths": list(depths),
+            "channels": list(channels),
+            "self_attn_depths": list(self_attn_depths or [False] * len(depths)),
+            "dropout_rate": dropout_rate,
+            "patch_size": patch_size,
+            "skip_stages": skip_stages,
+            "augment_wrapper": augment_wrapper,
+            "mapping_cond_dim": mapping_cond_dim,
+        },
+    })
+    return K.config.make_model(config)
+
+
+DENOISER_LOSSES = {
+    "karras": partial(K.layers.Denoiser, weighting="karras"),  # Karras et al. preconditioned x0 loss.
+    "snr": partial(K.layers.Denoiser, weighting="snr"),
+    "soft_min_snr": partial(K.layers.Denoiser, weighting="soft-min-snr"),
+    "eps": K.layers.SimpleLossDenoiser,  # L_simple on the predicted noise, the paper's loss.
+}
+
+
+def make_denoiser(inner_model: nn.Module, *, sigma_data: float = 0.5, loss: str = "karras") -> K.layers.Denoiser:
+    """Wrap an inner model in k-diffusion's Denoiser for the configured loss."""
+    return DENOISER_LOSSES[loss](inner_model, sigma_data=sigma_data)
+
+
+def unwrap_inner(model: nn.Module) -> nn.Module:
+    """Return the innermost k-diffusion model under Denoiser and KarrasAugmentWrapper layers."""
+    while hasattr(model, "inner_model"):
+        model = model.inner_model
+    return model

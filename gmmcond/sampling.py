@@ -1,0 +1,97 @@
+"""Samplers and guidance wrappers with k-diffusion's signatures, so they drop into any k-diffusion model.
+
+Every ``k_diffusion.sampling.sample_*`` is registered in SAMPLERS by its short name (``euler``,
+``dpmpp_2m``, ...), next to the paper's ``x0_reproject``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from k_diffusion import sampling as ks
+from torch import nn
+from tqdm.auto import trange
+
+from .registry import SAMPLERS
+
+
+@SAMPLERS.register("x0_reproject")
+@torch.no_grad()
+def sample_x0_reproject(model, x, sigmas, extra_args=None, callback=None, disable=None, renoise=1., noise_sampler=None):
+    """Sample by x0-reprojection (Lu et al. Eq. 10): predict x0, then noise it to the next sigma.
+
+    ``x = denoised + sigma_next * (sqrt(1 - r^2) * eps_hat + r * z)`` with eps_hat = (x - denoised) / sigma
+    and z fresh noise. r = 1 is the paper's sampler (equal to ``sample_euler_ancestral`` with a huge eta);
+    r = 0 is DDIM (equal to ``sample_euler``).
+    """
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = ks.default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    keep = math.sqrt(max(0.0, 1 - renoise ** 2))
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        noise = (x - denoised) / sigmas[i] * keep if keep else torch.zeros_like(x)
+        if renoise:
+            noise = noise + renoise * noise_sampler(sigmas[i], sigmas[i + 1])
+        x = denoised + sigmas[i + 1] * noise
+    return x
+
+
+def _range_adapter(fn):
+    """Adapt a k-diffusion sampler taking (sigma_min, sigma_max, n) to the common sigmas signature."""
+
+    def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, **kwargs):
+        sigma_min = sigmas[-2] if sigmas[-1] == 0 else sigmas[-1]
+        return fn(model, x, float(sigma_min), float(sigmas[0]), len(sigmas) - 1, extra_args=extra_args,
+                  callback=callback, disable=disable, **kwargs)
+
+    sampler.__doc__ = fn.__doc__
+    sampler.__wrapped_sampler__ = fn
+    return sampler
+
+
+def _register_k_diffusion_samplers() -> None:
+    for name in sorted(dir(ks)):
+        if not name.startswith("sample_"):
+            continue
+        fn = getattr(ks, name)
+        if name == "sample_dpm_fast":
+            fn = _range_adapter(fn)
+        elif name == "sample_dpm_adaptive":
+            fn = _range_adapter(lambda model, x, lo, hi, n, **kw: ks.sample_dpm_adaptive(model, x, lo, hi, **kw))
+        SAMPLERS.register(name[len("sample_"):], fn)
+
+
+_register_k_diffusion_samplers()
+
+
+class CFGDenoiser(nn.Module):
+    """Classifier-free guidance as a k-diffusion model: ``uncond + scale * (cond - uncond)``.
+
+    Both branches run in one batched forward; the unconditional input is the conditioner's dropped
+    condition (``conditioner.unconditional``), passed as ``uncond`` [dim] or [B, dim].
+    """
+
+    def __init__(self, model: nn.Module, scale: float, uncond: torch.Tensor, cond_key: str = "mapping_cond"):
+        super().__init__()
+        self.model, self.scale, self.cond_key = model, scale, cond_key
+        self.register_buffer("uncond", uncond, persistent=False)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
+        cond = kwargs.pop(self.cond_key)
+        uncond = self.uncond.to(cond).expand_as(cond)
+        both = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]), **{self.cond_key: torch.cat([uncond, cond])}, **kwargs)
+        out_uncond, out_cond = both.chunk(2)
+        return out_uncond + (out_cond - out_uncond) * self.scale
+
+
+def sample(sampler: dict | str, model, noise: torch.Tensor, sigmas: torch.Tensor, extra_args=None, callback=None, disable=True):
+    """Run a SAMPLERS node (a key or ``{type, **options}``) from ``noise * sigmas[0]``."""
+    node = {"type": sampler} if isinstance(sampler, str) else dict(sampler)
+    fn = SAMPLERS.get(node.pop("type"))
+    return fn(model, noise * sigmas[0], sigmas, extra_args=extra_args, callback=callback, disable=disable, **node)

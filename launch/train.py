@@ -1,0 +1,30 @@
+"""Train a gmmcond recipe: ``accelerate launch launch/train.py --config shapes [dotted.key=value ...]``."""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gmmcond.cli import fail_cleanly  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="shapes", help="recipe name in registry/ or a YAML path")
+    parser.add_argument("--name", help="run name (default: the config's name); the run goes to RUNS/NAME")
+    parser.add_argument("--runs", default="runs", help="parent folder of run directories")
+    parser.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 conditioner.sigma=0.3")
+    args = parser.parse_args()
+
+    from gmmcond.config import load_config
+    from gmmcond.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    if args.name:
+        cfg["name"] = args.name
+    train(cfg, Path(args.runs) / cfg["name"], resume=args.resume)
+
+
+if __name__ == "__main__":
+    fail_cleanly(main)

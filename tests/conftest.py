@@ -1,0 +1,21 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def tiny_cfg():
+    """A resolved tiny config (seconds per run)."""
+    from gmmcond.config import load_config
+
+    def make(*overrides):
+        return load_config("shapes_tiny", overrides)
+
+    return make

@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from gmmcond.conditioners import GMMAttrs, NoConditioner
+from gmmcond.registry import CONDITIONERS
+
+
+def make(**kw):
+    return CONDITIONERS.build({"type": "gmm_attrs", **kw}, num_attrs=5)
+
+
+def test_output_shape_and_dim():
+    cond = make(dims_per_attr=3)
+    out = cond.eval()(torch.ones(4, 5), torch.arange(4))
+    assert cond.dim == 5 * 3 + 1 and out.shape == (4, 16)
+
+
+def test_attributes_mask_their_blocks_and_flag_is_zero():
+    cond = make(dims_per_attr=3).eval()
+    attrs = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.float32)
+    out = cond(attrs, torch.arange(2))
+    blocks = out[:, :-1].view(2, 5, 3)
+    assert (blocks[0, [1, 3, 4]] == 0).all() and (blocks[0, [0, 2]] != 0).all()
+    assert (blocks[1] == 0).all()
+    assert (out[:, -1] == 0).all()
+
+
+def test_fixed_pairing_is_reproducible_per_index_and_differs_across_indices():
+    cond = make().eval()
+    attrs = torch.ones(3, 5)
+    a = cond(attrs, torch.tensor([7, 8, 7]))
+    b = make()  # a fresh module with the same seed
+    assert torch.equal(a, cond.eval()(attrs, torch.tensor([7, 8, 7])))
+    assert torch.equal(a[0], a[2]) and not torch.equal(a[0], a[1])
+    assert torch.equal(a, b.eval()(attrs, torch.tensor([7, 8, 7])))
+    assert not torch.equal(a, make(seed=1).eval()(attrs, torch.tensor([7, 8, 7])))
+
+
+def test_resample_pairing_draws_fresh_latents():
+    cond = make(pairing="resample").eval()
+    attrs, index = torch.ones(2, 5), torch.tensor([3, 3])
+    assert not torch.equal(cond(attrs, index), cond(attrs, index))
+
+
+def mixture_cdf(means, weights, sigma):
+    return lambda x: sum(w * stats.norm.cdf(x, m, sigma) for m, w in zip(means, weights))
+
+
+@pytest.mark.parametrize("means,weights,sigma", [([1.0, 2.0, 3.0], None, 0.3), ([-1.5, 0.0, 1.5], [0.5, 0.2, 0.3], 0.4)])
+@pytest.mark.parametrize("pairing", ["fixed", "resample"])
+def test_latents_follow_the_configured_gmm(means, weights, sigma, pairing):
+    cond = make(means=means, weights=weights, sigma=sigma, pairing=pairing, dims_per_attr=4).eval()
+    out = cond(torch.ones(1000, 5), torch.arange(1000))
+    z = out[:, :-1].flatten().double().numpy()  # 20000 draws
+    w = np.full(len(means), 1 / len(means)) if weights is None else np.array(weights)
+    mean = float((w * means).sum())
+    var = sigma**2 + float((w * (np.array(means) - mean) ** 2).sum())
+    se = np.sqrt(var / len(z))
+    assert abs(z.mean() - mean) < 4 * se
+    assert abs(z.var() - var) < 4 * var * np.sqrt(2 / len(z)) * 1.5  # var of a mixture: looser than Gaussian
+    assert stats.kstest(z, mixture_cdf(means, w, sigma)).pvalue > 1e-3
+
+
+def test_dropout_sets_flag_and_zeroes_the_latent():
+    torch.manual_seed(0)
+    cond = make(cond_dropout=0.5).train()
+    out = cond(torch.ones(400, 5), torch.arange(400))
+    dropped = out[:, -1] == 1
+    assert 120 < dropped.sum() < 280
+    assert (out[dropped, :-1] == 0).all() and (out[~dropped, :-1] != 0).all()
+    assert torch.equal(cond.unconditional(2), torch.cat([torch.zeros(2, 20), torch.ones(2, 1)], 1))
+    assert not torch.equal(cond.unconditional(1), cond.eval()(torch.zeros(1, 5), torch.arange(1)))
+
+
+def test_eval_mode_never_drops():
+    cond = make(cond_dropout=0.9).eval()
+    assert (cond(torch.ones(100, 5), torch.arange(100))[:, -1] == 0).all()
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(ValueError, match="pairing must be 'fixed' or 'resample'"):
+        make(pairing="sometimes")
+    with pytest.raises(ValueError, match="weights has 2 entries but means has 3"):
+        make(weights=[0.5, 0.5])
+    with pytest.raises(ValueError, match="expects 5 attributes"):
+        make().eval()(torch.ones(2, 4), torch.arange(2))
+
+
+def test_none_conditioner_has_no_dim():
+    cond = NoConditioner(num_attrs=3)
+    assert cond.dim == 0 and cond(torch.ones(2, 3), torch.arange(2)) is None
+    assert isinstance(make(), GMMAttrs)

@@ -1,0 +1,83 @@
+import pytest
+import yaml
+
+from gmmcond.config import ConfigError, load_config
+
+
+def test_default_recipe_resolves_with_every_default():
+    cfg = load_config("shapes")
+    assert cfg["conditioner"]["type"] == "gmm_attrs" and cfg["conditioner"]["means"] == [1.0, 2.0, 3.0]
+    assert cfg["train"]["steps"] > 0 and cfg["head"] == {"type": "none"}
+    assert cfg["sample"]["sampler"]["type"] == "dpmpp_2m"
+    assert yaml.safe_load(yaml.safe_dump(cfg)) == cfg  # the resolved config round-trips through YAML
+
+
+def test_overrides_apply_with_yaml_values():
+    cfg = load_config("shapes", ["train.steps=200", "conditioner.sigma=0.25", "conditioner.means=[-1.5,0,1.5]"])
+    assert cfg["train"]["steps"] == 200 and cfg["conditioner"]["sigma"] == 0.25
+    assert cfg["conditioner"]["means"] == [-1.5, 0, 1.5]
+
+
+def test_override_expands_a_string_node():
+    cfg = load_config("shapes_tiny", ["conditioner.pairing=resample"])
+    assert cfg["conditioner"]["type"] == "gmm_attrs" and cfg["conditioner"]["pairing"] == "resample"
+
+
+def test_typo_names_dotted_path_and_closest_key():
+    with pytest.raises(ConfigError) as err:
+        load_config("shapes", ["train.stpes=5"])
+    msg = str(err.value)
+    assert msg.startswith("train.stpes: unknown key; did you mean 'steps'? Valid keys: batch_size, betas, ")
+
+
+def test_typo_in_a_registered_node_checks_the_signature():
+    with pytest.raises(ConfigError) as err:
+        load_config("shapes", ["conditioner.sigmaa=0.3"])
+    assert str(err.value) == (
+        "conditioner.sigmaa: unknown key; did you mean 'sigma'? Valid keys: cond_dropout, dims_per_attr, means, "
+        "pairing, seed, sigma, weights")
+
+
+def test_unknown_type_lists_registered_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config("shapes", ["conditioner=gmm_atrs"])
+    assert str(err.value) == (
+        "conditioner.type: CONDITIONERS has no key 'gmm_atrs'; did you mean 'gmm_attrs'? Registered: gmm_attrs, none")
+
+
+def test_unknown_top_level_section():
+    with pytest.raises(ConfigError) as err:
+        load_config("shapes", ["trian.steps=3"])
+    assert str(err.value).startswith("trian: unknown key; did you mean 'train'? Valid keys: ")
+
+
+def test_injected_key_is_refused():
+    with pytest.raises(ConfigError) as err:
+        load_config("shapes", ["model.mapping_cond_dim=12"])
+    assert str(err.value) == "model.mapping_cond_dim: set from conditioner.dim, never by hand; remove it"
+
+
+def test_wrong_type_and_bad_override_syntax():
+    with pytest.raises(ConfigError, match=r"^train.steps: expected int, got 'many'$"):
+        load_config("shapes", ["train.steps=many"])
+    with pytest.raises(ConfigError, match="must look like dotted.path=value"):
+        load_config("shapes", ["train.steps"])
+
+
+def test_unknown_sampler_and_recipe():
+    with pytest.raises(ConfigError, match=r"^sample.sampler.type: SAMPLERS has no key 'eulr'; did you mean 'euler'\?"):
+        load_config("shapes", ["sample.sampler=eulr"])
+    with pytest.raises(ConfigError, match=r"^no recipe 'shapez' in .*; did you mean 'shapes'\? Recipes: "):
+        load_config("shapez")
+
+
+def test_required_kwarg_and_yaml_path(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: c\ndataset: celeba\nmodel: image_v1\n")
+    with pytest.raises(ConfigError, match=r"^dataset.root: required by DATASETS 'celeba' but not given$"):
+        load_config(path)
+    path.write_text("name: c\ndataset: {type: celeba, root: /data}\nmodel: image_v1\n")
+    assert load_config(str(path))["dataset"]["root"] == "/data"
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)

@@ -1,0 +1,117 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gmmcond.checkpoint import CheckpointError, load_checkpoint
+from gmmcond.pipeline import load_run
+from gmmcond.trainer import StepBatchSampler, TrainingDiverged, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def read_metrics(run):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_three_step_run_writes_grid_metrics_checkpoint_export(tiny_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(), run)
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
+    assert all(m["loss"] > 0 for m in read_metrics(run))
+    assert (run / "samples" / "grid_0000003.png").exists() and (run / "plots" / "loss.png").exists()
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000003.pt"
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["step_0000002.pt", "step_0000003.pt"]
+    assert json.loads((run / "dataset.json").read_text())["attr_names"][:3] == ["circle", "square", "triangle"]
+    from safetensors import safe_open
+
+    with safe_open(run / "ema.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["config"])["name"] == "shapes_tiny" and meta["step"] == "3"
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train(tiny_cfg(), run)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("train.steps=6", "train.checkpoint_every=2", "conditioner.cond_dropout=0.5")
+    train(cfg, tmp_path / "full")
+
+    def kill_at_5(step, metrics):
+        if step == 5:
+            raise Killed  # dies after step 5 ran, with the last checkpoint at step 4
+
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "cut", on_step=kill_at_5)
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == "step_0000004.pt"
+    train(cfg, tmp_path / "cut", resume=True)
+    full = load_checkpoint(tmp_path / "full" / "checkpoints" / "step_0000006.pt")
+    cut = load_checkpoint(tmp_path / "cut" / "checkpoints" / "step_0000006.pt")
+    for key in ("model", "ema"):
+        for name, value in full[key].items():
+            assert torch.equal(value, cut[key][name]), (key, name)
+    timeless = lambda run: [{k: v for k, v in m.items() if k != "sec_per_step"} for m in read_metrics(run)]
+    assert timeless(tmp_path / "cut") == timeless(tmp_path / "full")  # same loss at the same step
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tiny_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(), run)
+    latest = run / "checkpoints" / "step_0000003.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"step_0000003.pt is corrupt or truncated .*earlier one \(\['step_0000002.pt'\]\)"):
+        train(tiny_cfg("train.steps=4"), run, resume=True)
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_run(run)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    from gmmcond.schedules import KarrasSchedule
+
+    real = KarrasSchedule.sample_sigmas
+    calls = {"n": 0}
+
+    def poisoned(self, n, generator=None):
+        calls["n"] += 1
+        sigmas = real(self, n, generator)
+        return sigmas * float("nan") if calls["n"] == 3 else sigmas
+
+    monkeypatch.setattr(KarrasSchedule, "sample_sigmas", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3; .* the last good checkpoint is .*step_0000002.pt"):
+        train(tiny_cfg(), run)
+    state = load_checkpoint(run / "checkpoints" / "step_0000002.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_step_batch_sampler_is_a_function_of_step_and_shards_disjointly():
+    full = list(StepBatchSampler(10, 4, seed=3, start_step=0, steps=6))
+    assert list(StepBatchSampler(10, 4, seed=3, start_step=4, steps=6)) == full[4:]
+    flat = [i for b in full[:5] for i in b]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    ranks = [list(StepBatchSampler(10, 4, 3, 0, 6, rank=r, world=2)) for r in range(2)]
+    for step in range(6):
+        assert sorted(ranks[0][step] + ranks[1][step]) == sorted(full[step])
+        assert not set(ranks[0][step]) & set(ranks[1][step])
+
+
+def test_two_process_run_stays_in_sync_and_writes_each_file_once(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "launch" / "train.py"), "--config", "shapes_tiny", "--runs", str(tmp_path), "train.steps=4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "2 process(es)" in out and "parameters identical across 2 processes" in out
+    run = tmp_path / "shapes_tiny"
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_0000002.pt", "step_0000004.pt"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["grid_0000004.png"]
+    assert len(load_checkpoint(run / "checkpoints" / "step_0000004.pt")["rng"]) == 2
