@@ -1,9 +1,19 @@
-"""Classifier heads on the denoiser's U-Net bottleneck."""
+"""Classifier heads on the U-Net bottleneck (Lu et al. Sec. 3.3, Fig. 8) and head-guided sampling.
+
+The head reads the output of ``u_net.d_blocks[-1]`` of k-diffusion's ``image_v1`` through a forward
+hook, so the model's code is untouched and any k-diffusion wrapper (``KarrasAugmentWrapper``,
+``Denoiser``) can sit around it. Note that image_v1's AdaGN layers see the mapping condition, so the
+bottleneck features carry the requested attributes as well as the noisy image.
+"""
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .registry import HEADS
+from . import ngmg  # noqa: F401  (fills LOSSES)
+from .models import unwrap_inner
+from .registry import HEADS, LOSSES
 
 
 @HEADS.register("none")
@@ -12,6 +22,96 @@ def no_head(num_attrs: int, channels: int) -> None:
     return None
 
 
-def attach(node: dict, denoiser: nn.Module, num_attrs: int) -> nn.Module:
-    """Build a head node and hook it onto the denoiser's bottleneck."""
-    raise NotImplementedError("bottleneck heads arrive with issue 5")
+@HEADS.register("bottleneck_attrs")
+class BottleneckAttrs(nn.Module):
+    """Predict the K attributes from the bottleneck features of the noisy input."""
+
+    def __init__(
+        self,
+        num_attrs: int,  # K, injected from the dataset.
+        channels: int,  # Bottleneck channels, injected from the model.
+        *,
+        weight: float = 0.1,  # Total loss = diffusion loss + weight * head loss.
+        loss: str = "ngmg_entropy",  # A LOSSES key: ngmg_entropy | bce.
+        hidden: int = 128,  # Width of the MLP after global average pooling.
+        detach: bool = False,  # Stop the head's gradient at the bottleneck (False: it trains the encoder).
+    ):
+        super().__init__()
+        self.weight, self.detach, self.loss_name = weight, detach, loss
+        self.loss_fn = LOSSES.get(loss)
+        self.net = nn.Sequential(
+            nn.GroupNorm(1, channels), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, num_attrs),
+        )
+        self.features: torch.Tensor | None = None
+
+    def hook(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        """Forward hook on the bottleneck block: keep its output for the next head call."""
+        self.features = output
+
+    def forward(self) -> torch.Tensor:
+        """Return logits [B, K] from the features of the last model forward."""
+        if self.features is None:
+            raise RuntimeError("the head has no features: run the model forward first")
+        feats = self.features.detach() if self.detach else self.features
+        return self.net(feats)
+
+    def losses(self, attrs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return per-sample head loss, accuracy and mean |q - y| (the monitorable W1) for the last forward."""
+        logits = self()
+        q = torch.sigmoid(logits.detach())
+        return {
+            "head": self.loss_fn(logits, attrs),
+            "head_acc": ((q > 0.5).float() == attrs).float().mean(-1),
+            "head_w1": (q - attrs).abs().mean(-1),
+        }
+
+
+def bottleneck(model: nn.Module) -> nn.Module:
+    """Return the U-Net bottleneck block (``u_net.d_blocks[-1]``) under any k-diffusion wrappers."""
+    inner = unwrap_inner(model)
+    if not hasattr(inner, "u_net"):
+        raise TypeError(f"{type(inner).__name__} has no u_net: bottleneck heads need k-diffusion's image_v1")
+    return inner.u_net.d_blocks[-1]
+
+
+def attach(node: dict, denoiser: nn.Module, num_attrs: int) -> nn.Module | None:
+    """Build a HEADS node and hook it onto the denoiser's bottleneck."""
+    block = bottleneck(denoiser)
+    channels = unwrap_inner(denoiser).channels[-1]
+    head = HEADS.build(node, num_attrs=num_attrs, channels=channels)
+    if head is not None:
+        head.handle = block.register_forward_hook(head.hook)
+    return head
+
+
+def head_log_prob(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Return log p_head(A = target | x) = sum_k log q_k^A_k (1 - q_k)^(1 - A_k), per sample."""
+    logp = target * F.logsigmoid(logits) + (1 - target) * F.logsigmoid(-logits)
+    return (logp if mask is None else logp * mask).sum(-1)
+
+
+class HeadGuidedDenoiser(nn.Module):
+    """Guide any k-diffusion sampler with the head: ``denoised + scale * sigma^2 * grad_x log p_head(A | x)``.
+
+    Classifier guidance (Dhariwal & Nichol 2021) with the bottleneck head as the classifier. The target
+    attributes come from ``target`` or the ``head_target`` entry of ``extra_args``; ``only_present``
+    guides toward the requested attributes without pushing the others to be absent.
+    """
+
+    def __init__(self, denoiser: nn.Module, head: BottleneckAttrs, scale: float, target: torch.Tensor | None = None,
+                 only_present: bool = False):
+        super().__init__()
+        self.denoiser, self.head, self.scale, self.only_present = denoiser, head, scale, only_present
+        self.target = target
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
+        target = kwargs.pop("head_target", self.target)
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_()
+            denoised = self.denoiser(x_in, sigma, **kwargs)
+            target = target.to(x).expand(len(x), -1)
+            logp = head_log_prob(self.head(), target, target if self.only_present else None)
+            grad = torch.autograd.grad(logp.sum(), x_in)[0]
+        sigma2 = (sigma ** 2).view(-1, *([1] * (x.ndim - 1)))
+        return denoised.detach() + self.scale * sigma2 * grad

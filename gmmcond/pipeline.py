@@ -98,6 +98,9 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Loade
     info = json.loads((run_dir / "dataset.json").read_text())
     parts = build(cfg, dataset=DatasetInfo(info["attr_names"], info["groups"], info["size"]))
     parts.denoiser.inner_model.load_state_dict(state["ema"])
+    if parts.head is not None:  # the head is trained, not averaged: take its live weights
+        parts.head.load_state_dict({k[len("head."):]: v for k, v in state["model"].items() if k.startswith("head.")})
+        parts.head.eval()
     parts.denoiser.eval()
     return LoadedRun(cfg, parts, state["step"])
 

@@ -70,10 +70,9 @@ class StepBatchSampler(Sampler):
 class DiffusionTrainer(nn.Module):
     """The module accelerate wraps: conditioner + Denoiser (+ head), returning per-sample losses."""
 
-    def __init__(self, parts: Components, head_weight: float = 0.0):
+    def __init__(self, parts: Components):
         super().__init__()
         self.conditioner, self.denoiser, self.head = parts.conditioner, parts.denoiser, parts.head
-        self.head_weight = head_weight
 
     def forward(self, images, attrs, index, noise, sigma) -> dict[str, torch.Tensor]:
         cond = self.conditioner(attrs, index)
@@ -82,7 +81,7 @@ class DiffusionTrainer(nn.Module):
         out = {"loss": diffusion, "diffusion": diffusion}
         if self.head is not None:
             out.update(self.head.losses(attrs))
-            out["loss"] = diffusion + self.head_weight * out["head"]
+            out["loss"] = diffusion + self.head.weight * out["head"]
         return out
 
 
@@ -142,7 +141,7 @@ def train(
     torch.manual_seed(t["seed"])  # identical initial weights on every process
     parts = build(cfg)
     ema = copy.deepcopy(parts.denoiser).eval().requires_grad_(False)
-    module = DiffusionTrainer(parts, cfg["head"].get("weight", 0.0))
+    module = DiffusionTrainer(parts)
     opt = torch.optim.AdamW(module.parameters(), lr=t["lr"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     ema_sched = K.utils.EMAWarmup(power=t["ema_power"], max_value=t["ema_max"])
@@ -235,7 +234,7 @@ def train(
             checkpoint(done)
         if main and ((t["grid_every"] and done % t["grid_every"] == 0) or done == t["steps"]):
             write_grid(cfg, parts, ema, run_dir / "samples" / f"grid_{done:07d}.png")
-            plot_metrics(metrics_file, run_dir / "plots" / "loss.png", keys=[k for k in last if k in losses])
+            plot_metrics(metrics_file, run_dir / "plots" / "loss.png", keys=[k for k in ("loss", "diffusion", "head_w1") if k in last])
     bar.close()
     check_in_sync(accelerator, unwrapped)
     if main:
