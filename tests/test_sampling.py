@@ -1,0 +1,117 @@
+import k_diffusion as K
+import pytest
+import torch
+
+from gmmcond.registry import SAMPLERS
+from gmmcond.sampling import CFGDenoiser, sample, sample_x0_reproject
+from gmmcond.testbed import GaussianMixtureDenoiser, sliced_wasserstein
+
+
+class ToyDenoiser(torch.nn.Module):
+    """A smooth nonlinear denoiser, enough to tell samplers apart."""
+
+    def forward(self, x, sigma, shift=0.0):
+        s = K.utils.append_dims(sigma, x.ndim)
+        return torch.tanh(x / (1 + s ** 2)) * 0.8 + shift
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-10)])
+def test_renoise_0_equals_k_diffusion_euler(dtype, tol):
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=dtype) * 10
+    sigmas = K.sampling.get_sigmas_karras(12, 0.01, 10.0).to(dtype)
+    ours = sample_x0_reproject(ToyDenoiser(), x, sigmas, renoise=0.0, disable=True)
+    ref = K.sampling.sample_euler(ToyDenoiser(), x, sigmas, disable=True)
+    assert (ours - ref).abs().max().item() < tol
+
+
+def test_renoise_1_equals_euler_ancestral_with_huge_eta():
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 10
+    sigmas = K.sampling.get_sigmas_karras(12, 0.01, 10.0).double()
+
+    def noise():
+        gen = torch.Generator().manual_seed(5)
+        return lambda s, t: torch.randn(x.shape, generator=gen, dtype=x.dtype)
+
+    ours = sample_x0_reproject(ToyDenoiser(), x, sigmas, renoise=1.0, noise_sampler=noise(), disable=True)
+    ref = K.sampling.sample_euler_ancestral(ToyDenoiser(), x, sigmas, eta=1e9, noise_sampler=noise(), disable=True)
+    assert (ours - ref).abs().max().item() < 1e-10
+
+
+def test_callback_keys_extra_args_and_last_step_returns_denoised():
+    x = torch.randn(2, 3, 4, 4) * 5
+    sigmas = K.sampling.get_sigmas_karras(5, 0.1, 5.0)
+    seen = []
+    out = sample_x0_reproject(ToyDenoiser(), x, sigmas, extra_args={"shift": 0.25}, callback=seen.append, disable=True)
+    assert [set(c) for c in seen] == [{"x", "i", "sigma", "sigma_hat", "denoised"}] * 5
+    assert [c["i"] for c in seen] == list(range(5))
+    assert torch.equal(out, seen[-1]["denoised"])  # the last step (sigma -> 0) returns the prediction
+    assert torch.allclose(seen[-1]["denoised"], ToyDenoiser()(seen[-1]["x"], sigmas[-2].expand(2), shift=0.25))
+
+
+def test_sampler_runs_through_the_registry_by_name():
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    sigmas = K.sampling.get_sigmas_karras(6, 0.1, 5.0)
+    a = sample("x0_reproject", ToyDenoiser(), noise, sigmas)
+    torch.manual_seed(0)
+    b = sample({"type": "x0_reproject", "renoise": 0.0}, ToyDenoiser(), noise, sigmas)
+    assert torch.allclose(b, K.sampling.sample_euler(ToyDenoiser(), noise * sigmas[0], sigmas, disable=True), atol=1e-5)
+    assert a.shape == noise.shape and not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_registered_sampler_denoises_a_toy_model(name):
+    torch.manual_seed(0)
+    noise = torch.randn(2, 3, 4, 4)
+    sigmas = K.sampling.get_sigmas_karras(4, 0.1, 5.0)
+    out = sample(name, ToyDenoiser(), noise, sigmas)
+    assert out.shape == noise.shape and torch.isfinite(out).all()
+    assert out.abs().max() < 1.5  # near the denoiser's range (|0.8 tanh| < 1; multistep solvers overshoot a little)
+    assert (out - noise * sigmas[0]).abs().mean() > 1.0  # and far from the starting noise
+
+
+def test_x0_reproject_is_exact_at_renoise_0_on_the_testbed():
+    bed = GaussianMixtureDenoiser.default(d=2)
+    gen = torch.Generator().manual_seed(0)
+    n = 4000
+    exact_a, exact_b = bed.sample(n, gen), bed.sample(n, gen)
+    floor = sliced_wasserstein(exact_a, exact_b)
+    sigmas = K.sampling.get_sigmas_karras(100, 0.002, 80.0).double()
+    x = sample_x0_reproject(bed, torch.randn(n, 2, generator=gen, dtype=torch.float64) * 80, sigmas, renoise=0.0, disable=True)
+    assert sliced_wasserstein(x, exact_a) < 2 * floor
+
+
+def test_renoise_1_sharpens_toward_the_heaviest_mode_and_shrinks_spread():
+    bed = GaussianMixtureDenoiser.default(d=2)
+    gen = torch.Generator().manual_seed(0)
+    n = 4000
+    sigmas = K.sampling.get_sigmas_karras(100, 0.002, 80.0).double()
+    x = sample_x0_reproject(bed, torch.randn(n, 2, generator=gen, dtype=torch.float64) * 80, sigmas, renoise=1.0, disable=True)
+    weights, spread = bed.mode_stats(x)
+    true_weights, true_spread = bed.mode_stats(bed.sample(n, gen))
+    assert weights[0] > true_weights[0] + 0.03  # the heaviest mode (w = 0.5) gains mass
+    assert (spread < 0.8 * true_spread).all()  # every mode is narrower than the truth
+
+
+def test_cfg_at_scale_1_is_the_conditional_model():
+    bed = GaussianMixtureDenoiser.default(d=2)
+    x, sigma = torch.randn(5, 2, dtype=torch.float64) * 2, torch.full((5,), 1.5, dtype=torch.float64)
+    cond = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 1, 0]), 3).double()
+    guided = CFGDenoiser(bed, 1.0, bed.weights, cond_key="class_weights")(x, sigma, class_weights=cond)
+    assert torch.allclose(guided, bed(x, sigma, class_weights=cond), atol=1e-12)
+
+
+def test_cfg_raises_target_posterior_and_lowers_spread_on_the_testbed():
+    bed = GaussianMixtureDenoiser.default(d=2)
+    n, target = 2000, 1
+    cond = torch.nn.functional.one_hot(torch.full((n,), target), 3).double()
+    sigmas = K.sampling.get_sigmas_karras(50, 0.002, 80.0).double()
+    results = []
+    for scale in (1.0, 2.0, 4.0):
+        model = CFGDenoiser(bed, scale, bed.weights, cond_key="class_weights")
+        noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        x = sample("euler", model, noise, sigmas, extra_args={"class_weights": cond})
+        post = bed.log_posterior(x, torch.full((n,), 0.05)).exp()[:, target].mean().item()
+        spread = (x - x.mean(0)).pow(2).sum(1).mean().sqrt().item()
+        results.append((post, spread))
+    posts, spreads = zip(*results)
+    assert posts[0] < posts[1] < posts[2] and spreads[0] > spreads[1] > spreads[2]
