@@ -117,6 +117,7 @@ def generate(
     latents: torch.Tensor | None = None,  # [B, K, N] GMM latents; None draws them from the conditioner.
     callback=None,
     model: nn.Module | None = None,  # Overrides parts.denoiser (e.g. a guidance wrapper).
+    head_target: torch.Tensor | None = None,  # [B, K] targets for a HeadGuidedDenoiser model.
 ) -> torch.Tensor:
     """Sample images for the given attribute rows; returns images [B, 3, H, W] in [-1, 1]."""
     denoiser = model if model is not None else parts.denoiser
@@ -130,6 +131,8 @@ def generate(
         extra_args["mapping_cond"] = cond_module.encode(attrs.to(device), z.to(device))
         if cfg_scale != 1.0:
             denoiser = CFGDenoiser(denoiser, cfg_scale, cond_module.unconditional(1)[0].to(device))
+    if head_target is not None:
+        extra_args["head_target"] = head_target.to(device)
     noise = torch.randn(n, 3, size, size, generator=gen).to(device)
     sigmas = parts.schedule.sigmas(steps).to(device)
     return sample(sampler, denoiser, noise, sigmas, extra_args=extra_args, callback=callback)

@@ -17,6 +17,11 @@ def main() -> None:
     parser.add_argument("--sampler", help="SAMPLERS key (default: the run's sample.sampler)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
     parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--head-scale", type=float, default=0.0,
+                        help="guide with the run's bottleneck head toward the attributes (HeadGuidedDenoiser)")
+    parser.add_argument("--mode", choices=["latents", "fixed-latent", "x0-strip"], default="latents",
+                        help="latents: a fresh GMM latent per sample (paper Fig. 4); fixed-latent: one latent, "
+                             "many noise seeds (Fig. 5); x0-strip: predicted x0 at every step, a row per sample (Fig. 6)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cols", type=int, default=8, help="images per grid row")
     parser.add_argument("--out", help="output PNG (default: RUN/samples/sample_<attrs>.png)")
@@ -26,6 +31,7 @@ def main() -> None:
 
     import torch
 
+    from gmmcond.heads import HeadGuidedDenoiser
     from gmmcond.pipeline import dataset_info, export_safetensors, generate, load_run, parse_attrs
     from gmmcond.visualize import captioned_grid, save_png
 
@@ -41,15 +47,34 @@ def main() -> None:
     attrs = torch.stack([parse_attrs(s, names) for s in sets]).repeat_interleave(args.n, 0)
     s = run.cfg["sample"]
     sampler = args.sampler or s["sampler"]
-    images = generate(run.parts, attrs, sampler=sampler, steps=args.steps or s["steps"],
-                      cfg_scale=s["cfg_scale"] if args.cfg_scale is None else args.cfg_scale, seed=args.seed)
+    steps = args.steps or s["steps"]
+    model = None
+    if args.head_scale:
+        if run.parts.head is None:
+            raise ValueError(f"--head-scale needs a run trained with a head (head: bottleneck_attrs); {args.run} has none")
+        model = HeadGuidedDenoiser(run.parts.denoiser, run.parts.head, args.head_scale, only_present=True)
+    latents = None
+    if args.mode == "fixed-latent":  # one latent per attribute set, shared by its n samples
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        latents = run.parts.conditioner.sample_latents(len(sets), gen).repeat_interleave(args.n, 0)
+    strips = []
+    callback = (lambda info: strips.append(info["denoised"].cpu())) if args.mode == "x0-strip" else None
+    images = generate(run.parts, attrs, sampler=sampler, steps=steps, seed=args.seed, latents=latents,
+                      cfg_scale=s["cfg_scale"] if args.cfg_scale is None else args.cfg_scale,
+                      callback=callback, model=model, head_target=attrs if args.head_scale else None)
     rows, captions = [], []
-    for label, block in zip(sets, images.split(args.n)):
-        for j, row in enumerate(block.split(args.cols)):
-            rows.append(row)
-            captions.append((label or "(no attributes)") if j == 0 else "")
+    if args.mode == "x0-strip":  # row b: predicted x0 of sample b at (up to) 12 evenly spaced steps
+        picks = torch.linspace(0, len(strips) - 1, min(12, len(strips))).round().long().tolist()
+        for b in range(len(images)):
+            rows.append(torch.stack([strips[i][b] for i in picks]))
+            captions.append(f"{sets[b // args.n] or '(no attributes)'}: x0 at steps {[i + 1 for i in picks]}")
+    else:
+        for label, block in zip(sets, images.split(args.n)):
+            for j, row in enumerate(block.split(args.cols)):
+                rows.append(row)
+                captions.append((label or "(no attributes)") if j == 0 else "")
     slug = "_".join(x.replace(",", "-") for x in sets if x) or "none"
-    out = Path(args.out) if args.out else Path(args.run) / "samples" / f"sample_{slug[:80]}.png"
+    out = Path(args.out) if args.out else Path(args.run) / "samples" / f"{args.mode}_{slug[:80]}.png"
     save_png(captioned_grid(rows, captions), out)
     print(f"wrote {out} ({len(images)} samples, step {run.step}, sampler {sampler if isinstance(sampler, str) else sampler['type']})")
 

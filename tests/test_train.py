@@ -115,3 +115,26 @@ def test_two_process_run_stays_in_sync_and_writes_each_file_once(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_0000002.pt", "step_0000004.pt"]
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["grid_0000004.png"]
     assert len(load_checkpoint(run / "checkpoints" / "step_0000004.pt")["rng"]) == 2
+
+
+def run_sample(*args):
+    cmd = [sys.executable, str(ROOT / "launch" / "sample.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_sample_cli_writes_grids_lists_valid_attributes_and_exports(tiny_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg("head=bottleneck_attrs"), run)
+    bad = run_sample("--run", run, "--attrs", "circle,purple")
+    assert bad.returncode == 2
+    assert "unknown attribute(s) ['purple']; valid attributes: circle, square, triangle, red, green, blue" in bad.stderr
+    for mode in ("latents", "fixed-latent", "x0-strip"):
+        ok = run_sample("--run", run, "--attrs", "circle,red", "--n", 2, "--steps", 3, "--mode", mode, "--head-scale", 1.0,
+                        "--export", tmp_path / "ema.safetensors")
+        assert ok.returncode == 0, ok.stderr[-2000:]
+        assert (run / "samples" / f"{mode}_circle-red.png").exists()
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "ema.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["config"])["head"]["type"] == "bottleneck_attrs"
+        assert set(f.keys()) == set(load_run(run).parts.denoiser.inner_model.state_dict())
