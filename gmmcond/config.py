@@ -47,6 +47,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # Steps between checkpoints (always one at the end).
     keep_checkpoints: int = 2  # Older checkpoints are deleted.
     num_workers: int = 0  # DataLoader workers per process.
+    cpu_threads: int = 0  # Torch threads per process on CPU; 0 = cores / local processes (launchers set 1).
     seed: int = 0  # Seeds the model init and the per-process noise streams.
 
 
@@ -66,7 +67,7 @@ NODES: dict[str, Registry] = {
 }
 TOP_LEVEL = ["name", *NODES, *SECTIONS]
 DEFAULT_NODES = {"conditioner": "gmm_attrs", "head": "none", "schedule": "karras"}
-SAMPLER_FIXED_ARGS = ("model", "x", "sigmas", "extra_args", "callback", "disable")
+SAMPLER_FIXED_ARGS = ("model", "x", "sigmas", "extra_args", "callback", "disable", "noise_sampler")
 INJECTED_FROM = {
     "mapping_cond_dim": "set from conditioner.dim", "num_attrs": "set from the dataset's attributes",
     "channels": "set from the model's bottleneck",

@@ -5,6 +5,7 @@ from functools import partial
 from typing import Sequence
 
 import k_diffusion as K
+import torch
 from torch import nn
 
 from .registry import MODELS
@@ -23,6 +24,7 @@ def image_v1(
     patch_size: int = 1,
     skip_stages: int = 0,
     augment_wrapper: bool = False,  # Wrap in KarrasAugmentWrapper (adds 9 aug_cond dims to mapping_cond).
+    coord_channels: bool = False,  # Feed x/y coordinate maps through unet_cond, so global conditions can place things.
 ) -> nn.Module:
     """Build k-diffusion's ``image_v1`` U-Net through ``k_diffusion.config.make_model``."""
     if len(depths) != len(channels):
@@ -41,9 +43,33 @@ def image_v1(
             "skip_stages": skip_stages,
             "augment_wrapper": augment_wrapper,
             "mapping_cond_dim": mapping_cond_dim,
+            "unet_cond_dim": 2 if coord_channels else 0,
         },
     })
-    return K.config.make_model(config)
+    model = K.config.make_model(config)
+    return CoordChannels(model) if coord_channels else model
+
+
+class CoordChannels(nn.Module):
+    """Give a k-diffusion model fixed y/x coordinate maps in [-1, 1] through its ``unet_cond`` input.
+
+    CoordConv (Liu et al. 2018): image_v1 sees the condition only as a global AdaGN vector, and a
+    convolutional network without coordinates learns "draw it top left" slowly; with them, quickly.
+    """
+
+    def __init__(self, inner_model: nn.Module):
+        super().__init__()
+        self.inner_model = inner_model
+
+    def forward(self, input: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
+        b, _, h, w = input.shape
+        ys = torch.linspace(-1, 1, h, device=input.device, dtype=input.dtype)
+        xs = torch.linspace(-1, 1, w, device=input.device, dtype=input.dtype)
+        grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")).expand(b, 2, h, w)
+        return self.inner_model(input, sigma, unet_cond=grid, **kwargs)
+
+    def param_groups(self, *args, **kwargs):
+        return self.inner_model.param_groups(*args, **kwargs)
 
 
 DENOISER_LOSSES = {

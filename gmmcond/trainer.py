@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -134,6 +135,11 @@ def train(
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     t = cfg["train"]
+    if accelerator.device.type == "cpu":  # accelerate launch / torchrun pin OMP_NUM_THREADS=1; use the cores
+        torch.set_flush_denormal(True)  # tiny Adam moments turn denormal late in training and slow CPU math
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        torch.set_num_threads(t["cpu_threads"] or max(1, cores // local))
     ckpt_path = latest_checkpoint(run_dir) if resume else None
     if not resume and (run_dir / "checkpoints" / "latest").exists():
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
@@ -149,6 +155,10 @@ def train(
     torch.manual_seed(t["seed"] * 1000 + 1 + rank)  # per-process noise, sigma and dropout streams
     if ckpt_path is not None:
         state = load_checkpoint(ckpt_path)
+        changed = [k for k in ("dataset", "model", "conditioner", "head", "denoiser") if state["config"][k] != cfg[k]]
+        if changed:
+            raise ValueError(f"{ckpt_path} was trained with different {', '.join(changed)} settings; resume with the "
+                             f"run's own config ({run_dir / 'config.yaml'}) or start a new run")
         module.load_state_dict(state["model"])
         ema.inner_model.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -222,7 +232,7 @@ def train(
         bar.update(1)
         if done % t["log_every"] == 0 or done == t["steps"]:
             last = {"step": done, **{k: v / count for k, v in sums.items()}, "lr": sched.get_last_lr()[0],
-                    "sec_per_step": (time.time() - tic) / count}
+                    "sec_per_step": (time.time() - tic) / count, "peak_rss_mb": peak_rss_mb()}
             if main:
                 with open(metrics_file, "a") as f:
                     f.write(json.dumps(last) + "\n")
@@ -241,6 +251,16 @@ def train(
         export_safetensors(run_dir / "ema.safetensors", ema.inner_model, cfg, dataset_info(parts.dataset), t["steps"])
     accelerator.wait_for_everyone()
     return last
+
+
+def peak_rss_mb() -> float:
+    """Return this process's peak resident memory in MiB (0 where the platform does not say)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except (ImportError, AttributeError):
+        return 0.0
 
 
 def check_in_sync(accelerator: Accelerator, module: nn.Module) -> None:

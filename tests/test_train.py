@@ -57,7 +57,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
     for key in ("model", "ema"):
         for name, value in full[key].items():
             assert torch.equal(value, cut[key][name]), (key, name)
-    timeless = lambda run: [{k: v for k, v in m.items() if k != "sec_per_step"} for m in read_metrics(run)]
+    timeless = lambda run: [{k: v for k, v in m.items() if k not in ("sec_per_step", "peak_rss_mb")} for m in read_metrics(run)]
     assert timeless(tmp_path / "cut") == timeless(tmp_path / "full")  # same loss at the same step
 
 
@@ -138,3 +138,9 @@ def test_sample_cli_writes_grids_lists_valid_attributes_and_exports(tiny_cfg, tm
     with safe_open(tmp_path / "ema.safetensors", "pt") as f:
         assert json.loads(f.metadata()["config"])["head"]["type"] == "bottleneck_attrs"
         assert set(f.keys()) == set(load_run(run).parts.denoiser.inner_model.state_dict())
+
+
+def test_resume_with_a_different_model_is_refused(tiny_cfg, tmp_path):
+    train(tiny_cfg(), tmp_path / "run")
+    with pytest.raises(ValueError, match=r"trained with different model settings; resume with the run's own config"):
+        train(tiny_cfg("train.steps=5", "model.channels=[8,32]"), tmp_path / "run", resume=True)

@@ -1,0 +1,60 @@
+import random
+
+import torch
+
+from gmmcond import shapes as S
+from gmmcond.evaluate import check_shape_image, requested_features
+from gmmcond.shapes import ShapesDataset
+
+
+def render(params, size=16):
+    return S.to_tensor(S.render(params, size))
+
+
+def test_real_heldout_shapes_are_rarely_flagged():
+    data = ShapesDataset(size=16, split="test")
+    flags = [check_shape_image(*data[i][:2]).defect for i in range(500)]
+    assert sum(flags) / len(flags) < 0.01
+
+
+def broken_images(n=20):
+    rng = random.Random(0)
+    out = []
+    for i in range(n):
+        p = S.draw_params(rng)
+        attrs = torch.from_numpy(p.attrs())
+        blank = torch.tensor(S.BACKGROUNDS[p.dark_bg], dtype=torch.float32).div(127.5).sub(1)[:, None, None].expand(3, 16, 16)
+        out.append(("blank", blank.clone(), attrs))
+        a = render(p)
+        bg = blank.clone()
+        first = S.ShapeParams(p.shape, p.colour, False, True, True, p.dark_bg, p.outline, 0.3, 0.3, S.RADIUS[False])
+        second = S.ShapeParams(p.shape, p.colour, False, False, False, p.dark_bg, p.outline, 0.7, 0.7, S.RADIUS[False])
+        b, c = render(first), render(second)
+        two = torch.where((c - bg).abs().sum(0, keepdim=True) > 0.3, c, b)  # two small shapes, opposite corners
+        small = attrs.clone()
+        small[list(S.ATTR_NAMES).index("large")] = 0
+        out.append(("two objects", two, small))
+        half = a.clone()
+        centre = round(p.cx * 16)
+        half[:, :, centre:] = bg[:, :, centre:]  # the right half of the shape is missing
+        out.append(("half drawn", half, attrs))
+        noise = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(i)) * 2 - 1
+        out.append(("pure noise", noise, attrs))
+    return out
+
+
+def test_blank_two_object_half_drawn_and_noise_images_are_all_flagged():
+    missed = [(kind, check_shape_image(img, attrs).reason) for kind, img, attrs in broken_images()
+              if not check_shape_image(img, attrs).defect]
+    assert missed == []
+
+
+def test_class_run_attributes_map_onto_the_oracle_features():
+    names = list(S.CLASS_NAMES)
+    attrs = torch.zeros(2, 9)
+    attrs[0, names.index("square_blue")] = 1
+    attrs[1, names.index("circle_red")] = 1
+    target, known = requested_features(attrs, names, list(S.ATTR_NAMES))
+    on = [[S.ATTR_NAMES[k] for k in range(11) if target[r, k]] for r in range(2)]
+    assert on == [["square", "blue"], ["circle", "red"]]
+    assert known[0].tolist() == [1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
