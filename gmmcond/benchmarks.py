@@ -163,7 +163,7 @@ def _peak_rss_child(cfg: dict, variant: str, steps: int, queue) -> None:
     queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def train_step_time(cfg: dict, steps: int = 10, repeats: int = 5, memory: bool = True) -> dict:
+def train_step_time(cfg: dict, steps: int = 10, repeats: int = 9, memory: bool = True) -> dict:
     """Wall time per training step of variants a/b/c (see ``_train_variant``), interleaved; ratios to a.
 
     Peak memory is the peak RSS of a fresh process per variant running the same steps.
@@ -173,8 +173,10 @@ def train_step_time(cfg: dict, steps: int = 10, repeats: int = 5, memory: bool =
     times: dict[str, list[float]] = {v: [] for v in variants}
     for v, (step, _) in variants.items():  # warm-up
         step(*batches[0])
-    for _ in range(repeats):
-        for v, (step, _) in variants.items():
+    order = list(variants)
+    for r in range(repeats):
+        for v in order[r % 3:] + order[: r % 3]:  # rotate the order so no variant always runs first
+            step = variants[v][0]
             t0 = time.perf_counter()
             for b in batches:
                 step(*b)

@@ -256,11 +256,12 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
     groups = [list(S.SHAPES), list(S.COLOURS)] if cfg["dataset"]["type"] == "shapes" else getattr(train_set, "groups", [])
     conf = group_confidence(probs, oracle_names, groups)
     reasons = []
+    size_free = None
     if cfg["dataset"]["type"] == "shapes":
         for img, t, kn in zip(images, target, known):
-            request = t if kn.sum() == len(kn) else t * kn  # a class run does not fix the size
-            check = check_shape_image(img, request if kn.sum() == len(kn) else None)
+            check = check_shape_image(img, t if kn.all() else None)  # a class run does not fix the size
             reasons.append(check.reason if check.defect else "ok")
+        size_free = [check_shape_image(img).defect or c < 0.5 for img, c in zip(images, conf.tolist())]
         real_flags = [check_shape_image(img, y).defect for img, y in zip(real_x[:n], real_y[:n])]
         nn_threshold = None
     else:
@@ -279,7 +280,9 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
         "cfg_scale": s["cfg_scale"] if cfg_scale is None else cfg_scale,
         "oracle_heldout_accuracy": oracle_scores["mean_accuracy"], "oracle_heldout_per_attribute": oracle_scores["per_attribute"],
         "attribute_accuracy": mean_acc, "all_attributes_correct": all_correct, "per_attribute": per,
-        "defect_rate": sum(defects) / len(defects), "defect_reasons": {r: reasons.count(r) for r in set(reasons) if r != "ok"},
+        "defect_rate": sum(defects) / len(defects),
+        "defect_rate_size_free": None if size_free is None else sum(size_free) / len(size_free),  # same rule for class runs
+        "defect_reasons": {r: reasons.count(r) for r in set(reasons) if r != "ok"},
         "real_heldout_defect_rate": sum(real_flags) / len(real_flags), "nn_threshold": nn_threshold,
         "frechet_distance": fd,
     }

@@ -135,7 +135,7 @@ def generate(
         extra_args["head_target"] = head_target.to(device)
     noise = torch.randn(n, 3, size, size, generator=gen).to(device)
     sigmas = parts.schedule.sigmas(steps).to(device)
-    return sample(sampler, denoiser, noise, sigmas, extra_args=extra_args, callback=callback)
+    return sample(sampler, denoiser, noise, sigmas, extra_args=extra_args, callback=callback, generator=gen)
 
 
 

@@ -5,6 +5,7 @@ Every ``k_diffusion.sampling.sample_*`` is registered in SAMPLERS by its short n
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -90,8 +91,15 @@ class CFGDenoiser(nn.Module):
         return out_uncond + (out_cond - out_uncond) * self.scale
 
 
-def sample(sampler: dict | str, model, noise: torch.Tensor, sigmas: torch.Tensor, extra_args=None, callback=None, disable=True):
-    """Run a SAMPLERS node (a key or ``{type, **options}``) from ``noise * sigmas[0]``."""
+def sample(sampler: dict | str, model, noise: torch.Tensor, sigmas: torch.Tensor, extra_args=None, callback=None,
+           disable=True, generator: torch.Generator | None = None):
+    """Run a SAMPLERS node (a key or ``{type, **options}``) from ``noise * sigmas[0]``.
+
+    With ``generator``, stochastic samplers that take a ``noise_sampler`` draw their fresh noise from it,
+    so a seeded call gives the same images every time.
+    """
     node = {"type": sampler} if isinstance(sampler, str) else dict(sampler)
     fn = SAMPLERS.get(node.pop("type"))
+    if generator is not None and "noise_sampler" in inspect.signature(fn).parameters:
+        node.setdefault("noise_sampler", lambda s, t: torch.randn(noise.shape, generator=generator).to(noise))
     return fn(model, noise * sigmas[0], sigmas, extra_args=extra_args, callback=callback, disable=disable, **node)

@@ -115,3 +115,12 @@ def test_cfg_raises_target_posterior_and_lowers_spread_on_the_testbed():
         results.append((post, spread))
     posts, spreads = zip(*results)
     assert posts[0] < posts[1] < posts[2] and spreads[0] > spreads[1] > spreads[2]
+
+
+def test_a_seeded_generator_makes_stochastic_samplers_reproducible():
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    sigmas = K.sampling.get_sigmas_karras(6, 0.1, 5.0)
+    runs = [sample(name, ToyDenoiser(), noise, sigmas, generator=torch.Generator().manual_seed(s))
+            for name in ("x0_reproject", "euler_ancestral") for s in (3, 3, 4)]
+    for a, b, c in (runs[:3], runs[3:]):
+        assert torch.equal(a, b) and not torch.equal(a, c)
