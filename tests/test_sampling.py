@@ -124,3 +124,29 @@ def test_a_seeded_generator_makes_stochastic_samplers_reproducible():
             for name in ("x0_reproject", "euler_ancestral") for s in (3, 3, 4)]
     for a, b, c in (runs[:3], runs[3:]):
         assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+class ToyEps(torch.nn.Module):
+    """A stand-in for an eps- or v-predicting network: any smooth function of (x, t)."""
+
+    def forward(self, x, t, **kwargs):
+        return torch.tanh(x) * 0.5 + 0.01 * t.view(-1, *([1] * (x.ndim - 1))).float() / 1000
+
+    def apply_model(self, x, t, **kwargs):  # the CompVis-style entry point the external wrappers call
+        return self(x, t)
+
+
+@pytest.mark.parametrize("wrapper", ["DiscreteEpsDDPMDenoiser", "VDenoiser"])
+def test_x0_reproject_runs_on_k_diffusion_external_wrappers(wrapper):
+    if wrapper == "VDenoiser":
+        model = K.external.VDenoiser(ToyEps())
+        sigmas = K.sampling.get_sigmas_karras(8, 0.05, 10.0)
+    else:
+        alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
+        model = K.external.DiscreteEpsDDPMDenoiser(ToyEps(), alphas_cumprod, quantize=True)
+        sigmas = model.get_sigmas(8)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+    ours = sample_x0_reproject(model, x, sigmas, renoise=0.0, disable=True)
+    assert torch.allclose(ours, K.sampling.sample_euler(model, x, sigmas, disable=True), atol=1e-4)
+    out = sample_x0_reproject(model, x, sigmas, disable=True)
+    assert out.shape == x.shape and torch.isfinite(out).all()
