@@ -26,6 +26,14 @@ def mean_spread(curves: list[list[float]]) -> tuple[list[float], list[float]]:
     return [statistics.fmean(c) for c in cols], [statistics.pstdev(c) for c in cols]
 
 
+def plot_band(ax, x: list[int], curves: list[list[float]], label: str) -> dict:
+    """Plot the mean of several seeds' curves with a +-1 std band; return the mean and std."""
+    mean, std = mean_spread(curves)
+    ax.plot(x, mean, label=label)
+    ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.25)
+    return {"mean": mean, "std": std}
+
+
 def density(out: Path, bins: int = 50, steps: int = 10) -> dict:
     """Paper Fig. 11: Algorithm 1 moves a uniform pi_hat to a bimodal target; W1 per step for three settings."""
     means = expansion_means(bins)
@@ -101,10 +109,8 @@ def ngmg_vs_bce(out: Path, seeds: int = 3, steps: int = 300, eval_every: int = 1
     x = list(range(0, steps + 1, eval_every))
     result = {"steps": x, "seeds": seeds}
     for name, cs in curves.items():
-        mean, std = mean_spread(cs)
-        ax.plot(x, mean, label=name)
-        ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.25)
-        result[name] = {"mean": mean, "std": std, "final_mean": mean[-1], "final_std": std[-1]}
+        band = plot_band(ax, x, cs, name)
+        result[name] = {**band, "final_mean": band["mean"][-1], "final_std": band["std"][-1]}
     ax.set_xlabel("step")
     ax.set_ylabel("test sum of squared error")
     ax.set_yscale("log")
@@ -143,11 +149,8 @@ def head(out: Path, runs: Path, seeds: int = 3, steps: int = 300, overrides: tup
     x = list(range(10, steps + 1, 10))
     result = {"steps": x, "seeds": seeds}
     for label, cs in curves.items():
-        mean, std = mean_spread(cs)
-        ax.plot(x, mean, label=label)
-        ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.25)
         tail = [statistics.fmean(c[-10:]) for c in cs]  # mean diffusion loss over the last 100 steps, per seed
-        result[label] = {"mean": mean, "std": std, "last100_per_seed": tail, "last100_mean": statistics.fmean(tail)}
+        result[label] = {**plot_band(ax, x, cs, label), "last100_per_seed": tail, "last100_mean": statistics.fmean(tail)}
     ax.set_xlabel("step")
     ax.set_ylabel("diffusion loss")
     ax.set_yscale("log")

@@ -58,3 +58,32 @@ def test_class_run_attributes_map_onto_the_oracle_features():
     on = [[S.ATTR_NAMES[k] for k in range(11) if target[r, k]] for r in range(2)]
     assert on == [["square", "blue"], ["circle", "red"]]
     assert known[0].tolist() == [1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
+
+
+def test_evaluate_run_on_user_data_uses_confidence_and_nearest_neighbours(tiny_cfg, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from gmmcond.evaluate import evaluate_run
+    from gmmcond.trainer import train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = ["file,warm,cold,big"]
+    for i in range(24):
+        warm = i % 2
+        colour = (200, 60, 40) if warm else (40, 60, 200)
+        image = np.full((16, 16, 3), 220 + i, np.uint8)  # every image distinct
+        r, c = (6 if i % 3 == 0 else 3), 6 + i % 5
+        image[c - r + 2:c + r, c - r + 2:c + r] = colour
+        Image.fromarray(image).save(data / f"{i}.png")
+        rows.append(f"{i}.png,{warm},{1 - warm},{int(r == 6)}")
+    (data / "attrs.csv").write_text("\n".join(rows) + "\n")
+    cfg = tiny_cfg(f"dataset={{type: imagefolder_attrs, root: {data}, size: 16, groups: [[warm, cold]]}}",
+                   "sample.grid_rows=[]", "train.batch_size=8")
+    train(cfg, tmp_path / "run")
+    result = evaluate_run(tmp_path / "run", n=16, steps=3, oracle_steps=30, progress=False)
+    assert set(result["per_attribute"]) == {"warm", "cold", "big"}
+    assert 0 <= result["defect_rate"] <= 1 and result["nn_threshold"] > 0
+    assert result["defect_rate_size_free"] is None
+    assert (tmp_path / "run" / "eval.json").exists() and (tmp_path / "run" / "eval_worst.png").exists()
