@@ -54,6 +54,8 @@ def main() -> None:
             raise ValueError(f"--head-scale needs a run trained with a head (head: bottleneck_attrs); {args.run} has none")
         model = HeadGuidedDenoiser(run.parts.denoiser, run.parts.head, args.head_scale, only_present=True)
     latents = None
+    if args.mode == "fixed-latent" and not run.parts.conditioner.dim:
+        raise ValueError(f"--mode fixed-latent needs a run trained with a conditioner; {args.run} is unconditional")
     if args.mode == "fixed-latent":  # one latent per attribute set, shared by its n samples
         gen = torch.Generator().manual_seed(args.seed + 1)
         latents = run.parts.conditioner.sample_latents(len(sets), gen).repeat_interleave(args.n, 0)
