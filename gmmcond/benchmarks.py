@@ -84,11 +84,9 @@ def sampler_step_time(parts, batch: int = 16, steps: int = 20, repeats: int = 3)
 
 def plot_samplers(result: dict, out) -> None:
     """Plot sliced W1 against model evaluations for every sampler, with the noise floor."""
-    import matplotlib
+    from .visualize import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for label, row in result["table"].items():
         nfes = sorted(row, key=int)
@@ -155,12 +153,12 @@ def _batch(parts, batch: int, seed: int):
 
 
 def _peak_rss_child(cfg: dict, variant: str, steps: int, queue) -> None:
-    import resource
+    from .trainer import peak_rss_mb
 
     step, parts = _train_variant(cfg, variant)
     for s in range(steps):
         step(*_batch(parts, cfg["train"]["batch_size"], s))
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    queue.put(peak_rss_mb())
 
 
 def train_step_time(cfg: dict, steps: int = 10, repeats: int = 9, memory: bool = True) -> dict:

@@ -9,15 +9,7 @@ from torch import nn
 
 from .gmm import expansion_means, normal_pdf
 from .ngmg import density_learning
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from .visualize import pyplot
 
 
 def mean_spread(curves: list[list[float]]) -> tuple[list[float], list[float]]:
@@ -46,7 +38,7 @@ def density(out: Path, bins: int = 50, steps: int = 10) -> dict:
         "paper kernel, sigma 1 bin, lr 0.1": dict(kernel_sigma=width, lr=0.1),
         "kept diagonal, normalised rows, lr 1.0": dict(kernel_sigma=width, lr=1.0, keep_diagonal=True, normalise=True),
     }
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     result = {}
     for name, kw in settings.items():
@@ -79,12 +71,13 @@ def small_classifier(k: int) -> nn.Module:
 
 def ngmg_vs_bce(out: Path, seeds: int = 3, steps: int = 300, eval_every: int = 10, size: int = 16) -> dict:
     """Paper Fig. 12: the same classifier trained with NGMG entropy and with BCE; test SSE per step."""
+    from .evaluate import stack_items
     from .ngmg import bce, ngmg_entropy
     from .shapes import ShapesDataset
 
     train_set, test_set = ShapesDataset(size=size, length=4096), ShapesDataset(size=size, length=512, split="test")
-    xs, ys = map(torch.stack, zip(*[(train_set[i][0], train_set[i][1]) for i in range(len(train_set))]))
-    xt, yt = map(torch.stack, zip(*[(test_set[i][0], test_set[i][1]) for i in range(len(test_set))]))
+    xs, ys = stack_items(train_set, len(train_set))
+    xt, yt = stack_items(test_set, len(test_set))
     curves: dict[str, list[list[float]]] = {"ngmg_entropy": [], "bce": []}
     for name, loss_fn in (("ngmg_entropy", ngmg_entropy), ("bce", bce)):
         for seed in range(seeds):
@@ -104,7 +97,7 @@ def ngmg_vs_bce(out: Path, seeds: int = 3, steps: int = 300, eval_every: int = 1
                 loss_fn(model(xs[idx]), ys[idx]).mean().backward()
                 opt.step()
             curves[name].append(curve)
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     x = list(range(0, steps + 1, eval_every))
     result = {"steps": x, "seeds": seeds}
@@ -144,7 +137,7 @@ def head(out: Path, runs: Path, seeds: int = 3, steps: int = 300, overrides: tup
                 train(cfg, run)
             records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
             curves[label].append([r["diffusion"] for r in records])
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     x = list(range(10, steps + 1, 10))
     result = {"steps": x, "seeds": seeds}

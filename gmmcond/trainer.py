@@ -136,7 +136,7 @@ def train(
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     t = cfg["train"]
     if accelerator.device.type == "cpu":  # accelerate launch / torchrun pin OMP_NUM_THREADS=1; use the cores
-        torch.set_flush_denormal(True)  # tiny Adam moments turn denormal late in training and slow CPU math
+        torch.set_flush_denormal(True)  # denormal floats make CPU math slow; flushing them costs nothing here
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         torch.set_num_threads(t["cpu_threads"] or max(1, cores // local))

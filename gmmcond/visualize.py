@@ -42,13 +42,19 @@ def captioned_grid(rows: Sequence[torch.Tensor], captions: Sequence[str], cell: 
     return canvas
 
 
-def plot_metrics(metrics_file: Path, out: Path, keys: Sequence[str] = ("loss",)) -> None:
-    """Plot the given metrics of a metrics.jsonl file against step into a PNG."""
+def pyplot():
+    """Return matplotlib.pyplot on the non-interactive Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_metrics(metrics_file: Path, out: Path, keys: Sequence[str] = ("loss",)) -> None:
+    """Plot the given metrics of a metrics.jsonl file against step into a PNG."""
+    plt = pyplot()
     records = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     for key in keys:
