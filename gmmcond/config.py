@@ -14,13 +14,17 @@ from typing import Any, Iterable
 
 import yaml
 
+from .errors import ConfigError
 from .registry import CONDITIONERS, DATASETS, HEADS, LOSSES, MODELS, SAMPLERS, SCHEDULES, Registry, closest
 
-RECIPES = Path(__file__).resolve().parent.parent / "registry"
+
+def recipes_dir() -> Path:
+    """Return the folder of named recipes: ``registry/`` of a checkout, or ``gmmcond/recipes`` once installed."""
+    installed = Path(__file__).resolve().parent / "recipes"
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "registry"
 
 
-class ConfigError(ValueError):
-    """A config names an unknown key, an unknown registry entry, or a value of the wrong type."""
+RECIPES = recipes_dir()
 
 
 @dataclass
@@ -49,6 +53,8 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers per process.
     cpu_threads: int = 0  # Torch threads per process on CPU; 0 = cores / local processes (launchers set 1).
     seed: int = 0  # Seeds the model init and the per-process noise streams.
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16: autocast through accelerate; weights stay fp32.
+    compile: bool = False  # torch.compile the inner model (compiles once, about a minute on a CPU).
 
 
 @dataclass
@@ -62,10 +68,17 @@ class SampleConfig:
 
 
 SECTIONS = {"denoiser": DenoiserConfig, "train": TrainConfig, "sample": SampleConfig}
+MINIMUMS = {  # dotted key -> smallest valid value
+    "train.steps": 1, "train.batch_size": 1, "train.log_every": 1, "train.checkpoint_every": 1, "train.grid_every": 0,
+    "train.keep_checkpoints": 1, "train.warmup_steps": 0, "train.num_workers": 0, "train.cpu_threads": 0,
+    "train.lr": 0.0, "sample.steps": 1, "sample.grid_cols": 1,
+}
+CHOICES = {"train.precision": ("auto", "fp32", "bf16", "fp16"), "train.lr_decay": ("constant", "cosine")}
 NODES: dict[str, Registry] = {
     "dataset": DATASETS, "model": MODELS, "conditioner": CONDITIONERS, "head": HEADS, "schedule": SCHEDULES,
 }
 TOP_LEVEL = ["name", *NODES, *SECTIONS]
+NODE_PATHS = (*NODES, "sample.sampler")  # dotted paths whose value may be a bare registry key
 DEFAULT_NODES = {"conditioner": "gmm_attrs", "head": "none", "schedule": "karras"}
 SAMPLER_FIXED_ARGS = ("model", "x", "sigmas", "extra_args", "callback", "disable", "noise_sampler")
 INJECTED_FROM = {
@@ -167,11 +180,19 @@ def resolve(raw: dict) -> dict:
     for key, schema in SECTIONS.items():
         cfg[key] = resolve_section(key, raw.get(key), schema)
     cfg["sample"]["sampler"] = resolve_node("sample.sampler", cfg["sample"]["sampler"], SAMPLERS, SAMPLER_FIXED_ARGS)
+    for dotted, low in MINIMUMS.items():
+        section, key = dotted.split(".")
+        if cfg[section][key] < low or (key == "lr" and cfg[section][key] == 0):
+            raise ConfigError(f"{dotted}: must be {'> 0' if key == 'lr' else f'>= {low}'}, got {cfg[section][key]}")
+    for dotted, choices in CHOICES.items():
+        section, key = dotted.split(".")
+        if cfg[section][key] not in choices:
+            raise ConfigError(f"{dotted}: must be one of {', '.join(choices)}, got {cfg[section][key]!r}")
     if cfg["head"]["type"] != "none":
         loss = cfg["head"].get("loss")
         if loss not in LOSSES:
             raise ConfigError(f"head.loss: {LOSSES.unknown_message(loss)}")
-    from .models import DENOISER_LOSSES
+    from .modeling.models import DENOISER_LOSSES
 
     if cfg["denoiser"]["loss"] not in DENOISER_LOSSES:
         raise _unknown_key("denoiser.loss", cfg["denoiser"]["loss"], DENOISER_LOSSES)
@@ -187,8 +208,12 @@ def apply_override(raw: dict, override: str) -> None:
     node = raw
     for depth, key in enumerate(keys[:-1]):
         child = node.get(key)
-        if isinstance(child, str) and key in NODES or child is None and key in NODES:
-            child = {"type": child or DEFAULT_NODES.get(key)}  # conditioner=gmm_attrs -> {type: gmm_attrs}
+        node_path = ".".join(keys[: depth + 1])
+        if isinstance(child, str) and node_path in NODE_PATHS or child is None and key in NODES and depth == 0:
+            # conditioner.sigma=0.3 on `conditioner: gmm_attrs` -> {type: gmm_attrs, sigma: 0.3}
+            child = {"type": child or DEFAULT_NODES.get(key)}
+        elif child is None and node_path == "sample.sampler":
+            child = {"type": SampleConfig.sampler}
         elif child is None:
             child = {}
         elif not isinstance(child, dict):

@@ -22,14 +22,9 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
+from .errors import RegistryError
+
 T = TypeVar("T")
-
-
-class RegistryError(KeyError):
-    """An unknown or duplicate registry key."""
-
-    def __str__(self) -> str:  # KeyError would wrap the message in quotes
-        return str(self.args[0])
 
 
 def closest(word: str, choices) -> str | None:
@@ -51,8 +46,16 @@ class Registry(Generic[T]):
         self.injected = injected
         self._objects: dict[str, T] = {}
 
-    def register(self, name: str | None = None, obj: T | None = None) -> Any:
-        """Register ``obj`` under ``name``; without ``obj``, return a decorator."""
+    def register(self, name: Any = None, obj: T | None = None) -> Any:
+        """Register ``obj`` under ``name``; without ``obj``, return a decorator.
+
+        Three forms: ``@REG.register("key")``, ``@REG.register()`` (the object's ``__name__``) and the plain
+        call ``REG.register(MyClass)`` (also its ``__name__``).
+        """
+        if name is not None and not isinstance(name, str):
+            if obj is not None or not callable(name):
+                raise TypeError(f"{self.name}.register: the key must be a string, got {name!r}")
+            name, obj = None, name
         if obj is not None:
             self._add(name or obj.__name__, obj)
             return obj

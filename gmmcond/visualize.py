@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from PIL import Image, ImageDraw
 
-from .checkpoint import atomic_write_bytes
+from .io import atomic_write_bytes
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -22,7 +21,6 @@ def save_png(image: Image.Image, path: Path) -> None:
     """Save a PNG atomically."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
@@ -52,10 +50,9 @@ def pyplot():
     return plt
 
 
-def plot_metrics(metrics_file: Path, out: Path, keys: Sequence[str] = ("loss",)) -> None:
-    """Plot the given metrics of a metrics.jsonl file against step into a PNG."""
+def plot_metrics(records: Sequence[dict], out: Path, keys: Sequence[str] = ("loss",)) -> None:
+    """Plot the given metrics of metrics.jsonl records (``gmmcond.io.read_metrics``) against step into a PNG."""
     plt = pyplot()
-    records = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     for key in keys:
         pts = [(r["step"], r[key]) for r in records if key in r]
@@ -69,5 +66,4 @@ def plot_metrics(metrics_file: Path, out: Path, keys: Sequence[str] = ("loss",))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(out), buf.getvalue())

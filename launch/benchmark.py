@@ -7,12 +7,9 @@ of x0_reproject against k-diffusion's euler on the shapes model.
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from gmmcond.cli import fail_cleanly  # noqa: E402
+from gmmcond.cli import fail_cleanly
 
 
 def main() -> None:
@@ -24,9 +21,9 @@ def main() -> None:
 
     import torch
 
-    from gmmcond import benchmarks
+    from gmmcond.experiments import benchmarks
     from gmmcond.config import load_config
-    from gmmcond.pipeline import build
+    from gmmcond.modeling.build import build
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

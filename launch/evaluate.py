@@ -1,12 +1,9 @@
 """Evaluate a run offline: ``python launch/evaluate.py --run runs/shapes`` (writes RUN/eval.json, RUN/eval_worst.png)."""
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from gmmcond.cli import fail_cleanly  # noqa: E402
+from gmmcond.cli import fail_cleanly
 
 
 def main() -> None:
@@ -19,7 +16,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from gmmcond.evaluate import evaluate_run
+    from gmmcond.eval.evaluate import evaluate_run
 
     result = evaluate_run(args.run, n=args.n, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict) or k == "defect_reasons"}, indent=2))

@@ -4,12 +4,9 @@ Each sub-command writes OUT/NAME.png and OUT/NAME.json (default OUT: runs/reprod
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from gmmcond.cli import fail_cleanly  # noqa: E402
+from gmmcond.cli import fail_cleanly
 
 
 def main() -> None:
@@ -20,7 +17,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="training steps (ngmg-vs-bce, head)")
     args = parser.parse_args()
 
-    from gmmcond import experiments
+    from gmmcond.experiments import reproduce as experiments
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

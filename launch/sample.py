@@ -1,11 +1,8 @@
 """Sample a trained run: ``python launch/sample.py --run runs/shapes --attrs "circle,red,large" --n 16``."""
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from gmmcond.cli import fail_cleanly  # noqa: E402
+from gmmcond.cli import fail_cleanly, positive_int
 
 
 def main() -> None:
@@ -13,9 +10,9 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="run directory written by launch/train.py")
     parser.add_argument("--attrs", action="append", default=[],
                         help='comma-separated attribute names, e.g. "circle,red,large"; repeat for more rows')
-    parser.add_argument("--n", type=int, default=16, help="samples per attribute set")
+    parser.add_argument("--n", type=positive_int, default=16, help="samples per attribute set")
     parser.add_argument("--sampler", help="SAMPLERS key (default: the run's sample.sampler)")
-    parser.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
+    parser.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's sample.steps)")
     parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = off)")
     parser.add_argument("--head-scale", type=float, default=0.0,
                         help="guide with the run's bottleneck head toward the attributes (HeadGuidedDenoiser)")
@@ -23,7 +20,9 @@ def main() -> None:
                         help="latents: a fresh GMM latent per sample (paper Fig. 4); fixed-latent: one latent, "
                              "many noise seeds (Fig. 5); x0-strip: predicted x0 at every step, a row per sample (Fig. 6)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cols", type=int, default=8, help="images per grid row")
+    parser.add_argument("--cols", type=positive_int, default=8, help="images per grid row")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                        help="autocast precision for sampling (default: the run's train.precision)")
     parser.add_argument("--out", help="output PNG (default: RUN/samples/sample_<attrs>.png)")
     parser.add_argument("--export", help="also write the EMA weights to this safetensors file")
     parser.add_argument("--list-attrs", action="store_true", help="print the run's attribute names and exit")
@@ -31,8 +30,11 @@ def main() -> None:
 
     import torch
 
-    from gmmcond.heads import HeadGuidedDenoiser
-    from gmmcond.pipeline import dataset_info, export_safetensors, generate, load_run, parse_attrs
+    from gmmcond.data.attrs import parse_attrs
+    from gmmcond.engine.precision import autocast, sampling_precision
+    from gmmcond.engine.runs import export_run, load_run
+    from gmmcond.errors import RunError
+    from gmmcond.sampling import HeadGuidedDenoiser, generate
     from gmmcond.visualize import captioned_grid, save_png
 
     run = load_run(args.run)
@@ -41,34 +43,40 @@ def main() -> None:
         print("\n".join(names))
         return
     if args.export:
-        export_safetensors(Path(args.export), run.parts.denoiser.inner_model, run.cfg, dataset_info(run.parts.dataset), run.step)
+        export_run(Path(args.export), run.parts, run.cfg, run.step)
         print(f"wrote {args.export}")
     sets = args.attrs or [""]
-    attrs = torch.stack([parse_attrs(s, names) for s in sets]).repeat_interleave(args.n, 0)
+    attrs = torch.stack([parse_attrs(s, names, run.parts.groups) for s in sets]).repeat_interleave(args.n, 0)
     s = run.cfg["sample"]
     sampler = args.sampler or s["sampler"]
     steps = args.steps or s["steps"]
     model = None
     if args.head_scale:
         if run.parts.head is None:
-            raise ValueError(f"--head-scale needs a run trained with a head (head: bottleneck_attrs); {args.run} has none")
+            raise RunError(f"--head-scale needs a run trained with a head (head: bottleneck_attrs); {args.run} has none")
         model = HeadGuidedDenoiser(run.parts.denoiser, run.parts.head, args.head_scale, only_present=True)
     latents = None
     if args.mode == "fixed-latent" and not run.parts.conditioner.dim:
-        raise ValueError(f"--mode fixed-latent needs a run trained with a conditioner; {args.run} is unconditional")
+        raise RunError(f"--mode fixed-latent needs a run trained with a conditioner; {args.run} is unconditional")
     if args.mode == "fixed-latent":  # one latent per attribute set, shared by its n samples
         gen = torch.Generator().manual_seed(args.seed + 1)
         latents = run.parts.conditioner.sample_latents(len(sets), gen).repeat_interleave(args.n, 0)
     strips = []
     callback = (lambda info: strips.append(info["denoised"].cpu())) if args.mode == "x0-strip" else None
-    images = generate(run.parts, attrs, sampler=sampler, steps=steps, seed=args.seed, latents=latents,
-                      cfg_scale=s["cfg_scale"] if args.cfg_scale is None else args.cfg_scale,
-                      callback=callback, model=model, head_target=attrs if args.head_scale else None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = args.precision or sampling_precision(run.cfg, device)
+    run.parts.denoiser.to(device)
+    if run.parts.head is not None:
+        run.parts.head.to(device)
+    with autocast(device, precision):
+        images = generate(run.parts, attrs, sampler=sampler, steps=steps, seed=args.seed, latents=latents,
+                          cfg_scale=s["cfg_scale"] if args.cfg_scale is None else args.cfg_scale,
+                          callback=callback, model=model, head_target=attrs if args.head_scale else None).float()
     rows, captions = [], []
     if args.mode == "x0-strip":  # row b: predicted x0 of sample b at (up to) 12 evenly spaced steps
         picks = torch.linspace(0, len(strips) - 1, min(12, len(strips))).round().long().tolist()
         for b in range(len(images)):
-            rows.append(torch.stack([strips[i][b] for i in picks]))
+            rows.append(torch.stack([strips[i][b] for i in picks]).float())
             captions.append(f"{sets[b // args.n] or '(no attributes)'}: x0 at steps {[i + 1 for i in picks]}")
     else:
         for label, block in zip(sets, images.split(args.n)):

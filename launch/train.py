@@ -1,11 +1,8 @@
 """Train a gmmcond recipe: ``accelerate launch launch/train.py --config shapes [dotted.key=value ...]``."""
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from gmmcond.cli import fail_cleanly  # noqa: E402
+from gmmcond.cli import fail_cleanly
 
 
 def main() -> None:
@@ -13,17 +10,20 @@ def main() -> None:
     parser.add_argument("--config", default="shapes", help="recipe name in registry/ or a YAML path")
     parser.add_argument("--name", help="run name (default: the config's name); the run goes to RUNS/NAME")
     parser.add_argument("--runs", default="runs", help="parent folder of run directories")
-    parser.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    parser.add_argument("--resume", nargs="?", const="latest", choices=["latest", "previous"],
+                        help="continue the run from its latest checkpoint; 'previous' takes the one before "
+                             "(after a NaN stop or a corrupt latest checkpoint)")
+    parser.add_argument("--resume-from", metavar="PATH", help="continue the run from this checkpoint file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 conditioner.sigma=0.3")
     args = parser.parse_args()
 
     from gmmcond.config import load_config
-    from gmmcond.trainer import train
+    from gmmcond.engine.trainer import train
 
     cfg = load_config(args.config, args.overrides)
     if args.name:
         cfg["name"] = args.name
-    train(cfg, Path(args.runs) / cfg["name"], resume=args.resume)
+    train(cfg, Path(args.runs) / cfg["name"], resume=args.resume_from or args.resume or False)
 
 
 if __name__ == "__main__":

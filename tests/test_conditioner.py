@@ -3,7 +3,7 @@ import pytest
 import torch
 from scipy import stats
 
-from gmmcond.conditioners import GMMAttrs, NoConditioner
+from gmmcond.modeling.conditioners import GMMAttrs, NoConditioner
 from gmmcond.registry import CONDITIONERS
 
 

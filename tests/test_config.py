@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from gmmcond.config import ConfigError, load_config
+from gmmcond.config import load_config
+from gmmcond.errors import ConfigError
 
 
 def test_default_recipe_resolves_with_every_default():

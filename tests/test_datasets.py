@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from gmmcond.datasets import DatasetError
+from gmmcond.errors import DatasetError
 from gmmcond.registry import DATASETS
-from gmmcond.shapes import ATTR_NAMES, CLASS_NAMES, ShapesDataset
+from gmmcond.data.shapes import ATTR_NAMES, CLASS_NAMES, ShapesDataset
 
 
 def check_item(item, k, size):
@@ -61,7 +61,7 @@ def test_shapes_class_mode_is_one_hot_shape_by_colour():
 
 
 def test_shapes_rejects_bad_size():
-    with pytest.raises(ValueError, match="between 16 and 64"):
+    with pytest.raises(DatasetError, match="between 16 and 64"):
         ShapesDataset(size=8)
 
 

@@ -2,9 +2,9 @@ import random
 
 import torch
 
-from gmmcond import shapes as S
-from gmmcond.evaluate import check_shape_image, requested_features
-from gmmcond.shapes import ShapesDataset
+from gmmcond.data import shapes as S
+from gmmcond.eval.evaluate import check_shape_image, requested_features
+from gmmcond.data.shapes import ShapesDataset
 
 
 def render(params, size=16):
@@ -64,8 +64,8 @@ def test_evaluate_run_on_user_data_uses_confidence_and_nearest_neighbours(tiny_c
     import numpy as np
     from PIL import Image
 
-    from gmmcond.evaluate import evaluate_run
-    from gmmcond.trainer import train
+    from gmmcond.eval.evaluate import evaluate_run
+    from gmmcond.engine.trainer import train
 
     data = tmp_path / "data"
     data.mkdir()

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from gmmcond.conditioners import GMMAttrs
-from gmmcond.heads import BottleneckAttrs, HeadGuidedDenoiser, attach, bottleneck, head_log_prob
-from gmmcond.models import image_v1, make_denoiser
+from gmmcond.modeling.conditioners import GMMAttrs
+from gmmcond.modeling.heads import BottleneckAttrs, attach, bottleneck
+from gmmcond.sampling.guidance import HeadGuidedDenoiser, head_log_prob
+from gmmcond.modeling.models import image_v1, make_denoiser
 from gmmcond.registry import HEADS
 
 

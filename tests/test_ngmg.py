@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy import stats
 
-from gmmcond.gmm import expansion_cdf, expansion_fit, expansion_means, expansion_pdf, expansion_sample, normal_pdf, w1_expansion
-from gmmcond.ngmg import (bce, binary_kernel, deficit, density_learning, kernel_matrix, ngmg, ngmg_entropy,
+from gmmcond.math.gmm import expansion_cdf, expansion_fit, expansion_means, expansion_pdf, expansion_sample, normal_pdf, w1_expansion
+from gmmcond.math.ngmg import (bce, binary_kernel, deficit, density_learning, kernel_matrix, ngmg, ngmg_entropy,
                           ngmg_entropy_categorical)
 from gmmcond.registry import LOSSES
 

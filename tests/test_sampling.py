@@ -4,7 +4,7 @@ import torch
 
 from gmmcond.registry import SAMPLERS
 from gmmcond.sampling import CFGDenoiser, sample, sample_x0_reproject
-from gmmcond.testbed import GaussianMixtureDenoiser, sliced_wasserstein
+from gmmcond.sampling.testbed import GaussianMixtureDenoiser, sliced_wasserstein
 
 
 class ToyDenoiser(torch.nn.Module):

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gmmcond.checkpoint import CheckpointError, load_checkpoint
-from gmmcond.pipeline import load_run
-from gmmcond.trainer import StepBatchSampler, TrainingDiverged, train
+from gmmcond.errors import CheckpointError, RunError, TrainingDiverged
+from gmmcond.io import load_checkpoint
+from gmmcond.engine.runs import load_run
+from gmmcond.engine.trainer import StepBatchSampler, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +33,7 @@ def test_three_step_run_writes_grid_metrics_checkpoint_export(tiny_cfg, tmp_path
     with safe_open(run / "ema.safetensors", "pt") as f:
         meta = f.metadata()
     assert json.loads(meta["config"])["name"] == "shapes_tiny" and meta["step"] == "3"
-    with pytest.raises(FileExistsError, match="pass --resume"):
+    with pytest.raises(RunError, match="pass --resume"):
         train(tiny_cfg(), run)
 
 
@@ -69,11 +70,12 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_cfg, tmp_path):
     with pytest.raises(CheckpointError, match=r"step_0000003.pt is corrupt or truncated .*earlier one \(\['step_0000002.pt'\]\)"):
         train(tiny_cfg("train.steps=4"), run, resume=True)
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
-        load_run(run)
+        load_run(run, checkpoint=latest)
+    assert load_run(run).source.name == "ema.safetensors"  # sampling needs only the export, which is intact
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
-    from gmmcond.schedules import KarrasSchedule
+    from gmmcond.modeling.schedules import KarrasSchedule
 
     real = KarrasSchedule.sample_sigmas
     calls = {"n": 0}
@@ -127,20 +129,22 @@ def test_sample_cli_writes_grids_lists_valid_attributes_and_exports(tiny_cfg, tm
     train(tiny_cfg("head=bottleneck_attrs"), run)
     bad = run_sample("--run", run, "--attrs", "circle,purple")
     assert bad.returncode == 2
-    assert "unknown attribute(s) ['purple']; valid attributes: circle, square, triangle, red, green, blue" in bad.stderr
+    assert "unknown attribute(s) ['purple'] in 'circle,purple'; valid attributes: circle, square, triangle, red, green, blue" in bad.stderr
     for mode in ("latents", "fixed-latent", "x0-strip"):
         ok = run_sample("--run", run, "--attrs", "circle,red", "--n", 2, "--steps", 3, "--mode", mode, "--head-scale", 1.0,
-                        "--export", tmp_path / "ema.safetensors")
+                        "--cfg-scale", 2.0, "--export", tmp_path / "ema.safetensors")  # head guidance and CFG together
         assert ok.returncode == 0, ok.stderr[-2000:]
         assert (run / "samples" / f"{mode}_circle-red.png").exists()
     from safetensors import safe_open
 
     with safe_open(tmp_path / "ema.safetensors", "pt") as f:
         assert json.loads(f.metadata()["config"])["head"]["type"] == "bottleneck_attrs"
-        assert set(f.keys()) == set(load_run(run).parts.denoiser.inner_model.state_dict())
+        parts = load_run(run).parts
+        expected = set(parts.denoiser.inner_model.state_dict()) | {f"head.{k}" for k in parts.head.state_dict()}
+        assert set(f.keys()) == expected
 
 
 def test_resume_with_a_different_model_is_refused(tiny_cfg, tmp_path):
     train(tiny_cfg(), tmp_path / "run")
-    with pytest.raises(ValueError, match=r"trained with different model settings; resume with the run's own config"):
+    with pytest.raises(RunError, match=r"trained with different model settings; resume with the run's own config"):
         train(tiny_cfg("train.steps=5", "model.channels=[8,32]"), tmp_path / "run", resume=True)

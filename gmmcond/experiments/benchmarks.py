@@ -6,8 +6,8 @@ import time
 import k_diffusion as K
 import torch
 
-from .sampling import sample
-from .testbed import GaussianMixtureDenoiser, sliced_wasserstein
+from ..sampling.samplers import sample
+from ..sampling.testbed import GaussianMixtureDenoiser, sliced_wasserstein
 
 # (label, SAMPLERS node, model evaluations per step)
 SAMPLER_SET = [
@@ -84,7 +84,7 @@ def sampler_step_time(parts, batch: int = 16, steps: int = 20, repeats: int = 3)
 
 def plot_samplers(result: dict, out) -> None:
     """Plot sliced W1 against model evaluations for every sampler, with the noise floor."""
-    from .visualize import pyplot
+    from ..visualize import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
@@ -120,9 +120,9 @@ def _train_variant(cfg: dict, variant: str):
     a: plain k-diffusion image_v1 + Denoiser, fed a zero mapping_cond of the conditioner's size;
     b: + gmm_attrs (fixed pairing, dropout); c: + the bottleneck_attrs head with NGMG entropy.
     """
-    from .config import resolve
-    from .pipeline import build
-    from .trainer import DiffusionTrainer
+    from ..config import resolve
+    from ..engine.trainer import DiffusionTrainer
+    from ..modeling.build import build
 
     node = dict(cfg)
     node["head"] = {"type": "bottleneck_attrs"} if variant == "c" else "none"
@@ -153,7 +153,7 @@ def _batch(parts, batch: int, seed: int):
 
 
 def _peak_rss_child(cfg: dict, variant: str, steps: int, queue) -> None:
-    from .trainer import peak_rss_mb
+    from ..utils import peak_rss_mb
 
     step, parts = _train_variant(cfg, variant)
     for s in range(steps):

@@ -8,7 +8,8 @@ import k_diffusion as K
 import torch
 from torch import nn
 
-from .registry import MODELS
+from ..errors import ConfigError
+from ..registry import MODELS
 
 
 @MODELS.register("image_v1")
@@ -28,7 +29,7 @@ def image_v1(
 ) -> nn.Module:
     """Build k-diffusion's ``image_v1`` U-Net through ``k_diffusion.config.make_model``."""
     if len(depths) != len(channels):
-        raise ValueError(f"model.depths ({list(depths)}) and model.channels ({list(channels)}) need the same length")
+        raise ConfigError(f"model.depths ({list(depths)}) and model.channels ({list(channels)}) need the same length")
     config = K.config.load_config({
         "model": {
             "type": "image_v1",

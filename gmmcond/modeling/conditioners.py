@@ -6,7 +6,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .registry import CONDITIONERS
+from ..errors import ConfigError
+from ..registry import CONDITIONERS
 
 
 @CONDITIONERS.register("gmm_attrs")
@@ -32,14 +33,14 @@ class GMMAttrs(nn.Module):
     ):
         super().__init__()
         if pairing not in ("fixed", "resample"):
-            raise ValueError(f"conditioner.pairing must be 'fixed' or 'resample', got '{pairing}'")
+            raise ConfigError(f"conditioner.pairing must be 'fixed' or 'resample', got '{pairing}'")
         weights = [1.0 / len(means)] * len(means) if weights is None else list(weights)
         if len(weights) != len(means):
-            raise ValueError(f"conditioner.weights has {len(weights)} entries but means has {len(means)}")
+            raise ConfigError(f"conditioner.weights has {len(weights)} entries but means has {len(means)}")
         if sigma <= 0 or min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError("conditioner.sigma must be > 0 and conditioner.weights non-negative with a positive sum")
+            raise ConfigError("conditioner.sigma must be > 0 and conditioner.weights non-negative with a positive sum")
         if not 0 <= cond_dropout < 1:
-            raise ValueError(f"conditioner.cond_dropout must be in [0, 1), got {cond_dropout}")
+            raise ConfigError(f"conditioner.cond_dropout must be in [0, 1), got {cond_dropout}")
         self.num_attrs, self.dims_per_attr = num_attrs, dims_per_attr
         self.sigma, self.pairing, self.cond_dropout, self.seed = float(sigma), pairing, cond_dropout, seed
         self.register_buffer("means", torch.tensor(means, dtype=torch.float32), persistent=False)

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .gmm import expansion_means, normal_pdf
-from .ngmg import density_learning
-from .visualize import pyplot
+from ..math.gmm import expansion_means, normal_pdf
+from ..math.ngmg import density_learning
+from ..visualize import pyplot
 
 
 def mean_spread(curves: list[list[float]]) -> tuple[list[float], list[float]]:
@@ -71,9 +71,9 @@ def small_classifier(k: int) -> nn.Module:
 
 def ngmg_vs_bce(out: Path, seeds: int = 3, steps: int = 300, eval_every: int = 10, size: int = 16) -> dict:
     """Paper Fig. 12: the same classifier trained with NGMG entropy and with BCE; test SSE per step."""
-    from .evaluate import stack_items
-    from .ngmg import bce, ngmg_entropy
-    from .shapes import ShapesDataset
+    from ..data.shapes import ShapesDataset
+    from ..eval.evaluate import stack_items
+    from ..math.ngmg import bce, ngmg_entropy
 
     train_set, test_set = ShapesDataset(size=size, length=4096), ShapesDataset(size=size, length=512, split="test")
     xs, ys = stack_items(train_set, len(train_set))
@@ -120,10 +120,9 @@ SMALL_MODEL = ("model.channels=[16,32,64]", "model.mapping_out=64", "train.batch
 
 def head(out: Path, runs: Path, seeds: int = 3, steps: int = 300, overrides: tuple[str, ...] = ()) -> dict:
     """Paper Fig. 9: diffusion loss of the shapes model with and without the NGMG head, same seeds and steps."""
-    import json
-
-    from .config import load_config
-    from .trainer import train
+    from ..config import load_config
+    from ..engine.trainer import train
+    from ..io import read_metrics
 
     base = [*SMALL_MODEL, f"train.steps={steps}", f"train.checkpoint_every={steps}", "train.log_every=10", *overrides]
     curves: dict[str, list[list[float]]] = {"no head": [], "ngmg head": []}
@@ -135,14 +134,15 @@ def head(out: Path, runs: Path, seeds: int = 3, steps: int = 300, overrides: tup
                 train(cfg, run, resume=True)
             else:
                 train(cfg, run)
-            records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+            records = read_metrics(run / "metrics.jsonl")
+            x = [r["step"] for r in records]
             curves[label].append([r["diffusion"] for r in records])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    x = list(range(10, steps + 1, 10))
     result = {"steps": x, "seeds": seeds}
+    tail_points = sum(1 for s in x if s > x[-1] - 100)  # logged points in the last 100 steps
     for label, cs in curves.items():
-        tail = [statistics.fmean(c[-10:]) for c in cs]  # mean diffusion loss over the last 100 steps, per seed
+        tail = [statistics.fmean(c[-tail_points:]) for c in cs]  # mean diffusion loss over the last 100 steps, per seed
         result[label] = {**plot_band(ax, x, cs, label), "last100_per_seed": tail, "last100_mean": statistics.fmean(tail)}
     ax.set_xlabel("step")
     ax.set_ylabel("diffusion loss")
@@ -160,13 +160,12 @@ def features_vs_classes(out: Path, runs: Path, seeds: int = 2, steps: int = 600,
     """Paper Fig. 7 at small scale: one model conditioned on the shapes features, one on the one-hot
     shape x colour class, both through gmm_attrs; same model, steps and seeds. Defects, Frechet distance
     (oracle features) and final training loss side by side, and a grid of each."""
-    import json
-
     from PIL import Image, ImageDraw
 
-    from .config import load_config
-    from .evaluate import evaluate_run
-    from .trainer import train
+    from ..config import load_config
+    from ..engine.trainer import train
+    from ..eval.evaluate import evaluate_run
+    from ..io import read_metrics
 
     class_rows = "[circle_red,square_green,triangle_blue,circle_blue,square_red,triangle_green]"
     result: dict = {"steps": steps, "seeds": seeds, "n": n}
@@ -182,12 +181,12 @@ def features_vs_classes(out: Path, runs: Path, seeds: int = 2, steps: int = 600,
             run = runs / f"fvc_{mode}_seed{seed}"
             if not (run / "ema.safetensors").exists():
                 train(cfg, run, resume=(run / "checkpoints" / "latest").exists())
-            metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-            ev = evaluate_run(run, n=n, oracle_cache=runs / "oracle_shapes.pt", progress=False)
+            metrics = read_metrics(run / "metrics.jsonl")
+            ev = evaluate_run(run, n=n, oracle_cache=runs / "oracle_shapes.safetensors", progress=False)
             rows.append({"seed": seed, "defect_rate": ev["defect_rate"], "defect_rate_size_free": ev["defect_rate_size_free"],
                          "frechet_distance": ev["frechet_distance"],
                          "attribute_accuracy": ev["attribute_accuracy"],
-                         "final_loss": statistics.fmean(m["diffusion"] for m in metrics[-10:])})
+                         "final_loss": statistics.fmean(m["diffusion"] for m in metrics if m["step"] > steps - 100)})
             if seed == 0:
                 grids[mode] = Image.open(run / "samples" / f"grid_{steps:07d}.png").convert("RGB")
         result[mode] = {"per_seed": rows, **{k: statistics.fmean(r[k] for r in rows) for k in rows[0] if k != "seed"}}

@@ -15,7 +15,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from .registry import DATASETS
+from ..errors import DatasetError
+from ..registry import DATASETS
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue")
@@ -116,11 +117,11 @@ class ShapesDataset(Dataset):
         label_mode: str = "features",  # features: 11 attributes; classes: one-hot shape x colour.
     ):
         if not 16 <= size <= 64:
-            raise ValueError(f"dataset.size must be between 16 and 64 for shapes, got {size}")
+            raise DatasetError(f"dataset.size must be between 16 and 64 for shapes, got {size}")
         if split not in ("train", "test"):
-            raise ValueError(f"dataset.split must be 'train' or 'test', got '{split}'")
+            raise DatasetError(f"dataset.split must be 'train' or 'test', got '{split}'")
         if label_mode not in ("features", "classes"):
-            raise ValueError(f"dataset.label_mode must be 'features' or 'classes', got '{label_mode}'")
+            raise DatasetError(f"dataset.label_mode must be 'features' or 'classes', got '{label_mode}'")
         self.size, self.length, self.seed, self.split, self.label_mode = size, length, seed, split, label_mode
         if label_mode == "features":
             self.attr_names = list(ATTR_NAMES)

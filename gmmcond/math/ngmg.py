@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .gmm import normal_pdf, w1_expansion
-from .registry import LOSSES
+from ..registry import LOSSES
 
 
 def kernel_matrix(means: torch.Tensor, sigma: float, *, keep_diagonal: bool = False, normalise: bool = False) -> torch.Tensor:

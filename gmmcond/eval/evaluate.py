@@ -9,6 +9,7 @@ from every real image than 99% of real held-out images do.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,9 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from . import shapes as S
+from ..data import shapes as S
+from ..errors import DatasetError
+from ..io import write_json
 
 
 class Oracle(nn.Module):
@@ -70,6 +73,30 @@ def train_oracle(train_x, train_y, *, steps: int = 1500, batch: int = 128, lr: f
 
 
 @torch.no_grad()
+def save_oracle(path: Path, oracle: Oracle, dataset_cfg: dict, size: int) -> None:
+    """Cache an oracle as safetensors, with the dataset config it was trained on in the metadata."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in oracle.state_dict().items()}, str(path),
+              metadata={"dataset": json.dumps(dataset_cfg, sort_keys=True), "size": str(size)})
+
+
+def load_oracle(path: Path, dataset_cfg: dict, num_attrs: int) -> Oracle | None:
+    """Load a cached oracle if it exists and was trained on ``dataset_cfg``; else None."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("dataset") != json.dumps(dataset_cfg, sort_keys=True):
+            return None
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    oracle = Oracle(num_attrs, int(meta["size"]))
+    oracle.load_state_dict(state)
+    return oracle.eval()
+
+
 def predict(oracle: Oracle, x: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Return oracle probabilities and features for images x."""
     probs, feats = [], []
@@ -197,7 +224,7 @@ def requested_features(attrs: torch.Tensor, names: list[str], oracle_names: list
         parts = name.split("_")
         cols = [oracle_names.index(p) for p in parts if p in oracle_names]
         if len(cols) != len(parts):
-            raise ValueError(f"cannot map attribute '{name}' onto the oracle's attributes {oracle_names}")
+            raise DatasetError(f"cannot map attribute '{name}' onto the oracle's attributes {oracle_names}")
         rows = attrs[:, k] > 0.5
         for group in (S.SHAPES, S.COLOURS):
             gcols = [oracle_names.index(g) for g in group]
@@ -210,14 +237,13 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
                  seed: int = 0, batch: int = 64, oracle_steps: int = 2000, progress: bool = True,
                  oracle_cache: Path | None = None) -> dict:
     """Evaluate a trained run offline; writes ``eval.json``, ``oracle.pt`` (cache) and ``eval_worst.png``."""
-    import json
-
     import k_diffusion as K
     from tqdm.auto import tqdm
 
-    from .pipeline import generate, load_run
-    from .registry import DATASETS
-    from .visualize import captioned_grid, save_png
+    from ..engine.runs import load_run
+    from ..registry import DATASETS
+    from ..sampling.generate import generate
+    from ..visualize import captioned_grid, save_png
 
     run_dir = Path(run_dir)
     run = load_run(run_dir)
@@ -225,16 +251,12 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
     oracle_cfg = oracle_dataset_config(cfg["dataset"])
     train_set, test_set = DATASETS.build(oracle_cfg), DATASETS.build(heldout_config(oracle_cfg))
     oracle_names = list(train_set.attr_names)
-    cache = Path(oracle_cache) if oracle_cache else run_dir / "oracle.pt"
-    if cache.exists() and torch.load(cache, weights_only=False).get("dataset") == oracle_cfg:
-        saved = torch.load(cache, weights_only=False)
-        oracle = Oracle(len(oracle_names), saved["size"])
-        oracle.load_state_dict(saved["state"])
-        oracle.eval()
-    else:
+    cache = Path(oracle_cache) if oracle_cache else run_dir / "oracle.safetensors"
+    oracle = load_oracle(cache, oracle_cfg, len(oracle_names))
+    if oracle is None:
         tx, ty = stack_items(train_set, 8192)
         oracle = train_oracle(tx, ty, steps=oracle_steps)
-        torch.save({"dataset": oracle_cfg, "size": tx.shape[-1], "state": oracle.state_dict()}, cache)
+        save_oracle(cache, oracle, oracle_cfg, tx.shape[-1])
     real_x, real_y = stack_items(test_set, max(n, 1024))
     real_p, real_f = predict(oracle, real_x)
     oracle_scores = attribute_scores(real_p, real_y, oracle_names)
@@ -290,5 +312,5 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
     rows = [images[order[j:j + 8]] for j in range(0, len(order), 8)]
     caps = [" | ".join(reasons[i][:14] for i in order[j:j + 8]) for j in range(0, len(order), 8)]
     save_png(captioned_grid(rows, caps, cell=64), run_dir / "eval_worst.png")
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    write_json(run_dir / "eval.json", result)
     return result

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from k_diffusion import sampling as ks
 
-from .registry import SCHEDULES
+from ..registry import SCHEDULES
 
 
 @SCHEDULES.register("karras")

@@ -1,4 +1,4 @@
-"""Samplers and guidance wrappers with k-diffusion's signatures, so they drop into any k-diffusion model.
+"""Samplers with k-diffusion's signature, so they drop into any k-diffusion model.
 
 Every ``k_diffusion.sampling.sample_*`` is registered in SAMPLERS by its short name (``euler``,
 ``dpmpp_2m``, ...), next to the paper's ``x0_reproject``.
@@ -10,10 +10,9 @@ import math
 
 import torch
 from k_diffusion import sampling as ks
-from torch import nn
 from tqdm.auto import trange
 
-from .registry import SAMPLERS
+from ..registry import SAMPLERS
 
 
 @SAMPLERS.register("x0_reproject")
@@ -46,10 +45,10 @@ def sample_x0_reproject(model, x, sigmas, extra_args=None, callback=None, disabl
 def _range_adapter(fn):
     """Adapt a k-diffusion sampler taking (sigma_min, sigma_max, n) to the common sigmas signature."""
 
-    def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, **kwargs):
+    def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, **kwargs):
         sigma_min = sigmas[-2] if sigmas[-1] == 0 else sigmas[-1]
         return fn(model, x, float(sigma_min), float(sigmas[0]), len(sigmas) - 1, extra_args=extra_args,
-                  callback=callback, disable=disable, **kwargs)
+                  callback=callback, disable=disable, noise_sampler=noise_sampler, **kwargs)
 
     sampler.__doc__ = fn.__doc__
     sampler.__wrapped_sampler__ = fn
@@ -69,26 +68,6 @@ def _register_k_diffusion_samplers() -> None:
 
 
 _register_k_diffusion_samplers()
-
-
-class CFGDenoiser(nn.Module):
-    """Classifier-free guidance as a k-diffusion model: ``uncond + scale * (cond - uncond)``.
-
-    Both branches run in one batched forward; the unconditional input is the conditioner's dropped
-    condition (``conditioner.unconditional``), passed as ``uncond`` [dim] or [B, dim].
-    """
-
-    def __init__(self, model: nn.Module, scale: float, uncond: torch.Tensor, cond_key: str = "mapping_cond"):
-        super().__init__()
-        self.model, self.scale, self.cond_key = model, scale, cond_key
-        self.register_buffer("uncond", uncond, persistent=False)
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
-        cond = kwargs.pop(self.cond_key)
-        uncond = self.uncond.to(cond).expand_as(cond)
-        both = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]), **{self.cond_key: torch.cat([uncond, cond])}, **kwargs)
-        out_uncond, out_cond = both.chunk(2)
-        return out_uncond + (out_cond - out_uncond) * self.scale
 
 
 def sample(sampler: dict | str, model, noise: torch.Tensor, sigmas: torch.Tensor, extra_args=None, callback=None,

@@ -16,12 +16,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from . import shapes  # noqa: F401  (registers the embedded default)
-from .registry import DATASETS
+from ..errors import DatasetError
+from ..registry import DATASETS
 from .shapes import to_tensor
-
-
-class DatasetError(RuntimeError):
-    """A dataset's files are missing or malformed."""
 
 
 def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
@@ -58,7 +55,7 @@ class CelebA(Dataset):
         attr_file = require(root_path / "list_attr_celeba.txt", f"CelebA attribute list ({hint})")
         part_file = require(root_path / "list_eval_partition.txt", f"CelebA partition list ({hint})")
         if split not in (*self.SPLITS, "all"):
-            raise ValueError(f"dataset.split must be one of train, valid, test, all; got '{split}'")
+            raise DatasetError(f"dataset.split must be one of train, valid, test, all; got '{split}'")
         lines = attr_file.read_text().splitlines()
         try:
             count, names = int(lines[0]), lines[1].split()
@@ -100,7 +97,7 @@ class CIFAR10(Dataset):
         hint = "unpack cifar-10-python.tar.gz (Krizhevsky 2009) and point dataset.root at cifar-10-batches-py"
         names = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
         if split not in names:
-            raise ValueError(f"dataset.split must be 'train' or 'test', got '{split}'")
+            raise DatasetError(f"dataset.split must be 'train' or 'test', got '{split}'")
         data, labels = [], []
         for name in names[split]:
             batch = self._load(require(folder / name, f"CIFAR-10 batch ({hint})"))

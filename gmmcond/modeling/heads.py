@@ -1,4 +1,4 @@
-"""Classifier heads on the U-Net bottleneck (Lu et al. Sec. 3.3, Fig. 8) and head-guided sampling.
+"""Classifier heads on the U-Net bottleneck (Lu et al. Sec. 3.3, Fig. 8).
 
 The head reads the output of ``u_net.d_blocks[-1]`` of k-diffusion's ``image_v1`` through a forward
 hook, so the model's code is untouched and any k-diffusion wrapper (``KarrasAugmentWrapper``,
@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ngmg  # noqa: F401  (fills LOSSES)
+from ..errors import ConfigError
+from ..math import ngmg  # noqa: F401  (fills LOSSES)
+from ..registry import HEADS, LOSSES
 from .models import unwrap_inner
-from .registry import HEADS, LOSSES
 
 
 @HEADS.register("none")
@@ -71,7 +72,7 @@ def bottleneck(model: nn.Module) -> nn.Module:
     """Return the U-Net bottleneck block (``u_net.d_blocks[-1]``) under any k-diffusion wrappers."""
     inner = unwrap_inner(model)
     if not hasattr(inner, "u_net"):
-        raise TypeError(f"{type(inner).__name__} has no u_net: bottleneck heads need k-diffusion's image_v1")
+        raise ConfigError(f"{type(inner).__name__} has no u_net: bottleneck heads need k-diffusion's image_v1")
     return inner.u_net.d_blocks[-1]
 
 
@@ -83,35 +84,3 @@ def attach(node: dict, denoiser: nn.Module, num_attrs: int) -> nn.Module | None:
     if head is not None:
         head.handle = block.register_forward_hook(head.hook)
     return head
-
-
-def head_log_prob(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Return log p_head(A = target | x) = sum_k log q_k^A_k (1 - q_k)^(1 - A_k), per sample."""
-    logp = target * F.logsigmoid(logits) + (1 - target) * F.logsigmoid(-logits)
-    return (logp if mask is None else logp * mask).sum(-1)
-
-
-class HeadGuidedDenoiser(nn.Module):
-    """Guide any k-diffusion sampler with the head: ``denoised + scale * sigma^2 * grad_x log p_head(A | x)``.
-
-    Classifier guidance (Dhariwal & Nichol 2021) with the bottleneck head as the classifier. The target
-    attributes come from ``target`` or the ``head_target`` entry of ``extra_args``; ``only_present``
-    guides toward the requested attributes without pushing the others to be absent.
-    """
-
-    def __init__(self, denoiser: nn.Module, head: BottleneckAttrs, scale: float, target: torch.Tensor | None = None,
-                 only_present: bool = False):
-        super().__init__()
-        self.denoiser, self.head, self.scale, self.only_present = denoiser, head, scale, only_present
-        self.target = target
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
-        target = kwargs.pop("head_target", self.target)
-        with torch.enable_grad():
-            x_in = x.detach().requires_grad_()
-            denoised = self.denoiser(x_in, sigma, **kwargs)
-            target = target.to(x).expand(len(x), -1)
-            logp = head_log_prob(self.head(), target, target if self.only_present else None)
-            grad = torch.autograd.grad(logp.sum(), x_in)[0]
-        sigma2 = (sigma ** 2).view(-1, *([1] * (x.ndim - 1)))
-        return denoised.detach() + self.scale * sigma2 * grad

@@ -1,0 +1,91 @@
+"""Read trained runs back: the resolved config, dataset facts and weights of a run directory.
+
+Sampling and evaluation need only the EMA weights (and a head's live weights), so they read
+``ema.safetensors`` when it is at least as new as the latest checkpoint, else the checkpoint, loaded
+weights-only. Nothing read from a run directory executes code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..config import resolve
+from ..errors import CheckpointError, RunError
+from ..io import export_safetensors, latest_checkpoint, load_checkpoint, load_safetensors, read_json
+from ..modeling.build import Components, build
+
+HEAD_PREFIX = "head."
+
+
+@dataclass
+class DatasetInfo:
+    """What a run directory records of its dataset (dataset.json): enough to sample without the data."""
+
+    attr_names: list[str]
+    groups: list[list[str]]
+    size: int
+
+
+def dataset_info(dataset) -> dict:
+    """Return the dataset facts a run directory records."""
+    return {"attr_names": list(dataset.attr_names), "groups": [list(g) for g in dataset.groups], "size": dataset.size}
+
+
+@dataclass
+class LoadedRun:
+    """A trained run: its config, components with EMA weights loaded, and the step of those weights."""
+
+    cfg: dict
+    parts: Components
+    step: int
+    source: Path  # The file the weights came from.
+
+
+def sampling_weights(parts: Components) -> dict[str, torch.Tensor]:
+    """Return what sampling needs: the (EMA) inner model's weights and, with a head, the head's under ``head.``."""
+    tensors = dict(parts.denoiser.inner_model.state_dict())
+    if parts.head is not None:
+        tensors.update({HEAD_PREFIX + k: v for k, v in parts.head.state_dict().items()})
+    return tensors
+
+
+def export_run(path: str | Path, parts: Components, cfg: dict, step: int) -> None:
+    """Write a run's sampling weights to safetensors, with the config and dataset facts in the metadata."""
+    export_safetensors(path, sampling_weights(parts), cfg, dataset_info(parts.dataset), step)
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(path.stem.split("_")[-1])
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> LoadedRun:
+    """Load a run directory's resolved config and its EMA weights (export or checkpoint, whichever is newest)."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.exists():
+        raise RunError(f"{config_file} not found: is {run_dir} a run directory written by launch/train.py?")
+    cfg = resolve(yaml.safe_load(config_file.read_text()))
+    info = read_json(run_dir / "dataset.json")
+    parts = build(cfg, dataset=DatasetInfo(info["attr_names"], info["groups"], info["size"]))
+    export = run_dir / "ema.safetensors"
+    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    if checkpoint is None and export.exists() and (path is None or load_safetensors(export)[1]["step"] >= _checkpoint_step(path)):
+        tensors, meta = load_safetensors(export)
+        step, source = meta["step"], export
+        inner = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}
+        head = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
+    else:
+        if path is None:
+            raise CheckpointError(f"{run_dir} has no checkpoint yet; train it first")
+        state = load_checkpoint(path)
+        step, source, inner = state["step"], path, state["ema"]
+        head = {k[len(HEAD_PREFIX):]: v for k, v in state["model"].items() if k.startswith(HEAD_PREFIX)}
+    parts.denoiser.inner_model.load_state_dict(inner)
+    if parts.head is not None:  # the head is trained, not averaged: its live weights
+        parts.head.load_state_dict(head)
+        parts.head.eval()
+    parts.denoiser.eval()
+    return LoadedRun(cfg, parts, step, source)

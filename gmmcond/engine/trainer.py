@@ -1,0 +1,369 @@
+"""The training loop: accelerate, AdamW, EMA, mixed precision, torch.compile, grids, metrics, exact resume.
+
+Exact resume: the data order is a pure function of (seed, step), every process's RNG states (CPU and,
+where present, every CUDA device's) are saved with the weights, and metrics logged after the checkpoint
+are cut on resume, so a killed run continued with ``resume=True`` reproduces the uninterrupted run step
+for step. Precision (``train.precision``) goes through accelerate's ``mixed_precision``: weights, EMA,
+optimiser state and checkpoints stay fp32.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import k_diffusion as K
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from ..config import dump_config
+from ..data.attrs import describe, parse_attrs
+from ..errors import ConfigError, RunError, TrainingDiverged
+from ..io import (append_metrics, latest_checkpoint, load_checkpoint, previous_checkpoint, read_metrics,
+                  save_checkpoint, truncate_metrics, write_json)
+from ..modeling.build import Components, build
+from ..sampling.generate import generate
+from ..utils import peak_rss_mb, usable_cores
+from ..visualize import captioned_grid, plot_metrics, save_png
+from .precision import autocast, compile_model, first_compiled_call, resolve_precision
+from .runs import dataset_info, export_run
+
+
+class StepBatchSampler(Sampler):
+    """Yield this process's indices for each step from ``start_step``: a pure function of (seed, step).
+
+    The global batch of step s is the slice [s*B, (s+1)*B) of a stream of per-epoch permutations;
+    process ``rank`` of ``world`` takes every world-th index of it, so processes see disjoint shards.
+    """
+
+    def __init__(self, length: int, global_batch: int, seed: int, start_step: int, steps: int, rank: int = 0, world: int = 1):
+        if global_batch % world:
+            raise ConfigError(f"train.batch_size={global_batch} must be divisible by the {world} processes")
+        if length < global_batch:
+            raise ConfigError(f"the dataset has {length} items, fewer than train.batch_size={global_batch}")
+        self.length, self.batch, self.seed = length, global_batch, seed
+        self.start, self.steps, self.rank, self.world = start_step, steps, rank, world
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
+    def indices(self, step: int) -> list[int]:
+        """Return the global batch of ``step``."""
+        lo, hi = step * self.batch, (step + 1) * self.batch
+        out = []
+        for epoch in range(lo // self.length, (hi - 1) // self.length + 1):
+            perm = self._perm(epoch)
+            a, b = max(lo - epoch * self.length, 0), min(hi - epoch * self.length, self.length)
+            out.extend(perm[a:b].tolist())
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.steps):
+            yield self.indices(step)[self.rank :: self.world]
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+
+class DiffusionTrainer(nn.Module):
+    """The module accelerate wraps: conditioner + Denoiser (+ head), returning per-sample losses."""
+
+    def __init__(self, parts: Components):
+        super().__init__()
+        self.conditioner, self.denoiser, self.head = parts.conditioner, parts.denoiser, parts.head
+
+    def forward(self, images, attrs, index, noise, sigma) -> dict[str, torch.Tensor]:
+        cond = self.conditioner(attrs, index)
+        kwargs = {} if cond is None else {"mapping_cond": cond}
+        diffusion = self.denoiser.loss(images, noise, sigma, **kwargs).float()
+        out = {"loss": diffusion, "diffusion": diffusion}
+        if self.head is not None:
+            out.update({k: v.float() for k, v in self.head.losses(attrs).items()})
+            out["loss"] = diffusion + self.head.weight * out["head"]
+        return out
+
+
+def lr_lambda(cfg: dict) -> Callable[[int], float]:
+    """Linear warm-up, then constant or cosine decay to ``lr_final_frac``."""
+    t = cfg["train"]
+    warm, steps, final, shape = t["warmup_steps"], t["steps"], t["lr_final_frac"], t["lr_decay"]
+    if shape not in ("constant", "cosine"):
+        raise ConfigError(f"train.lr_decay must be 'constant' or 'cosine', got '{shape}'")
+
+    def fn(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if shape == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, steps - warm))
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def ema_copy(denoiser: nn.Module) -> nn.Module:
+    """Return a frozen deep copy of the denoiser for EMA, without the forward hooks of heads."""
+    ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
+    for module in ema.modules():
+        module._forward_hooks.clear()
+    return ema
+
+
+def grid_rows(cfg: dict, parts: Components, n_rows: int = 6) -> list[str]:
+    """Return the attribute sets of the sample grid: the config's, or those of the first dataset items."""
+    rows = cfg["sample"]["grid_rows"]
+    if rows:
+        return list(rows)
+    return [describe(parts.dataset[i][1], parts.attr_names) for i in range(min(n_rows, len(parts.dataset)))]
+
+
+def write_grid(cfg: dict, parts: Components, ema: nn.Module, path: Path, precision: str = "fp32") -> None:
+    """Sample the grid rows with the EMA model and write a captioned PNG."""
+    s = cfg["sample"]
+    rows = grid_rows(cfg, parts)
+    attrs = torch.stack([parse_attrs(r, parts.attr_names, parts.groups) for r in rows]).repeat_interleave(s["grid_cols"], 0)
+    with autocast(next(ema.parameters()).device, precision):
+        images = generate(parts, attrs, sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"], seed=s["seed"], model=ema)
+    save_png(captioned_grid(list(images.float().split(s["grid_cols"])), rows), path)
+
+
+def rng_state() -> dict:
+    """Return this process's RNG states: the CPU generator and every CUDA device's."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict | torch.Tensor) -> None:
+    """Restore what :func:`rng_state` returned (a bare tensor is an older, CPU-only checkpoint)."""
+    if torch.is_tensor(state):
+        state = {"cpu": state, "cuda": []}
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"]:
+        if not torch.cuda.is_available() or torch.cuda.device_count() < len(state["cuda"]):
+            raise RunError(f"the checkpoint holds RNG states of {len(state['cuda'])} CUDA devices, but this machine has "
+                           f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}; resume it where it was trained")
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """One training run, in small named steps: set-up, restore, step, log, checkpoint, grid, finish."""
+
+    LOGGED_CURVES = ("loss", "diffusion", "head_w1")
+
+    def __init__(self, cfg: dict, run_dir: str | Path, *, resume: bool | str = False,
+                 on_step: Callable[[int, dict], None] | None = None, accelerator: Accelerator | None = None):
+        self.cfg, self.t, self.run_dir, self.on_step = cfg, cfg["train"], Path(run_dir), on_step
+        self.precision = resolve_precision(self.t["precision"], "cuda" if torch.cuda.is_available() else "cpu")
+        # cpu=True on CPU-only machines lets accelerate run torchrun/accelerate-launch processes as MULTI_CPU (gloo)
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
+                                                      mixed_precision=self.precision.accelerate)
+        acc = self.accelerator
+        self.main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
+        self.device = acc.device
+        self._set_threads()
+        self.ckpt_path = self._checkpoint_to_resume(resume)
+
+        torch.manual_seed(self.t["seed"])  # identical initial weights on every process
+        self.parts = build(cfg)
+        self.ema = ema_copy(self.parts.denoiser)
+        module = DiffusionTrainer(self.parts)
+        t = self.t
+        self.opt = torch.optim.AdamW(module.parameters(), lr=t["lr"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"])
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.ema_sched = K.utils.EMAWarmup(power=t["ema_power"], max_value=t["ema_max"])
+        self.start = 0
+        torch.manual_seed(t["seed"] * 1000 + 1 + self.rank)  # per-process noise, sigma and dropout streams
+        if self.ckpt_path is not None:
+            self._restore(module, self.ckpt_path)
+        if t["compile"]:
+            compile_model(self.parts.denoiser, acc.print)
+        self.module, self.opt = acc.prepare(module, self.opt)
+        self.ema.to(self.device)
+        self.unwrapped = acc.unwrap_model(self.module)
+        self.metrics_file = self.run_dir / "metrics.jsonl"
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count, self.tic, self.last = 0, time.time(), {}
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _set_threads(self) -> None:
+        if self.device.type == "cpu":  # accelerate launch / torchrun pin OMP_NUM_THREADS=1; use the cores
+            torch.set_flush_denormal(True)  # denormal floats make CPU math slow; flushing them costs nothing here
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+            torch.set_num_threads(self.t["cpu_threads"] or max(1, usable_cores() // local))
+
+    def _checkpoint_to_resume(self, resume: bool | str) -> Path | None:
+        if resume in (False, None, ""):
+            if (self.run_dir / "checkpoints" / "latest").exists():
+                raise RunError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --name")
+            return None
+        if resume is True or resume == "latest":
+            return latest_checkpoint(self.run_dir)
+        if resume == "previous":
+            return previous_checkpoint(self.run_dir)
+        path = Path(resume)
+        if not path.exists():
+            raise RunError(f"--resume-from {path}: no such checkpoint")
+        return path
+
+    def _restore(self, module: DiffusionTrainer, path: Path) -> None:
+        state = load_checkpoint(path)
+        changed = [k for k in ("dataset", "model", "conditioner", "head", "denoiser") if state["config"][k] != self.cfg[k]]
+        if changed:
+            raise RunError(f"{path} was trained with different {', '.join(changed)} settings; resume with the "
+                           f"run's own config ({self.run_dir / 'config.yaml'}) or start a new run")
+        if len(state["rng"]) != self.world:
+            raise RunError(f"{path} was written by {len(state['rng'])} processes; resume it with as many, not {self.world}")
+        module.load_state_dict(state["model"])
+        self.ema.inner_model.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.ema_sched.load_state_dict(state["ema_sched"])
+        set_rng_state(state["rng"][self.rank])
+        self.start = state["step"]
+
+    def _prepare_run_dir(self) -> None:
+        if not self.main:
+            return
+        for sub in ("checkpoints", "samples", "plots"):
+            (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        resolved = dict(self.cfg, train=dict(self.t, precision=self.precision.name))
+        (self.run_dir / "config.yaml").write_text(dump_config(resolved))
+        write_json(self.run_dir / "dataset.json", dataset_info(self.parts.dataset))
+        truncate_metrics(self.metrics_file, self.start)  # lines logged after the checkpoint are logged again
+        self.accelerator.print(
+            f"gmmcond: {K.utils.n_params(self.unwrapped.denoiser) / 1e6:.2f}M parameters, {self.world} process(es), "
+            f"precision {self.precision.name} ({self.precision.reason}), compile {self.t['compile']}, "
+            f"steps {self.start}..{self.t['steps']}, run dir {self.run_dir}")
+
+    # -------------------------------------------------------------------------------------------------- steps
+    def train_step(self, step: int, images, attrs, index) -> dict[str, torch.Tensor]:
+        """One optimiser step; returns the per-sample losses (detached). Stops on a non-finite loss."""
+        images, attrs, index = images.to(self.device), attrs.to(self.device), index.to(self.device)
+        noise = torch.randn_like(images)
+        sigma = self.parts.schedule.sample_sigmas(len(images)).to(self.device)
+        self.module.train()
+        losses = self.module(images, attrs, index, noise, sigma)  # accelerate applies the autocast
+        loss = losses["loss"].mean()
+        self._check_finite(loss, step)
+        self.opt.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        if self.t["grad_clip"] > 0:
+            self.accelerator.clip_grad_norm_(self.module.parameters(), self.t["grad_clip"])
+        self.opt.step()
+        self.sched.step()
+        K.utils.ema_update(self.unwrapped.denoiser, self.ema, self.ema_sched.get_value())
+        self.ema_sched.step()
+        return {k: v.detach() for k, v in losses.items()}
+
+    def _check_finite(self, loss: torch.Tensor, step: int) -> None:
+        synced = self.accelerator.gather(loss.detach()[None]).mean()
+        if not torch.isfinite(synced):
+            good = latest_checkpoint(self.run_dir)
+            where = (f"the last good checkpoint is {good}; continue from it with --resume (or --resume-from {good})"
+                     if good else "no checkpoint was written yet")
+            raise TrainingDiverged(
+                f"loss is {synced.item()} at step {step + 1}; training stopped before the optimiser step, and {where}. "
+                f"Lower train.lr (now {self.t['lr']}) or raise train.warmup_steps (now {self.t['warmup_steps']}).")
+
+    def accumulate(self, losses: dict[str, torch.Tensor]) -> None:
+        """Add this step's mean losses to the running sums, on the device (no host sync per step)."""
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.mean()
+        self.count += 1
+
+    def log(self, done: int) -> dict:
+        """Gather the interval's means across processes once, append them to metrics.jsonl."""
+        keys = sorted(self.sums)
+        means = self.accelerator.gather(torch.stack([self.sums[k] for k in keys])[None]).mean(0) / self.count
+        self.last = {"step": done, **dict(zip(keys, means.tolist())), "lr": self.sched.get_last_lr()[0],
+                     "sec_per_step": (time.time() - self.tic) / self.count, "peak_rss_mb": peak_rss_mb()}
+        if self.main:
+            append_metrics(self.metrics_file, [self.last])
+        self.sums, self.count, self.tic = {}, 0, time.time()
+        return self.last
+
+    def checkpoint(self, step: int) -> None:
+        """Write a checkpoint with every process's RNG states (main process writes)."""
+        rng = gather_object([rng_state()]) if self.world > 1 else [rng_state()]
+        if self.main:
+            state = {"step": step, "model": self.unwrapped.state_dict(), "ema": self.ema.inner_model.state_dict(),
+                     "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                     "ema_sched": self.ema_sched.state_dict(), "rng": list(rng), "config": self.cfg}
+            save_checkpoint(self.run_dir, step, state, keep=self.t["keep_checkpoints"])
+        self.accelerator.wait_for_everyone()
+
+    def grid(self, step: int) -> None:
+        """Write the EMA sample grid and the loss plot (main process)."""
+        write_grid(self.cfg, self.parts, self.ema, self.run_dir / "samples" / f"grid_{step:07d}.png", self.precision.name)
+        plot_metrics(read_metrics(self.metrics_file), self.run_dir / "plots" / "loss.png",
+                     keys=[k for k in self.LOGGED_CURVES if k in self.last])
+
+    def finish(self) -> None:
+        """Check the processes agree and write ema.safetensors."""
+        check_in_sync(self.accelerator, self.unwrapped)
+        if self.main:
+            export_run(self.run_dir / "ema.safetensors", self._ema_parts(), self.cfg, self.t["steps"])
+        self.accelerator.wait_for_everyone()
+
+    def _ema_parts(self) -> Components:
+        return Components(self.parts.dataset, self.parts.conditioner, self.ema, self.parts.schedule,
+                          self.unwrapped.head, self.parts.attr_names, self.parts.groups)
+
+    # ---------------------------------------------------------------------------------------------------- run
+    def run(self) -> dict:
+        """Train from the start (or resumed) step to ``train.steps``; return the last logged metrics."""
+        t = self.t
+        self._prepare_run_dir()
+        sampler = StepBatchSampler(len(self.parts.dataset), t["batch_size"], t["seed"], self.start, t["steps"], self.rank, self.world)
+        loader = DataLoader(self.parts.dataset, batch_sampler=sampler, num_workers=t["num_workers"],
+                            generator=torch.Generator().manual_seed(t["seed"]))  # keeps the global RNG stream untouched
+        bar = tqdm(total=t["steps"], initial=self.start, disable=not self.main, desc="train", dynamic_ncols=True)
+        self.tic = time.time()
+        for step, (images, attrs, index) in enumerate(loader, start=self.start):
+            if step == self.start and t["compile"]:
+                with first_compiled_call(self.accelerator.print):
+                    self.accumulate(self.train_step(step, images, attrs, index))
+            else:
+                self.accumulate(self.train_step(step, images, attrs, index))
+            done = step + 1
+            bar.update(1)
+            if done % t["log_every"] == 0 or done == t["steps"]:
+                bar.set_postfix(loss=f"{self.log(done)['loss']:.4f}")
+            if self.on_step is not None:
+                self.on_step(done, self.last)
+            if done % t["checkpoint_every"] == 0 or done == t["steps"]:
+                self.checkpoint(done)
+            if self.main and ((t["grid_every"] and done % t["grid_every"] == 0) or done == t["steps"]):
+                self.grid(done)
+        bar.close()
+        self.finish()
+        return self.last
+
+
+def train(
+    cfg: dict,
+    run_dir: str | Path,
+    *,
+    resume: bool | str = False,  # True/"latest": the latest checkpoint; "previous": the one before; or a path.
+    on_step: Callable[[int, dict], None] | None = None,  # Called after every step with (step, metrics).
+    accelerator: Accelerator | None = None,
+) -> dict:
+    """Train a resolved config into ``run_dir``; return the last logged metrics."""
+    return Trainer(cfg, run_dir, resume=resume, on_step=on_step, accelerator=accelerator).run()
+
+
+def check_in_sync(accelerator: Accelerator, module: nn.Module) -> None:
+    """Check that every process holds the same parameters (a DDP invariant); raise if not."""
+    if accelerator.num_processes == 1:
+        return
+    flat = torch.cat([p.detach().double().flatten().cpu() for p in module.parameters()])
+    sums = gather_object([(flat.sum().item(), flat.abs().sum().item(), (flat * flat).sum().item())])
+    if any(s != sums[0] for s in sums):
+        raise RuntimeError(f"parameters differ across processes: {sums}")
+    accelerator.print(f"gmmcond: parameters identical across {accelerator.num_processes} processes")

@@ -1,0 +1,1 @@
+"""Offline evaluation without downloaded weights: an evaluator trained on the run's data, defects, distances."""

@@ -1,0 +1,172 @@
+"""Files of a run directory: atomic writes, JSON, metrics.jsonl, checkpoints and the safetensors export.
+
+Nothing read here executes code: checkpoints are loaded with ``torch.load(weights_only=True)`` (tensors
+and plain Python values only) and exports are safetensors. A file that would need more than weights is a
+:class:`CheckpointError`, never a silent unpickle.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .errors import CheckpointError
+
+EXPORT_FORMAT = "gmmcond-ema-v1"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file."""
+    return json.loads(Path(path).read_text())
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Return the records of a metrics.jsonl file (empty if it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_metrics(path: str | Path, records: Iterable[dict]) -> None:
+    """Append records to a metrics.jsonl file."""
+    with open(path, "a") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> None:
+    """Drop the records logged after ``last_step`` (a resumed run logs them again)."""
+    kept = [r for r in read_metrics(path) if r["step"] <= last_step]
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    """Return the run's checkpoint folder."""
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Return the run's checkpoints, oldest first."""
+    return sorted(checkpoint_dir(run_dir).glob("step_*.pt"))
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 2) -> Path:
+    """Write ``checkpoints/step_NNNNNNN.pt`` atomically, point ``latest`` at it, prune old ones."""
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:07d}.pt"
+    tmp = folder / f".{path.name}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    atomic_write_bytes(folder / "latest", path.name.encode())
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        old.unlink()
+    return path
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """Return the checkpoint ``latest`` points at, or None if the run has none."""
+    pointer = checkpoint_dir(run_dir) / "latest"
+    if not pointer.exists():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not path.exists():
+        others = [p.name for p in list_checkpoints(run_dir)]
+        raise CheckpointError(f"{pointer} names {path.name}, which is missing; resume from one of {others} with "
+                              f"--resume-from PATH (or --resume previous), or start a new run")
+    return path
+
+
+def previous_checkpoint(run_dir: str | Path) -> Path:
+    """Return the newest checkpoint older than the one ``latest`` names (for ``--resume previous``)."""
+    pointer = checkpoint_dir(run_dir) / "latest"
+    current = pointer.read_text().strip() if pointer.exists() else None
+    older = [p for p in list_checkpoints(run_dir) if current is None or p.name < current]
+    if not older:
+        raise CheckpointError(f"{checkpoint_dir(run_dir)} holds no checkpoint older than {current}; start a new run")
+    return older[-1]
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` (weights only), or raise CheckpointError."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    others = sorted(p.name for p in path.parent.glob("step_*.pt") if p != path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "global" in str(exc).lower():
+            raise CheckpointError(
+                f"{path} holds Python objects beyond tensors and plain values, so loading it could run code; "
+                f"refused. gmmcond checkpoints never need that: use a checkpoint written by gmmcond, or "
+                f"load this file yourself only if you trust where it came from") from exc
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({exc}). Resume from an earlier one "
+                              f"({others or 'none left'}) with --resume-from PATH, or start a new run") from exc
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc}). Resume from "
+                              f"an earlier one ({others or 'none left'}) with --resume-from PATH, or start a new run") from exc
+    if not isinstance(state, dict) or "step" not in state or "model" not in state:
+        raise CheckpointError(f"{path} is not a gmmcond checkpoint (no 'step'/'model' entries)")
+    return state
+
+
+# ------------------------------------------------------------------------------------------ safetensors export
+
+
+def export_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], cfg: dict, info: dict, step: int) -> None:
+    """Write weights to safetensors with the resolved config, dataset facts and step in its metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    meta = {"config": json.dumps(cfg), "dataset": json.dumps(info), "step": str(step), "format": EXPORT_FORMAT}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read an export: (tensors, metadata with ``config``/``dataset`` decoded and ``step`` an int)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+    if meta.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{path} is not a gmmcond export (metadata format {meta.get('format')!r}, "
+                              f"expected {EXPORT_FORMAT!r})")
+    meta["config"], meta["dataset"], meta["step"] = json.loads(meta["config"]), json.loads(meta["dataset"]), int(meta["step"])
+    return tensors, meta
