@@ -81,6 +81,25 @@ class CelebA(Dataset):
         return to_tensor(image), self.attrs[index], index
 
 
+class CIFARUnpickler(pickle.Unpickler):
+    """Unpickle CIFAR-10 batches without running code: only numpy array reconstruction may be looked up.
+
+    The official batches hold dicts, lists, bytes, ints and numpy arrays; any other global (``os.system``,
+    ``builtins.eval`` ...) means the file is not an official batch, and it is refused before anything runs.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise DatasetError(f"refusing to load {module}.{name} from a CIFAR-10 pickle: the official batches hold only "
+                               f"dicts, lists, bytes, ints and numpy arrays, so this file is not one (it could run code)")
+        return super().find_class(module, name)
+
+
 @DATASETS.register("cifar10")
 class CIFAR10(Dataset):
     """CIFAR-10 from the local ``cifar-10-batches-py`` pickles; attributes are the one-hot class."""
@@ -114,7 +133,9 @@ class CIFAR10(Dataset):
     def _load(path: Path) -> dict:
         try:
             with open(path, "rb") as f:
-                return pickle.load(f, encoding="bytes")
+                return CIFARUnpickler(f, encoding="bytes").load()
+        except DatasetError:
+            raise
         except Exception as exc:
             raise DatasetError(f"{path}: not a CIFAR-10 pickle ({exc})") from exc
 
