@@ -2,8 +2,9 @@
 
 ``python launch/benchmark.py samplers``: samplers on the exact Gaussian-mixture testbed, and the step time
 of x0_reproject against k-diffusion's euler on the shapes model.
-``python launch/benchmark.py train``: training step time and peak memory of plain k-diffusion image_v1
-(a), + gmm_attrs (b), + the NGMG head (c), interleaved, as ratios to (a).
+``python launch/benchmark.py train``: training step time of plain k-diffusion image_v1 (a) and gmmcond's
+default in fp32 (b), bf16 (c), compiled fp32 (d), compiled bf16 (e), interleaved; FLOPs per step, the
+machine's matmul/conv peaks and peak memory, all in one run; ratios to (a). JSON: runs/benchmark/train.json.
 """
 import argparse
 import json
@@ -16,7 +17,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("what", choices=["samplers", "train"])
     parser.add_argument("--out", default="runs/benchmark", help="output folder")
-    parser.add_argument("--config", default="shapes", help="recipe whose model times the samplers")
+    parser.add_argument("--config", default="shapes", help="recipe whose model is timed")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (train)")
     args = parser.parse_args()
 
     import torch
@@ -28,15 +30,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.what == "train":
-        result = benchmarks.train_step_time(load_config(args.config))
+        cfg = load_config(args.config)
+        result = benchmarks.train_step_time(cfg, rounds=args.rounds)
         (out / "train.json").write_text(json.dumps(result, indent=2))
-        t = result["sec_per_step"]
-        print(f"batch {result['batch']}, median of {result['repeats']} interleaved rounds of {result['steps']} steps")
-        print(f"(a) plain k-diffusion image_v1 + zero mapping_cond: {t['a'] * 1e3:.1f} ms/step, peak {result['peak_rss_mb']['a']:.0f} MiB")
-        print(f"(b) + gmm_attrs: {t['b'] * 1e3:.1f} ms/step, ratio {result['ratio_b_to_a']:.3f}; "
-              f"peak {result['peak_rss_mb']['b']:.0f} MiB, ratio {result['memory_ratio_b_to_a']:.3f}")
-        print(f"(c) + NGMG head: {t['c'] * 1e3:.1f} ms/step, ratio {result['ratio_c_to_a']:.3f}; "
-              f"peak {result['peak_rss_mb']['c']:.0f} MiB, ratio {result['memory_ratio_c_to_a']:.3f}")
+        print(benchmarks.train_table(result))
         print(f"wrote {out / 'train.json'}")
         return
     result = benchmarks.testbed_samplers()
@@ -54,8 +51,10 @@ def main() -> None:
         print(f"  r={r['renoise']:.1f} steps={r['steps']:4d} sw1={r['sw1']:.4f} "
               f"weights={[round(v, 3) for v in r['mode_weights']]} spread={[round(v, 3) for v in r['mode_spread']]}")
     st = result["step_time"]
-    print(f"\nstep time on the {args.config} model (batch {st['batch']}): x0_reproject {st['sec_per_step']['x0_reproject'] * 1e3:.1f} ms, "
-          f"euler {st['sec_per_step']['euler'] * 1e3:.1f} ms, ratio {st['ratio_x0_reproject_to_euler']:.3f}")
+    t = st["sec_per_step"]
+    print(f"\nstep time on the {args.config} model (batch {st['batch']}, median (IQR) of {st['repeats']} interleaved rounds): "
+          f"x0_reproject {t['x0_reproject']['median'] * 1e3:.1f} ms ({t['x0_reproject']['iqr'] * 1e3:.1f}), "
+          f"euler {t['euler']['median'] * 1e3:.1f} ms ({t['euler']['iqr'] * 1e3:.1f}), ratio {st['ratio_x0_reproject_to_euler']:.3f}")
     print(f"wrote {out / 'samplers.png'} and {out / 'samplers.json'}")
 
 

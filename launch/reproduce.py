@@ -1,6 +1,8 @@
-"""Reproduce the paper's experiments at small scale: ``python launch/reproduce.py {density,ngmg-vs-bce,head,features-vs-classes}``.
+"""Reproduce the paper's experiments at small scale: ``python launch/reproduce.py {density,ngmg-vs-bce,head,features-vs-classes,precision}``.
 
-Each sub-command writes OUT/NAME.png and OUT/NAME.json (default OUT: runs/reproduce).
+Each sub-command writes OUT/NAME.json (and OUT/NAME.png where there is a plot; default OUT: runs/reproduce).
+Long ones are resumable: finished (arm, seed) results are appended to OUT/NAME.jsonl as they land, and a
+re-run skips them, so they can run in the background (``nohup ... &``) and survive an interrupted process.
 """
 import argparse
 import json
@@ -11,9 +13,9 @@ from gmmcond.cli import fail_cleanly
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("experiment", choices=["density", "ngmg-vs-bce", "head", "features-vs-classes"])
+    parser.add_argument("experiment", choices=["density", "ngmg-vs-bce", "head", "features-vs-classes", "precision"])
     parser.add_argument("--out", default="runs/reproduce", help="output folder")
-    parser.add_argument("--seeds", type=int, help="seeds (default: 3; features-vs-classes: 2)")
+    parser.add_argument("--seeds", type=int, help="seeds (default: ngmg-vs-bce 5, head 3, features-vs-classes 2)")
     parser.add_argument("--steps", type=int, help="training steps (ngmg-vs-bce, head)")
     args = parser.parse_args()
 
@@ -28,9 +30,11 @@ def main() -> None:
     if args.experiment == "density":
         result = experiments.density(png, **{k: v for k, v in steps.items() if k == "steps"})
     elif args.experiment == "ngmg-vs-bce":
-        result = experiments.ngmg_vs_bce(png, **steps)
+        result = experiments.ngmg_vs_bce(png, out / "ngmg-vs-bce.jsonl", **steps)
     elif args.experiment == "head":
         result = experiments.head(png, out / "runs", **steps)
+    elif args.experiment == "precision":
+        result = experiments.precision(png, out / "runs", out / "precision.jsonl", **steps)
     else:
         result = experiments.features_vs_classes(png, out / "runs", **steps)
     (out / f"{args.experiment}.json").write_text(json.dumps(result, indent=2))

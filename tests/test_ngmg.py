@@ -3,11 +3,13 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import stats
 
+from gmmcond.errors import ConfigError
 from gmmcond.math.gmm import expansion_cdf, expansion_fit, expansion_means, expansion_pdf, expansion_sample, normal_pdf, w1_expansion
 from gmmcond.math.ngmg import (bce, binary_kernel, deficit, density_learning, kernel_matrix, ngmg, ngmg_entropy,
-                          ngmg_entropy_categorical)
+                               ngmg_entropy_categorical, ngmg_field)
 from gmmcond.registry import LOSSES
 
 
@@ -117,32 +119,77 @@ def test_algorithm1_monotonicity_paper_kernel_versus_kept_diagonal():
 
 
 def test_binary_ngmg_entropy_worked_example():
-    # DESIGN.md: y = 1, q = 0.3 -> w = (0, -0.7 phi(1; 0, sigma)), loss = 0.7 phi log(1 - q)
+    # y = 1, q = 0.3. deficit: NGMG = (0, -0.7 phi), loss = 0.7 phi log(1 - q); surplus: NGMG = (0.7 phi, 0),
+    # loss = -0.7 phi log q
     logit = torch.logit(torch.tensor([[0.3]], dtype=torch.float64))
     phi = stats.norm.pdf(1, 0, 1)
-    assert ngmg_entropy(logit, torch.ones(1, 1)).item() == pytest.approx(0.7 * phi * math.log(0.7))
+    assert ngmg_entropy(logit, torch.ones(1, 1), form="deficit").item() == pytest.approx(0.7 * phi * math.log(0.7))
+    assert ngmg_entropy(logit, torch.ones(1, 1), form="surplus").item() == pytest.approx(-0.7 * phi * math.log(0.3))
+    assert ngmg_entropy(logit, torch.ones(1, 1)).item() == pytest.approx(-0.7 * phi * math.log(0.3))  # default
 
 
-def test_ngmg_entropy_gradient_moves_q_toward_y_and_vanishes_at_y():
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
+def test_surplus_form_is_phi_times_focal_bce_value_and_gradient(sigma):
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(64, 11, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    y = (torch.rand(64, 11, generator=gen) > 0.5).double()
+    phi = stats.norm.pdf(1, 0, sigma)
+    loss = ngmg_entropy(logits, y, sigma=sigma, form="surplus")
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    logits2 = logits.detach().clone().requires_grad_()
+    q = torch.sigmoid(logits2).detach()
+    focal = phi * ((q - y).abs() * F.binary_cross_entropy_with_logits(logits2, y, reduction="none")).sum(-1)
+    (grad2,) = torch.autograd.grad(focal.sum(), logits2)
+    torch.testing.assert_close(loss, focal, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, grad2, rtol=1e-12, atol=1e-12)
+    # logit gradient phi (1 - q)^2 for y = 1: it never vanishes for a confident wrong prediction
+    wrong = torch.tensor([[-8.0]], dtype=torch.float64, requires_grad=True)
+    ngmg_entropy(wrong, torch.ones(1, 1), form="surplus").sum().backward()
+    assert wrong.grad.item() == pytest.approx(-stats.norm.pdf(1, 0, 1) * (1 - torch.sigmoid(torch.tensor(-8.0)).item()) ** 2, rel=1e-6)
+
+
+def test_sign_and_bounds_of_each_form():
+    gen = torch.Generator().manual_seed(1)
+    p = torch.softmax(torch.randn(32, 7, generator=gen, dtype=torch.float64), -1)
+    t = torch.softmax(torch.randn(32, 7, generator=gen, dtype=torch.float64), -1)
+    M = kernel_matrix(torch.arange(7, dtype=torch.float64), 1.0)
+    s, d = ngmg_field(p, t, M, "surplus"), ngmg_field(p, t, M, "deficit")
+    assert (s >= 0).all() and (s <= M.max()).all() and (d <= 0).all() and (d >= -M.max()).all()
+    assert (ngmg_field(t, t, M, "surplus") == 0).all() and (ngmg_field(t, t, M, "deficit") == 0).all()
+    y = (torch.rand(32, 5, generator=gen) > 0.5).double()
+    logits = torch.randn(32, 5, generator=gen, dtype=torch.float64)
+    assert (ngmg_entropy(logits, y, form="surplus") >= 0).all() and (ngmg_entropy(logits, y, form="deficit") <= 0).all()
+    with pytest.raises(ConfigError, match="NGMG form must be one of surplus, deficit"):
+        ngmg_entropy(logits, y, form="both")
+
+
+def test_algorithm1_surplus_form_also_descends():
+    means, target = make_target("narrow")
+    start = torch.full((50,), 1 / 50, dtype=torch.float64)
+    run = density_learning(start, target, means, kernel_sigma=1 / 49, lr=0.03, steps=10, w1_sigma=1 / 49, form="surplus")
+    assert run.w1[-1] < 0.5 * run.w1[0]
+
+
+def test_deficit_form_gradient_moves_q_toward_y_and_vanishes_at_y():
     phi = binary_kernel(1.0)[0, 1].item()
     for y in (0.0, 1.0):
         for q in np.linspace(0.02, 0.98, 25):
             p = torch.tensor([[q]], dtype=torch.float64, requires_grad=True)
             # differentiate in q directly: rebuild the loss from the probability's logit
-            ngmg_entropy(torch.logit(p), torch.tensor([[y]])).sum().backward()
+            ngmg_entropy(torch.logit(p), torch.tensor([[y]]), form="deficit").sum().backward()
             grad = p.grad.item()
             assert (grad < 0) if y == 1 else (grad > 0), (q, y, grad)  # descent moves q toward y
             assert abs(abs(grad) - phi) < 1e-9  # constant magnitude, like d|q - y|/dq
         logit = torch.logit(torch.tensor([[y * 0.999999 + (1 - y) * 1e-6]], dtype=torch.float64)).requires_grad_()
         target = torch.sigmoid(logit.detach())
-        ngmg_entropy(logit, target).sum().backward()
+        ngmg_entropy(logit, target, form="deficit").sum().backward()
         assert logit.grad.abs().item() == 0  # q = y: no deficit, no gradient
 
 
 def test_categorical_form_and_registry():
     logits = torch.zeros(2, 5, dtype=torch.float64, requires_grad=True)
     target = torch.nn.functional.one_hot(torch.tensor([0, 4]), 5).double()
-    loss = ngmg_entropy_categorical(logits, target, sigma=1.0)
+    loss = ngmg_entropy_categorical(logits, target, sigma=1.0, form="deficit")
     assert loss.shape == (2,) and (loss <= 0).all()
     loss.sum().backward()
     assert logits.grad[0, 0] < 0 and logits.grad[1, 4] < 0  # descent raises the target bin's logit

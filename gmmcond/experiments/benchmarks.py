@@ -62,8 +62,15 @@ def renoise_sweep(steps_list=(10, 30, 100, 300), renoises=(0.0, 0.5, 1.0), n: in
     return out
 
 
-def sampler_step_time(parts, batch: int = 16, steps: int = 20, repeats: int = 3) -> dict:
-    """Wall time per step of x0_reproject and k-diffusion's euler on the same model, interleaved; and their ratio."""
+def median_iqr(values: list[float]) -> dict:
+    """Return the median and interquartile range of timings."""
+    q = torch.tensor(values, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    return {"median": q[1], "iqr": q[2] - q[0], "n": len(values)}
+
+
+def sampler_step_time(parts, batch: int = 16, steps: int = 10, repeats: int = 15) -> dict:
+    """Wall time per step of x0_reproject and k-diffusion's euler on the same model: interleaved rounds with
+    the order alternating, median and IQR per sampler, and the ratio of medians."""
     size = parts.dataset.size
     attrs = torch.zeros(batch, len(parts.attr_names))
     cond = parts.conditioner.encode(attrs, parts.conditioner.sample_latents(batch)) if parts.conditioner.dim else None
@@ -71,15 +78,18 @@ def sampler_step_time(parts, batch: int = 16, steps: int = 20, repeats: int = 3)
     sigmas = parts.schedule.sigmas(steps)
     noise = torch.randn(batch, 3, size, size)
     times = {"x0_reproject": [], "euler": []}
+    names = list(times)
     with torch.no_grad():
-        sample("euler", parts.denoiser, noise, sigmas, extra_args=extra)  # warm-up
-        for _ in range(repeats):
-            for name in times:
+        for name in names:  # warm-up
+            sample(name, parts.denoiser, noise, sigmas, extra_args=extra)
+        for r in range(repeats):
+            for name in names if r % 2 == 0 else names[::-1]:
                 t0 = time.perf_counter()
                 sample(name, parts.denoiser, noise, sigmas, extra_args=extra)
                 times[name].append((time.perf_counter() - t0) / steps)
-    best = {k: min(v) for k, v in times.items()}
-    return {"sec_per_step": best, "ratio_x0_reproject_to_euler": best["x0_reproject"] / best["euler"], "batch": batch}
+    stats = {k: median_iqr(v) for k, v in times.items()}
+    return {"sec_per_step": stats, "ratio_x0_reproject_to_euler": stats["x0_reproject"]["median"] / stats["euler"]["median"],
+            "batch": batch, "steps": steps, "repeats": repeats}
 
 
 def plot_samplers(result: dict, out) -> None:
@@ -114,28 +124,58 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _train_variant(cfg: dict, variant: str):
-    """Build one training-benchmark variant; return (step function, modules) on shared data.
+TRAIN_ARMS = {  # name: (what, precision, compiled)
+    "a_plain_kdiffusion_fp32": ("plain k-diffusion image_v1 + Denoiser, zero mapping_cond", "fp32", False),
+    "b_gmmcond_fp32": ("gmmcond default recipe (gmm_attrs, coordinate channels)", "fp32", False),
+    "c_gmmcond_bf16": ("gmmcond, bf16 autocast", "bf16", False),
+    "d_gmmcond_compiled_fp32": ("gmmcond, torch.compile", "fp32", True),
+    "e_gmmcond_compiled_bf16": ("gmmcond, torch.compile + bf16 autocast", "bf16", True),
+}
 
-    a: plain k-diffusion image_v1 + Denoiser, fed a zero mapping_cond of the conditioner's size;
-    b: + gmm_attrs (fixed pairing, dropout); c: + the bottleneck_attrs head with NGMG entropy.
-    """
-    from ..config import resolve
+
+def _plain_step(cfg: dict):
+    """Arm (a): k-diffusion's own image_v1 and Denoiser, built without gmmcond, same shape and sizes."""
+    import k_diffusion as K
+
+    from ..modeling.conditioners import GMMAttrs
+
+    m = cfg["model"]
+    dim = GMMAttrs(11, **{k: v for k, v in cfg["conditioner"].items() if k != "type"}).dim
+    torch.manual_seed(0)
+    inner = K.config.make_model(K.config.load_config({"model": {
+        "type": "image_v1", "input_channels": 3, "input_size": [0, 0], "mapping_out": m["mapping_out"],
+        "depths": m["depths"], "channels": m["channels"], "self_attn_depths": [False] * len(m["depths"]),
+        "mapping_cond_dim": dim, "unet_cond_dim": 2 if m["coord_channels"] else 0}}))
+    denoiser = K.layers.Denoiser(inner, sigma_data=cfg["denoiser"]["sigma_data"], weighting="karras")
+    opt = torch.optim.AdamW(denoiser.parameters(), 1e-4)
+
+    def step(images, attrs, index, noise, sigma):
+        kwargs = {"mapping_cond": images.new_zeros(len(images), dim)}
+        if m["coord_channels"]:
+            kwargs["unet_cond"] = images.new_zeros(len(images), 2, *images.shape[-2:])
+        loss = denoiser.loss(images, noise, sigma, **kwargs).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _gmmcond_step(cfg: dict, precision: str, compiled: bool):
+    """Arms (b)-(e): the trainer's module (conditioner + Denoiser), under autocast and/or torch.compile."""
+    from ..engine.precision import autocast
     from ..engine.trainer import DiffusionTrainer
     from ..modeling.build import build
 
-    node = dict(cfg)
-    node["head"] = {"type": "bottleneck_attrs"} if variant == "c" else "none"
     torch.manual_seed(0)
-    parts = build(resolve(node))
+    parts = build(cfg)
+    if compiled:
+        parts.denoiser.inner_model.compile()
     module = DiffusionTrainer(parts).train()
     opt = torch.optim.AdamW(module.parameters(), 1e-4)
-    dim = parts.conditioner.dim
 
     def step(images, attrs, index, noise, sigma):
-        if variant == "a":
-            loss = parts.denoiser.loss(images, noise, sigma, mapping_cond=images.new_zeros(len(images), dim)).mean()
-        else:
+        with autocast("cpu", precision):
             loss = module(images, attrs, index, noise, sigma)["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -152,47 +192,121 @@ def _batch(parts, batch: int, seed: int):
     return images, attrs, torch.tensor(idx), torch.randn(images.shape, generator=gen), parts.schedule.sample_sigmas(batch, gen)
 
 
-def _peak_rss_child(cfg: dict, variant: str, steps: int, queue) -> None:
+def step_flops(step, batch) -> float:
+    """Count the FLOPs of one training step (forward and backward) with torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(*batch)
+    return float(counter.get_total_flops())
+
+
+def peak_gflops(repeats: int = 10) -> dict:
+    """Measure this machine's fp32 and bf16 matmul and conv throughput (best of ``repeats``), GFLOP/s."""
+    out = {}
+    n = 1024
+    conv_x, conv_w = torch.randn(64, 64, 32, 32), torch.randn(64, 64, 3, 3)
+    conv_flops = 2 * 64 * 64 * 32 * 32 * 64 * 9
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        x, w = conv_x.to(dtype), conv_w.to(dtype)
+        for kind, fn, flops in (("matmul", lambda: a @ b, 2 * n ** 3),
+                                ("conv", lambda: torch.nn.functional.conv2d(x, w, padding=1), conv_flops)):
+            fn()
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t0)
+            out[f"{name}_{kind}"] = flops / best / 1e9
+    return out
+
+
+def _peak_rss_child(cfg: dict, arm: str, steps: int, queue) -> None:
     from ..utils import peak_rss_mb
 
-    step, parts = _train_variant(cfg, variant)
+    _, precision, compiled = TRAIN_ARMS[arm]
+    step, parts = _gmmcond_step(cfg, precision, compiled)
+    if arm.startswith("a_"):
+        step = _plain_step(cfg)
     for s in range(steps):
         step(*_batch(parts, cfg["train"]["batch_size"], s))
     queue.put(peak_rss_mb())
 
 
-def train_step_time(cfg: dict, steps: int = 10, repeats: int = 9, memory: bool = True) -> dict:
-    """Wall time per training step of variants a/b/c (see ``_train_variant``), interleaved; ratios to a.
-
-    Peak memory is the peak RSS of a fresh process per variant running the same steps.
-    """
-    variants = {v: _train_variant(cfg, v) for v in "abc"}
-    batches = [_batch(variants["a"][1], cfg["train"]["batch_size"], s) for s in range(steps)]
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for v, (step, _) in variants.items():  # warm-up
-        step(*batches[0])
-    order = list(variants)
-    for r in range(repeats):
-        for v in order[r % 3:] + order[: r % 3]:  # rotate the order so no variant always runs first
-            step = variants[v][0]
+def train_step_time(cfg: dict, *, steps: int = 4, rounds: int = 15, warmup: int = 3, arms=None, memory: bool = True,
+                    log=print) -> dict:
+    """Time a training step of every arm in TRAIN_ARMS: warm-up (compilation excluded), then ``rounds`` interleaved
+    round-robin rounds of ``steps`` steps with a rotating order; median and IQR per arm, FLOPs per step and the
+    machine's matmul/conv peaks measured in the same run."""
+    arms = list(arms or TRAIN_ARMS)
+    batch_size = cfg["train"]["batch_size"]
+    steppers, parts = {}, None
+    for arm in arms:
+        _, precision, compiled = TRAIN_ARMS[arm]
+        if arm.startswith("a_"):
+            steppers[arm] = _plain_step(cfg)
+        else:
+            steppers[arm], parts = _gmmcond_step(cfg, precision, compiled)
+    if parts is None:
+        parts = _gmmcond_step(cfg, "fp32", False)[1]
+    batches = [_batch(parts, batch_size, s) for s in range(steps)]
+    warm = {}
+    for arm in arms:
+        t0 = time.perf_counter()
+        for w in range(warmup):
+            steppers[arm](*batches[w % steps])
+        warm[arm] = time.perf_counter() - t0
+        log(f"  warm-up {arm}: {warm[arm]:.1f} s (compilation included)")
+    flops = step_flops(steppers[arms[0]], batches[0])  # the same network in every arm
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    for r in range(rounds):
+        for arm in arms[r % len(arms):] + arms[: r % len(arms)]:
             t0 = time.perf_counter()
             for b in batches:
-                step(*b)
-            times[v].append((time.perf_counter() - t0) / steps)
-    med = {v: sorted(t)[len(t) // 2] for v, t in times.items()}
-    result = {"sec_per_step": med, "ratio_b_to_a": med["b"] / med["a"], "ratio_c_to_a": med["c"] / med["a"],
-              "batch": cfg["train"]["batch_size"], "steps": steps, "repeats": repeats}
+                steppers[arm](*b)
+            times[arm].append((time.perf_counter() - t0) / steps)
+    peaks = peak_gflops()
+    result = {"batch": batch_size, "steps_per_round": steps, "rounds": rounds, "flops_per_step": flops,
+              "threads": torch.get_num_threads(), "peak_gflops": peaks, "warmup_seconds": warm, "arms": {}}
+    for arm in arms:
+        stats = median_iqr(times[arm])
+        result["arms"][arm] = {"what": TRAIN_ARMS[arm][0], "sec_per_step": stats, "gflops": flops / stats["median"] / 1e9}
+    plain = next((a for a in arms if a.startswith("a_")), None)
+    if plain:
+        base = result["arms"][plain]["sec_per_step"]["median"]
+        for arm in arms:
+            result["arms"][arm]["ratio_to_plain"] = result["arms"][arm]["sec_per_step"]["median"] / base
+        fastest = min(arms, key=lambda a: result["arms"][a]["sec_per_step"]["median"])
+        result["fastest"] = fastest
+        result["speedup_fastest_vs_plain"] = base / result["arms"][fastest]["sec_per_step"]["median"]
     if memory:
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
-        peaks = {}
-        for v in variants:
+        peaks_mb = {}
+        for arm in [a for a in arms if a[0] in "ab"]:
             q = ctx.Queue()
-            p = ctx.Process(target=_peak_rss_child, args=(cfg, v, steps, q))
+            p = ctx.Process(target=_peak_rss_child, args=(cfg, arm, 3, q))
             p.start()
-            peaks[v] = q.get()
+            peaks_mb[arm] = q.get()
             p.join()
-        result["peak_rss_mb"] = peaks
-        result["memory_ratio_b_to_a"], result["memory_ratio_c_to_a"] = peaks["b"] / peaks["a"], peaks["c"] / peaks["a"]
+        result["peak_rss_mb"] = peaks_mb
     return result
+
+
+def train_table(result: dict) -> str:
+    """Render the training benchmark as Markdown."""
+    lines = ["| arm | step time, median (IQR) | GFLOP/s | vs plain k-diffusion |", "|---|---|---|---|"]
+    for arm, r in result["arms"].items():
+        st = r["sec_per_step"]
+        lines.append(f"| {arm}: {r['what']} | {st['median'] * 1e3:.1f} ms ({st['iqr'] * 1e3:.1f}) | {r['gflops']:.0f} | "
+                     f"{r.get('ratio_to_plain', float('nan')):.3f} |")
+    p = result["peak_gflops"]
+    lines.append(f"\nFLOPs per step {result['flops_per_step'] / 1e9:.2f} G (batch {result['batch']}, FlopCounterMode); "
+                 f"machine peaks, GFLOP/s: fp32 matmul {p['fp32_matmul']:.0f}, fp32 conv {p['fp32_conv']:.0f}, "
+                 f"bf16 matmul {p['bf16_matmul']:.0f}, bf16 conv {p['bf16_conv']:.0f}")
+    if "speedup_fastest_vs_plain" in result:
+        lines.append(f"fastest: {result['fastest']}, speed-up vs plain k-diffusion fp32: {result['speedup_fastest_vs_plain']:.2f}x")
+    return "\n".join(lines)

@@ -1,6 +1,7 @@
 """The paper's experiments at small scale: each returns numbers (for JSON) and writes a PNG."""
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from torch import nn
 
 from ..math.gmm import expansion_means, normal_pdf
 from ..math.ngmg import density_learning
+from ..io import append_metrics, read_metrics
 from ..visualize import pyplot
 
 
@@ -69,50 +71,146 @@ def small_classifier(k: int) -> nn.Module:
     )
 
 
-def ngmg_vs_bce(out: Path, seeds: int = 3, steps: int = 300, eval_every: int = 10, size: int = 16) -> dict:
-    """Paper Fig. 12: the same classifier trained with NGMG entropy and with BCE; test SSE per step."""
+class ResultLog:
+    """Append-only JSONL of finished (arm, seed, ...) results, so an interrupted experiment resumes: a re-run
+    skips every key already in the file, and each result lands on disk the moment it is done."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.records = read_metrics(self.path)  # one JSON object per line, like metrics.jsonl
+
+    @staticmethod
+    def key(record: dict, fields) -> tuple:
+        return tuple(record[f] for f in fields)
+
+    def done(self, fields, **key) -> dict | None:
+        """Return the finished record with these key values, or None."""
+        want = tuple(key[f] for f in fields)
+        return next((r for r in self.records if self.key(r, fields) == want), None)
+
+    def add(self, record: dict) -> dict:
+        append_metrics(self.path, [record])
+        self.records.append(record)
+        return record
+
+
+def summarise(values: list[float]) -> dict:
+    """Mean, standard deviation (n - 1) and n of per-seed values."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+NGMG_LOSSES = ("bce", "ngmg_surplus", "ngmg_deficit")
+
+
+def _classifier_loss(name: str):
+    from ..math.ngmg import bce, ngmg_entropy
+
+    if name == "bce":
+        return bce
+    return lambda logits, y: ngmg_entropy(logits, y, form=name.split("_")[1])
+
+
+def _rare_subset(ys: torch.Tensor, column: int, fraction: float, seed: int) -> torch.Tensor:
+    """Indices of a training subset in which attribute ``column`` is present in ``fraction`` of the images."""
+    gen = torch.Generator().manual_seed(seed)
+    pos, neg = (ys[:, column] > 0.5).nonzero().flatten(), (ys[:, column] <= 0.5).nonzero().flatten()
+    keep = round(fraction / (1 - fraction) * len(neg))
+    return torch.cat([neg, pos[torch.randperm(len(pos), generator=gen)[:keep]]])
+
+
+def train_classifier(loss_name: str, xs, ys, xt, yt, *, lr: float, seed: int, steps: int, eval_every: int,
+                     batch: int = 64) -> dict:
+    """Train the small CNN with one loss; return test SSE and mean |q - y| curves (per attribute at the end)."""
+    loss_fn = _classifier_loss(loss_name)
+    torch.manual_seed(seed)
+    model = small_classifier(ys.shape[1])
+    opt = torch.optim.Adam(model.parameters(), lr)
+    gen = torch.Generator().manual_seed(seed)
+    sse, w1 = [], []
+    for step in range(steps + 1):
+        if step % eval_every == 0 or step == steps:
+            with torch.no_grad():
+                q = torch.sigmoid(model(xt))
+            sse.append(((q - yt) ** 2).sum(1).mean().item())
+            w1.append((q - yt).abs().mean().item())
+        if step == steps:
+            break
+        idx = torch.randint(0, len(xs), (batch,), generator=gen)
+        opt.zero_grad()
+        loss_fn(model(xs[idx]), ys[idx]).mean().backward()
+        opt.step()
+    per_attr_w1 = (q - yt).abs().mean(0).tolist()
+    acc = ((q > 0.5).float() == yt).float().mean(0).tolist()
+    return {"sse": sse, "w1": w1, "final_sse": sse[-1], "final_log_w1": math.log(w1[-1]),
+            "per_attribute_w1": per_attr_w1, "per_attribute_accuracy": acc}
+
+
+def ngmg_vs_bce(out: Path, log_path: Path, *, seeds: int = 5, lrs=(3e-4, 1e-3, 3e-3, 1e-2), steps: int = 300,
+                eval_every: int = 10, size: int = 16, rare_attr: str = "outline", rare_fraction: float = 0.05,
+                progress=print) -> dict:
+    """Paper Fig. 12: the same small CNN trained with BCE and both readings of NGMG entropy, over seeds and
+    learning rates, on the shapes attributes as they are ("balanced") and with ``rare_attr`` present in
+    ``rare_fraction`` of the training images ("rare"). Resumable: finished runs are read from ``log_path``."""
     from ..data.shapes import ShapesDataset
     from ..eval.evaluate import stack_items
-    from ..math.ngmg import bce, ngmg_entropy
 
     train_set, test_set = ShapesDataset(size=size, length=4096), ShapesDataset(size=size, length=512, split="test")
     xs, ys = stack_items(train_set, len(train_set))
     xt, yt = stack_items(test_set, len(test_set))
-    curves: dict[str, list[list[float]]] = {"ngmg_entropy": [], "bce": []}
-    for name, loss_fn in (("ngmg_entropy", ngmg_entropy), ("bce", bce)):
-        for seed in range(seeds):
-            torch.manual_seed(seed)
-            model = small_classifier(ys.shape[1])
-            opt = torch.optim.Adam(model.parameters(), 1e-3)
-            gen = torch.Generator().manual_seed(seed)
-            curve = []
-            for step in range(steps + 1):
-                if step % eval_every == 0:
-                    with torch.no_grad():
-                        curve.append(((torch.sigmoid(model(xt)) - yt) ** 2).sum(1).mean().item())
-                if step == steps:
-                    break
-                idx = torch.randint(0, len(xs), (64,), generator=gen)
-                opt.zero_grad()
-                loss_fn(model(xs[idx]), ys[idx]).mean().backward()
-                opt.step()
-            curves[name].append(curve)
+    rare_col = list(train_set.attr_names).index(rare_attr)
+    log = ResultLog(log_path)
+    fields = ("setting", "lr", "loss", "seed")
+    for setting in ("balanced", "rare"):
+        sub = _rare_subset(ys, rare_col, rare_fraction, 0) if setting == "rare" else torch.arange(len(ys))
+        for lr in lrs:
+            for loss in NGMG_LOSSES:
+                for seed in range(seeds):
+                    if log.done(fields, setting=setting, lr=lr, loss=loss, seed=seed):
+                        continue
+                    r = train_classifier(loss, xs[sub], ys[sub], xt, yt, lr=lr, seed=seed, steps=steps, eval_every=eval_every)
+                    log.add({"setting": setting, "lr": lr, "loss": loss, "seed": seed, "steps": steps, **r})
+                    progress(f"  {setting} lr={lr:g} {loss} seed {seed}: test SSE {r['final_sse']:.3f}, "
+                             f"{rare_attr} W1 {r['per_attribute_w1'][rare_col]:.3f}")
+    table: dict = {"steps": steps, "seeds": seeds, "lrs": list(lrs), "rare_attr": rare_attr,
+                   "rare_fraction": rare_fraction, "settings": {}}
+    for setting in ("balanced", "rare"):
+        table["settings"][setting] = {}
+        for lr in lrs:
+            row = {}
+            for loss in NGMG_LOSSES:
+                rs = [r for r in log.records if (r["setting"], r["lr"], r["loss"]) == (setting, lr, loss) and r["seed"] < seeds]
+                row[loss] = {"final_sse": summarise([r["final_sse"] for r in rs]),
+                             "final_log_w1": summarise([r["final_log_w1"] for r in rs]),
+                             "rare_attr_w1": summarise([r["per_attribute_w1"][rare_col] for r in rs]),
+                             "rare_attr_accuracy": summarise([r["per_attribute_accuracy"][rare_col] for r in rs]),
+                             "per_seed_final_sse": [r["final_sse"] for r in rs]}
+            table["settings"][setting][str(lr)] = row
+    _plot_ngmg_vs_bce(out, log.records, lrs, seeds, eval_every)
+    return table
+
+
+def _plot_ngmg_vs_bce(out: Path, records: list[dict], lrs, seeds: int, eval_every: int) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    x = list(range(0, steps + 1, eval_every))
-    result = {"steps": x, "seeds": seeds}
-    for name, cs in curves.items():
-        band = plot_band(ax, x, cs, name)
-        result[name] = {**band, "final_mean": band["mean"][-1], "final_std": band["std"][-1]}
-    ax.set_xlabel("step")
-    ax.set_ylabel("test sum of squared error")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title(f"NGMG entropy vs BCE, shapes attributes ({seeds} seeds)")
+    fig, axes = plt.subplots(2, len(lrs), figsize=(3.2 * len(lrs), 6), dpi=100, sharey=True)
+    for row, setting in enumerate(("balanced", "rare")):
+        for col, lr in enumerate(lrs):
+            ax = axes[row][col]
+            for loss in NGMG_LOSSES:
+                cs = [r["sse"] for r in records if (r["setting"], r["lr"], r["loss"]) == (setting, lr, loss) and r["seed"] < seeds]
+                if cs:
+                    plot_band(ax, [i * eval_every for i in range(len(cs[0]))], cs, loss)
+            ax.set_title(f"{setting}, lr {lr:g}", fontsize=9)
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            if row == 1:
+                ax.set_xlabel("step")
+            if col == 0:
+                ax.set_ylabel("test SSE")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"NGMG entropy (surplus, deficit) vs BCE on shapes attributes, mean +- std over {seeds} seeds")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
-    return result
 
 
 SMALL_MODEL = ("model.channels=[16,32,64]", "model.mapping_out=64", "train.batch_size=32", "train.grid_every=0")
@@ -122,7 +220,6 @@ def head(out: Path, runs: Path, seeds: int = 3, steps: int = 300, overrides: tup
     """Paper Fig. 9: diffusion loss of the shapes model with and without the NGMG head, same seeds and steps."""
     from ..config import load_config
     from ..engine.trainer import train
-    from ..io import read_metrics
 
     base = [*SMALL_MODEL, f"train.steps={steps}", f"train.checkpoint_every={steps}", "train.log_every=10", *overrides]
     curves: dict[str, list[list[float]]] = {"no head": [], "ngmg head": []}
@@ -165,7 +262,6 @@ def features_vs_classes(out: Path, runs: Path, seeds: int = 2, steps: int = 600,
     from ..config import load_config
     from ..engine.trainer import train
     from ..eval.evaluate import evaluate_run
-    from ..io import read_metrics
 
     class_rows = "[circle_red,square_green,triangle_blue,circle_blue,square_red,triangle_green]"
     result: dict = {"steps": steps, "seeds": seeds, "n": n}
@@ -202,4 +298,40 @@ def features_vs_classes(out: Path, runs: Path, seeds: int = 2, steps: int = 600,
                               f"loss {r['final_loss']:.4f}", fill=(0, 0, 0))
         x += g.width + 10
     canvas.save(out)
+    return result
+
+
+PRECISION_ARMS = {"fp32": ["train.precision=fp32", "train.compile=false"],
+                  "bf16_compiled": ["train.precision=bf16", "train.compile=true"]}
+
+
+def precision(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, n: int = 512, progress=print) -> dict:
+    """Quality kept under the fastest setting: the default recipe trained at fp32 and at bf16 + torch.compile,
+    ``seeds`` seeds each, every run evaluated the same way; per-seed values and mean +- std per arm."""
+    from ..config import load_config
+    from ..engine.trainer import train
+    from ..eval.evaluate import evaluate_run
+
+    log = ResultLog(log_path)
+    metrics_kept = ("attribute_accuracy", "all_attributes_correct", "defect_rate", "frechet_distance")
+    for arm, overrides in PRECISION_ARMS.items():
+        for seed in range(seeds):
+            if log.done(("arm", "seed"), arm=arm, seed=seed):
+                continue
+            cfg = load_config("shapes", [*overrides, f"train.seed={seed}", f"conditioner.seed={seed}", "train.grid_every=0"])
+            run = runs / f"precision_{arm}_seed{seed}"
+            if not (run / "ema.safetensors").exists():
+                train(cfg, run, resume=(run / "checkpoints" / "latest").exists())
+            records = read_metrics(run / "metrics.jsonl")
+            ev = evaluate_run(run, n=n, oracle_cache=runs / "oracle_shapes.safetensors", progress=False)
+            rec = {"arm": arm, "seed": seed, **{k: ev[k] for k in metrics_kept},
+                   "final_loss": statistics.fmean(r["diffusion"] for r in records if r["step"] > records[-1]["step"] - 100),
+                   "sec_per_step_median": statistics.median(r["sec_per_step"] for r in records[1:])}
+            log.add(rec)
+            progress(f"  {arm} seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items() if isinstance(v, float)))
+    result = {"seeds": seeds, "n": n, "arms": {}}
+    for arm in PRECISION_ARMS:
+        rs = [r for r in log.records if r["arm"] == arm and r["seed"] < seeds]
+        result["arms"][arm] = {"overrides": PRECISION_ARMS[arm], "per_seed": rs,
+                               **{k: summarise([r[k] for r in rs]) for k in (*metrics_kept, "final_loss", "sec_per_step_median")}}
     return result

@@ -7,6 +7,8 @@ bottleneck features carry the requested attributes as well as the noisy image.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,12 +36,13 @@ class BottleneckAttrs(nn.Module):
         *,
         weight: float = 0.1,  # Total loss = diffusion loss + weight * head loss.
         loss: str = "ngmg_entropy",  # A LOSSES key: ngmg_entropy | bce.
+        form: str = "surplus",  # NGMG entropy reading (Eq. 18): surplus (as printed) | deficit; unused by bce.
         hidden: int = 128,  # Width of the MLP after global average pooling.
         detach: bool = False,  # Stop the head's gradient at the bottleneck (False: it trains the encoder).
     ):
         super().__init__()
         self.weight, self.detach, self.loss_name = weight, detach, loss
-        self.loss_fn = LOSSES.get(loss)
+        self.loss_fn = functools.partial(LOSSES.get(loss), form=form) if loss == "ngmg_entropy" else LOSSES.get(loss)
         self.net = nn.Sequential(
             nn.GroupNorm(1, channels), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
             nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, num_attrs),

@@ -1,0 +1,82 @@
+"""train.precision / train.compile: resolution per machine, clear errors, and the RNG-state round trip."""
+import pytest
+import torch
+
+from gmmcond.engine import precision as P
+from gmmcond.engine.trainer import rng_state, set_rng_state, train
+from gmmcond.errors import PrecisionError, RunError
+from gmmcond.io import load_checkpoint
+
+
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """Pretend the CPU does (True) or does not (False) compute bf16 natively."""
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+
+    def set(native: bool):
+        monkeypatch.setattr(P, "cpu_has_native_bf16", lambda: native)
+
+    return set
+
+
+def test_auto_picks_bf16_only_where_native(cpu_bf16):
+    cpu_bf16(True)
+    assert P.resolve_precision("auto", "cpu").name == "bf16"
+    cpu_bf16(False)
+    chosen = P.resolve_precision("auto", "cpu")
+    assert chosen.name == "fp32" and chosen.accelerate == "no" and "no native bf16" in chosen.reason
+
+
+def test_unsupported_precisions_are_clear_errors(cpu_bf16):
+    cpu_bf16(False)
+    with pytest.raises(PrecisionError, match="train.precision: bf16 is not native on this cpu"):
+        P.resolve_precision("bf16", "cpu")
+    with pytest.raises(PrecisionError, match="train.precision: fp16 autocast needs a CUDA GPU"):
+        P.resolve_precision("fp16", "cpu")
+    with pytest.raises(PrecisionError, match="not one of auto, fp32, bf16, fp16"):
+        P.resolve_precision("int8", "cpu")
+
+
+def test_the_launcher_flag_wins_over_the_config(cpu_bf16, monkeypatch):
+    cpu_bf16(True)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    chosen = P.resolve_precision("fp32", "cpu")
+    assert chosen.name == "bf16" and "accelerate launch --mixed_precision" in chosen.reason
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # accelerate's default: the config decides
+    assert P.resolve_precision("fp32", "cpu").name == "fp32"
+
+
+def test_bf16_training_keeps_fp32_weights_and_records_the_choice(tiny_cfg, tmp_path, cpu_bf16):
+    cpu_bf16(True)
+    run = tmp_path / "run"
+    train(tiny_cfg("train.precision=bf16"), run)
+    state = load_checkpoint(run / "checkpoints" / "step_0000003.pt")
+    dtypes = {v.dtype for v in state["model"].values() if v.is_floating_point()} | {
+        v.dtype for v in state["ema"].values() if v.is_floating_point()}
+    assert dtypes == {torch.float32}
+    assert "precision: bf16" in (run / "config.yaml").read_text()
+
+
+def test_rng_state_round_trip_and_old_format():
+    saved = rng_state()
+    a = torch.rand(5)
+    set_rng_state(saved)
+    assert torch.equal(torch.rand(5), a)
+    set_rng_state(saved["cpu"])  # checkpoints written before CUDA states were kept
+    assert torch.equal(torch.rand(5), a)
+    if not torch.cuda.is_available():
+        with pytest.raises(RunError, match="RNG states of 1 CUDA devices, but this machine has 0"):
+            set_rng_state({"cpu": saved["cpu"], "cuda": [torch.zeros(16, dtype=torch.uint8)]})
+
+
+def test_compile_failure_is_a_clear_error():
+    class BackendCompilerFailed(Exception):
+        pass
+
+    BackendCompilerFailed.__module__ = "torch._dynamo.exc"
+    with pytest.raises(PrecisionError, match="train.compile: torch.compile failed on this platform .*set train.compile=false"):
+        with P.first_compiled_call(lambda s: None):
+            raise BackendCompilerFailed("no C compiler")
+    with pytest.raises(KeyError):  # anything else is a bug and surfaces as itself
+        with P.first_compiled_call(lambda s: None):
+            raise KeyError("x")
