@@ -32,7 +32,7 @@ def main() -> None:
     elif args.experiment == "ngmg-vs-bce":
         result = experiments.ngmg_vs_bce(png, out / "ngmg-vs-bce.jsonl", **steps)
     elif args.experiment == "head":
-        result = experiments.head(png, out / "runs", **steps)
+        result = experiments.head(png, out / "runs", out / "head.jsonl", **steps)
     elif args.experiment == "precision":
         result = experiments.precision(png, out / "runs", out / "precision.jsonl", **steps)
     else:

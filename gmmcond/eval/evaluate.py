@@ -235,11 +235,12 @@ def requested_features(attrs: torch.Tensor, names: list[str], oracle_names: list
 
 def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None, sampler=None, cfg_scale: float | None = None,
                  seed: int = 0, batch: int = 64, oracle_steps: int = 2000, progress: bool = True,
-                 oracle_cache: Path | None = None) -> dict:
+                 oracle_cache: Path | None = None, precision: str | None = None) -> dict:
     """Evaluate a trained run offline; writes ``eval.json``, ``oracle.pt`` (cache) and ``eval_worst.png``."""
     import k_diffusion as K
     from tqdm.auto import tqdm
 
+    from ..engine.precision import autocast, sampling_precision
     from ..engine.runs import load_run
     from ..registry import DATASETS
     from ..sampling.generate import generate
@@ -265,9 +266,12 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
     cond_attrs = torch.stack([run_test[i][1] for i in range(n)])
     s = cfg["sample"]
     images = []
+    device = next(parts.denoiser.parameters()).device
+    precision = precision or sampling_precision(cfg, device.type)  # the run's own autocast, where this machine has it
     for i, chunk in enumerate(tqdm(cond_attrs.split(batch), desc="sample", disable=not progress)):
-        images.append(generate(parts, chunk, sampler=sampler or s["sampler"], steps=steps or s["steps"],
-                               cfg_scale=s["cfg_scale"] if cfg_scale is None else cfg_scale, seed=seed + i))
+        with autocast(device, precision):
+            images.append(generate(parts, chunk, sampler=sampler or s["sampler"], steps=steps or s["steps"],
+                                   cfg_scale=s["cfg_scale"] if cfg_scale is None else cfg_scale, seed=seed + i).float())
     images = torch.cat(images)
     probs, feats = predict(oracle, images)
     target, known = requested_features(cond_attrs, parts.attr_names, oracle_names)
@@ -299,7 +303,7 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
     fd = K.evaluation.fid(feats, real_f[: len(feats)]).item()
     result = {
         "run": str(run_dir), "step": run.step, "n": n, "sampler": sampler or s["sampler"], "steps": steps or s["steps"],
-        "cfg_scale": s["cfg_scale"] if cfg_scale is None else cfg_scale,
+        "cfg_scale": s["cfg_scale"] if cfg_scale is None else cfg_scale, "precision": precision,
         "oracle_heldout_accuracy": oracle_scores["mean_accuracy"], "oracle_heldout_per_attribute": oracle_scores["per_attribute"],
         "attribute_accuracy": mean_acc, "all_attributes_correct": all_correct, "per_attribute": per,
         "defect_rate": sum(defects) / len(defects),

@@ -216,41 +216,57 @@ def _plot_ngmg_vs_bce(out: Path, records: list[dict], lrs, seeds: int, eval_ever
 SMALL_MODEL = ("model.channels=[16,32,64]", "model.mapping_out=64", "train.batch_size=32", "train.grid_every=0")
 
 
-def head(out: Path, runs: Path, seeds: int = 3, steps: int = 300, overrides: tuple[str, ...] = ()) -> dict:
-    """Paper Fig. 9: diffusion loss of the shapes model with and without the NGMG head, same seeds and steps."""
+HEAD_ARMS = {"no head": ["head=none"],
+             "head ngmg surplus": ["head=bottleneck_attrs", "head.loss=ngmg_entropy", "head.form=surplus"],
+             "head bce": ["head=bottleneck_attrs", "head.loss=bce"]}
+
+
+def head(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 1000, n: int = 256,
+         overrides: tuple[str, ...] = (), progress=print) -> dict:
+    """Paper Fig. 9: the default recipe's model and batch with no head, a head trained with NGMG entropy
+    (surplus) and a head trained with BCE; diffusion-loss curves and the evaluation of each arm's samples.
+    Resumable per (arm, seed) through ``log_path``."""
     from ..config import load_config
     from ..engine.trainer import train
+    from ..eval.evaluate import evaluate_run
 
-    base = [*SMALL_MODEL, f"train.steps={steps}", f"train.checkpoint_every={steps}", "train.log_every=10", *overrides]
-    curves: dict[str, list[list[float]]] = {"no head": [], "ngmg head": []}
-    for label, extra in (("no head", ["head=none"]), ("ngmg head", ["head=bottleneck_attrs"])):
+    log = ResultLog(log_path)
+    kept = ("attribute_accuracy", "all_attributes_correct", "defect_rate", "frechet_distance")
+    base = [f"train.steps={steps}", f"train.checkpoint_every={min(250, steps)}", "train.grid_every=0", *overrides]
+    for arm, extra in HEAD_ARMS.items():
         for seed in range(seeds):
-            cfg = load_config("shapes", [*base, *extra, f"train.seed={seed}"])
-            run = runs / f"head_{label.replace(' ', '_')}_seed{seed}"
-            if (run / "checkpoints" / "latest").exists():
-                train(cfg, run, resume=True)
-            else:
-                train(cfg, run)
+            if log.done(("arm", "seed"), arm=arm, seed=seed):
+                continue
+            cfg = load_config("shapes", [*base, *extra, f"train.seed={seed}", f"conditioner.seed={seed}"])
+            run = runs / f"head_{arm.replace(' ', '_')}_seed{seed}"
+            if not (run / "ema.safetensors").exists():
+                train(cfg, run, resume=(run / "checkpoints" / "latest").exists())
             records = read_metrics(run / "metrics.jsonl")
-            x = [r["step"] for r in records]
-            curves[label].append([r["diffusion"] for r in records])
+            ev = evaluate_run(run, n=n, oracle_cache=runs / "oracle_shapes.safetensors", progress=False)
+            rec = log.add({"arm": arm, "seed": seed, "steps": steps, **{k: ev[k] for k in kept},
+                           "curve_steps": [r["step"] for r in records], "curve": [r["diffusion"] for r in records],
+                           "last100": statistics.fmean(r["diffusion"] for r in records if r["step"] > steps - 100)})
+            progress(f"  {arm} seed {seed}: last-100 loss {rec['last100']:.4f}, accuracy {rec['attribute_accuracy']:.4f}, "
+                     f"defects {rec['defect_rate']:.3f}")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    result = {"steps": x, "seeds": seeds}
-    tail_points = sum(1 for s in x if s > x[-1] - 100)  # logged points in the last 100 steps
-    for label, cs in curves.items():
-        tail = [statistics.fmean(c[-tail_points:]) for c in cs]  # mean diffusion loss over the last 100 steps, per seed
-        result[label] = {**plot_band(ax, x, cs, label), "last100_per_seed": tail, "last100_mean": statistics.fmean(tail)}
+    result: dict = {"steps": steps, "seeds": seeds, "n": n, "arms": {}}
+    for arm in HEAD_ARMS:
+        rs = [r for r in log.records if r["arm"] == arm and r["seed"] < seeds]
+        if not rs:
+            continue
+        plot_band(ax, rs[0]["curve_steps"], [r["curve"] for r in rs], f"{arm} ({len(rs)} seeds)")
+        result["arms"][arm] = {k: summarise([r[k] for r in rs]) for k in ("last100", *kept)}
+        result["arms"][arm]["per_seed"] = [{k: r[k] for k in ("seed", "last100", *kept)} for r in rs]
     ax.set_xlabel("step")
     ax.set_ylabel("diffusion loss")
     ax.set_yscale("log")
     ax.legend()
-    ax.set_title(f"shapes diffusion loss with / without the NGMG head ({seeds} seeds)")
+    ax.set_title(f"shapes: no head / NGMG head / BCE head, {steps} steps")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
     return result
-
 
 
 def features_vs_classes(out: Path, runs: Path, seeds: int = 2, steps: int = 600, n: int = 256) -> dict:
