@@ -92,3 +92,24 @@ def test_none_conditioner_has_no_dim():
     cond = NoConditioner(num_attrs=3)
     assert cond.dim == 0 and cond(torch.ones(2, 3), torch.arange(2)) is None
     assert isinstance(make(), GMMAttrs)
+
+
+def test_attr_dropout_zero_is_eq9_exactly_and_positive_adds_known_bits():
+    z = GMMAttrs(num_attrs=3).sample_latents(4, torch.Generator().manual_seed(0))
+    attrs = torch.tensor([[1.0, 0, 1]] * 4)
+    plain, zero = GMMAttrs(num_attrs=3).eval(), GMMAttrs(num_attrs=3, attr_dropout=0.0).eval()
+    assert zero.dim == plain.dim == 3 * 4 + 1
+    torch.testing.assert_close(zero.encode(attrs, z), plain.encode(attrs, z))
+    partial = GMMAttrs(num_attrs=3, attr_dropout=0.3)
+    assert partial.dim == 3 * 4 + 3 + 1
+    known = torch.tensor([[1.0, 0, 1]] * 4)
+    out = partial.encode(attrs, z, known=known)
+    assert torch.equal(out[:, 12:15], known) and (out[:, 4:8] == 0).all() and (out[:, -1] == 0).all()
+    torch.testing.assert_close(out[:, :4], z[:, 0])  # specified and present: Z_k
+    with pytest.raises(ValueError, match="trained with attr_dropout = 0"):
+        plain.encode(attrs, z, known=known)
+    partial.train()
+    torch.manual_seed(0)
+    out = torch.cat([partial(attrs.repeat(500, 1), None) for _ in range(2)])
+    hidden = 1 - out[out[:, -1] == 0, 12:15].mean().item()  # among rows not dropped for CFG
+    assert abs(hidden - 0.3) < 0.03

@@ -150,3 +150,38 @@ def test_x0_reproject_runs_on_k_diffusion_external_wrappers(wrapper):
     assert torch.allclose(ours, K.sampling.sample_euler(model, x, sigmas, disable=True), atol=1e-4)
     out = sample_x0_reproject(model, x, sigmas, disable=True)
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_composed_guidance_is_exact_on_the_testbed():
+    from gmmcond.sampling import ComposedGuidanceDenoiser
+
+    gm = GaussianMixtureDenoiser.default()
+    gen = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(6, 2, generator=gen, dtype=torch.float64) * 2, torch.full((6,), 0.8, dtype=torch.float64)
+    onehot = torch.eye(3, dtype=torch.float64)
+    conds = torch.stack([onehot[0].expand(6, 3), onehot[2].expand(6, 3)], 1)  # [B, T=2, C]
+    weights = [1.5, -0.5]
+    composed = ComposedGuidanceDenoiser(gm, weights, gm.weights, cond_key="class_weights")(x, sigma, class_weights=conds)
+    d_null, d0, d2 = gm(x, sigma), gm(x, sigma, onehot[0].expand(6, 3)), gm(x, sigma, onehot[2].expand(6, 3))
+    torch.testing.assert_close(composed, d_null + 1.5 * (d0 - d_null) - 0.5 * (d2 - d_null), rtol=1e-12, atol=1e-12)
+    # one term of weight s is classifier-free guidance at scale s; weight 1 is the exact conditional denoiser
+    one = ComposedGuidanceDenoiser(gm, [2.0], gm.weights, cond_key="class_weights")(x, sigma, class_weights=conds[:, :1])
+    cfg = CFGDenoiser(gm, 2.0, gm.weights, cond_key="class_weights")(x, sigma, class_weights=onehot[0].expand(6, 3))
+    torch.testing.assert_close(one, cfg, rtol=1e-12, atol=1e-12)
+    exact = ComposedGuidanceDenoiser(gm, [1.0], gm.weights, cond_key="class_weights")(x, sigma, class_weights=conds[:, :1])
+    torch.testing.assert_close(exact, d0, rtol=1e-12, atol=1e-12)
+
+
+def test_a_negative_composed_weight_pushes_samples_away_from_a_mode():
+    from gmmcond.sampling import ComposedGuidanceDenoiser
+
+    gm = GaussianMixtureDenoiser.default()
+    sigmas = K.sampling.get_sigmas_karras(30, 0.01, 20.0, device="cpu").double()
+    noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    away = torch.eye(3, dtype=torch.float64)[0].expand(2000, 1, 3)
+    fractions = {}
+    for w in (0.0, -1.0):
+        model = ComposedGuidanceDenoiser(gm, [w], gm.weights, cond_key="class_weights")
+        out = sample("euler", model, noise, sigmas, extra_args={"class_weights": away})
+        fractions[w] = (gm.assign(out) == 0).double().mean().item()
+    assert fractions[0.0] > 0.4 and fractions[-1.0] < 0.5 * fractions[0.0], fractions

@@ -30,6 +30,7 @@ class GMMAttrs(nn.Module):
         pairing: str = "fixed",  # fixed: one latent per dataset index (the paper); resample: fresh each step.
         cond_dropout: float = 0.1,  # Probability of dropping the condition in training (for CFG).
         seed: int = 0,  # Seeds the fixed latent of every dataset index.
+        attr_dropout: float = 0.0,  # Probability of hiding each attribute in training ("unspecified"); 0 is Eq. 9 exactly.
     ):
         super().__init__()
         if pairing not in ("fixed", "resample"):
@@ -41,11 +42,20 @@ class GMMAttrs(nn.Module):
             raise ConfigError("conditioner.sigma must be > 0 and conditioner.weights non-negative with a positive sum")
         if not 0 <= cond_dropout < 1:
             raise ConfigError(f"conditioner.cond_dropout must be in [0, 1), got {cond_dropout}")
+        if not 0 <= attr_dropout < 1:
+            raise ConfigError(f"conditioner.attr_dropout must be in [0, 1), got {attr_dropout}")
         self.num_attrs, self.dims_per_attr = num_attrs, dims_per_attr
         self.sigma, self.pairing, self.cond_dropout, self.seed = float(sigma), pairing, cond_dropout, seed
         self.register_buffer("means", torch.tensor(means, dtype=torch.float32), persistent=False)
         self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32) / sum(weights), persistent=False)
-        self.dim = num_attrs * dims_per_attr + 1
+        self.attr_dropout = attr_dropout
+        # with attr_dropout > 0, one "known" bit per attribute sits before the dropped flag
+        self.dim = num_attrs * dims_per_attr + (num_attrs if attr_dropout > 0 else 0) + 1
+
+    @property
+    def partial(self) -> bool:
+        """Whether attributes can be left unspecified (trained with attr_dropout > 0)."""
+        return self.attr_dropout > 0
 
     def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw ``n`` fresh latents Z of shape [n, K, N] from the GMM."""
@@ -59,14 +69,25 @@ class GMMAttrs(nn.Module):
         gens = [torch.Generator().manual_seed(self.seed * 1_000_003 + int(i)) for i in index.tolist()]
         return torch.cat([self.sample_latents(1, g) for g in gens]) if gens else self.sample_latents(0)
 
-    def encode(self, attrs: torch.Tensor, z: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
-        """Return mapping_cond = [Z_1 A_1, ..., Z_K A_K, dropped] for latents ``z`` [B, K, N]."""
+    def encode(self, attrs: torch.Tensor, z: torch.Tensor, drop: torch.Tensor | None = None,
+               known: torch.Tensor | None = None) -> torch.Tensor:
+        """Return mapping_cond = [Z_1 A_1 m_1, ..., Z_K A_K m_K, (m_1 .. m_K), dropped] for latents ``z`` [B, K, N].
+
+        ``known`` m [B, K] marks the specified attributes (default all); the m block exists only when
+        the conditioner was built with attr_dropout > 0, so with attr_dropout = 0 this is Eq. 9 exactly.
+        """
         if attrs.shape[-1] != self.num_attrs:
-            raise ValueError(f"gmm_attrs expects {self.num_attrs} attributes, got attrs of shape {tuple(attrs.shape)}")
+            raise ConfigError(f"gmm_attrs expects {self.num_attrs} attributes, got attrs of shape {tuple(attrs.shape)}")
         attrs = attrs.to(z)
         drop = torch.zeros(len(attrs), dtype=torch.bool, device=z.device) if drop is None else drop.to(z.device)
-        feats = (z * attrs[..., None]).flatten(1) * (~drop)[:, None]
-        return torch.cat([feats, drop[:, None].to(z)], 1)
+        keep = (~drop)[:, None].to(z)
+        if known is not None and not self.partial and not bool((known > 0.5).all()):
+            raise ConfigError("this gmm_attrs was trained with attr_dropout = 0: every attribute is specified "
+                              "(unlisted ones mean absent); train with conditioner.attr_dropout > 0 to leave some unspecified")
+        known = torch.ones_like(attrs) if known is None else known.to(z)
+        feats = (z * (attrs * known)[..., None]).flatten(1) * keep
+        parts = [feats, known * keep] if self.partial else [feats]
+        return torch.cat([*parts, drop[:, None].to(z)], 1)
 
     def forward(self, attrs: torch.Tensor, index: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Encode attributes; in training mode, drop the condition with probability ``cond_dropout``."""
@@ -76,7 +97,10 @@ class GMMAttrs(nn.Module):
             z = self.sample_latents(len(attrs))
         if drop is None and self.training and self.cond_dropout > 0:
             drop = torch.rand(len(attrs)) < self.cond_dropout
-        return self.encode(attrs, z, drop)
+        known = None
+        if self.training and self.partial:
+            known = (torch.rand(attrs.shape) >= self.attr_dropout).to(z)
+        return self.encode(attrs, z, drop, known)
 
     def unconditional(self, n: int) -> torch.Tensor:
         """Return the dropped-condition input (Z = 0, flag = 1) for ``n`` samples."""

@@ -1,6 +1,6 @@
 """Guidance wrappers: plain k-diffusion models around a denoiser, so every sampler works with them.
 
-``CFGDenoiser`` (classifier-free guidance) and ``HeadGuidedDenoiser`` (classifier guidance with the
+``CFGDenoiser`` (classifier-free guidance), ``ComposedGuidanceDenoiser`` (weighted per-term guidance) and ``HeadGuidedDenoiser`` (classifier guidance with the
 bottleneck head) compose: CFG batches the conditional and unconditional branches together and repeats
 every per-sample extra argument (the head's target included) for both.
 """
@@ -34,6 +34,38 @@ class CFGDenoiser(nn.Module):
         both = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]), **{self.cond_key: torch.cat([uncond, cond])}, **doubled)
         out_uncond, out_cond = both.chunk(2)
         return out_uncond + (out_cond - out_uncond) * self.scale
+
+
+class ComposedGuidanceDenoiser(nn.Module):
+    """Composed guidance as a k-diffusion model: ``D = D_null + sum_t w_t (D_t - D_null)``.
+
+    The Composable Diffusion / CoInD form (Liu et al. 2022; CoInD, ICLR 2025). ``kwargs[cond_key]`` holds
+    one condition per term, [B, T, dim] (for gmm_attrs: each term specifies its own attributes and leaves
+    the rest unspecified, so the model needs attr_dropout > 0); ``uncond`` is the null condition. Negative
+    weights push away from a term. All 1 + T terms run in one batched forward. With one term of weight s
+    it is classifier-free guidance at scale s.
+    """
+
+    def __init__(self, model: nn.Module, weights, uncond: torch.Tensor, cond_key: str = "mapping_cond"):
+        super().__init__()
+        self.model, self.cond_key = model, cond_key
+        self.register_buffer("weights", torch.as_tensor(weights, dtype=torch.float32).flatten(), persistent=False)
+        self.register_buffer("uncond", uncond, persistent=False)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
+        conds = kwargs.pop(self.cond_key)
+        b, terms = conds.shape[:2]
+        if terms != len(self.weights):
+            raise ValueError(f"{terms} conditions per sample but {len(self.weights)} weights")
+        null = self.uncond.to(conds).expand(b, *conds.shape[2:])
+        cond = torch.cat([null, *conds.unbind(1)])  # [(1 + T) B, dim], term-major
+        reps = 1 + terms
+        extra = {k: v.repeat(reps, *([1] * (v.ndim - 1))) if torch.is_tensor(v) and v.ndim and len(v) == b else v
+                 for k, v in kwargs.items()}
+        out = self.model(x.repeat(reps, *([1] * (x.ndim - 1))), sigma.repeat(reps), **{self.cond_key: cond}, **extra)
+        d_null, *d_terms = out.chunk(reps)
+        w = self.weights.to(out)
+        return d_null + sum(w[t] * (d_terms[t] - d_null) for t in range(terms))
 
 
 def head_log_prob(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
