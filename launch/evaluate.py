@@ -1,4 +1,6 @@
-"""Evaluate a run offline: ``python launch/evaluate.py --run runs/shapes`` (writes RUN/eval.json, RUN/eval_worst.png)."""
+"""Evaluate a run offline: ``python launch/evaluate.py --run runs/shapes`` (writes RUN/eval.json, RUN/eval_worst.png,
+RUN/eval_diversity.png). ``python launch/evaluate.py --train-evaluator`` retrains the committed evaluator of the
+default shapes data (gmmcond/eval/weights/shapes16.safetensors)."""
 import argparse
 import json
 
@@ -7,22 +9,48 @@ from gmmcond.cli import fail_cleanly, positive_int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--run", required=True)
-    parser.add_argument("--n", type=positive_int, default=512, help="conditional samples (attribute sets from held-out data)")
+    parser.add_argument("--run", help="run directory written by launch/train.py")
+    parser.add_argument("--n", type=positive_int, default=512, help="conditional samples (attribute rows of held-out data)")
     parser.add_argument("--sampler")
     parser.add_argument("--steps", type=positive_int)
     parser.add_argument("--cfg-scale", type=float)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                         help="sampling autocast (default: the run's training precision where this machine runs it)")
+    parser.add_argument("--evaluator", help="evaluator file to use (default: the frozen one for the default shapes "
+                                            "data, else one trained on first use and cached)")
+    parser.add_argument("--sets", type=int, default=6, help="attribute sets for the per-set diversity metrics (shapes)")
+    parser.add_argument("--per-set", type=positive_int, default=48, help="samples (and real redraws) per attribute set")
+    parser.add_argument("--train-evaluator", action="store_true",
+                        help="train the evaluator of the default shapes data and write it into the package")
     args = parser.parse_args()
 
-    from gmmcond.eval.evaluate import evaluate_run
+    if args.train_evaluator:
+        from gmmcond.config import load_config
+        from gmmcond.eval.evaluator import FROZEN, save_evaluator, train_evaluator
+        from gmmcond.registry import DATASETS
+
+        dataset = load_config("shapes")["dataset"]
+        model, scores = train_evaluator(dataset)
+        save_evaluator(FROZEN, model, dataset, list(DATASETS.build(dataset).attr_names), scores)
+        print(json.dumps(scores, indent=2))
+        print(f"wrote {FROZEN}")
+        return
+    if not args.run:
+        parser.error("--run is required (or --train-evaluator)")
+
+    from gmmcond.eval.evaluate import METRICS, evaluate_run
 
     result = evaluate_run(args.run, n=args.n, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
-                          precision=args.precision)
-    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict) or k == "defect_reasons"}, indent=2))
+                          precision=args.precision, evaluator=args.evaluator, sets=args.sets, per_set=args.per_set)
+    print(f"attribute accuracy {result['attr_accuracy']:.4f}, all correct {result['all_attributes_correct']:.4f}, "
+          f"defects {result['defect_rate']:.2%} (real held-out images: {result['real_heldout_defect_rate']:.2%})")
+    print(f"{'metric':<22}{'samples':>10}{'real reference':>16}")
+    rows = [(k, result[k]) for k in METRICS] + [(f"per set {k}", v) for k, v in result.get("per_set_mean", {}).items()]
+    for name, v in rows:
+        print(f"{name:<22}{v['value']:>10.4f}{v['real_reference']:>16.4f}")
     print("per attribute:", {k: round(v, 3) for k, v in result["per_attribute"].items()})
+    print(f"wrote {args.run}/eval.json")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Reproduce the paper's experiments at small scale: ``python launch/reproduce.py {density,ngmg-vs-bce,head,features-vs-classes,precision}``.
+"""Reproduce the paper's experiments at small scale: ``python launch/reproduce.py {density,ngmg-vs-bce,head,features-vs-classes,precision,combinations}``.
 
 Each sub-command writes OUT/NAME.json (and OUT/NAME.png where there is a plot; default OUT: runs/reproduce).
 Long ones are resumable: finished (arm, seed) results are appended to OUT/NAME.jsonl as they land, and a
@@ -13,10 +13,11 @@ from gmmcond.cli import fail_cleanly
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("experiment", choices=["density", "ngmg-vs-bce", "head", "features-vs-classes", "precision"])
+    parser.add_argument("experiment", choices=["density", "ngmg-vs-bce", "head", "features-vs-classes", "precision", "combinations"])
     parser.add_argument("--out", default="runs/reproduce", help="output folder")
-    parser.add_argument("--seeds", type=int, help="seeds (default: ngmg-vs-bce 5, head 3, features-vs-classes 2)")
-    parser.add_argument("--steps", type=int, help="training steps (ngmg-vs-bce, head)")
+    parser.add_argument("--seeds", type=int, help="seeds (default: ngmg-vs-bce 5, head 3, features-vs-classes 3, precision 2, combinations 2)")
+    parser.add_argument("--steps", type=int, help="training steps (default: each experiment's own)")
+    parser.add_argument("--n", type=int, help="evaluated samples per run (default 512; head, features-vs-classes, precision)")
     args = parser.parse_args()
 
     from gmmcond.experiments import reproduce as experiments
@@ -27,16 +28,20 @@ def main() -> None:
     steps = {"steps": args.steps} if args.steps else {}
     if args.seeds:
         steps["seeds"] = args.seeds
+    if args.n and args.experiment in ("head", "features-vs-classes", "precision"):
+        steps["n"] = args.n
     if args.experiment == "density":
         result = experiments.density(png, **{k: v for k, v in steps.items() if k == "steps"})
     elif args.experiment == "ngmg-vs-bce":
         result = experiments.ngmg_vs_bce(png, out / "ngmg-vs-bce.jsonl", **steps)
     elif args.experiment == "head":
         result = experiments.head(png, out / "runs", out / "head.jsonl", **steps)
+    elif args.experiment == "combinations":
+        result = experiments.combinations(png, out / "runs", out / "combinations.jsonl", **steps)
     elif args.experiment == "precision":
         result = experiments.precision(png, out / "runs", out / "precision.jsonl", **steps)
     else:
-        result = experiments.features_vs_classes(png, out / "runs", **steps)
+        result = experiments.features_vs_classes(png, out / "runs", out / "features-vs-classes.jsonl", **steps)
     (out / f"{args.experiment}.json").write_text(json.dumps(result, indent=2))
     summary = {k: {kk: vv for kk, vv in v.items() if not isinstance(vv, list)} if isinstance(v, dict) else v
                for k, v in result.items() if not isinstance(v, list)}

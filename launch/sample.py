@@ -1,5 +1,6 @@
 """Sample a trained run: ``python launch/sample.py --run runs/shapes --attrs "circle,red,large" --n 16``."""
 import argparse
+import re
 from pathlib import Path
 
 from gmmcond.cli import fail_cleanly, positive_int
@@ -9,7 +10,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run", required=True, help="run directory written by launch/train.py")
     parser.add_argument("--attrs", action="append", default=[],
-                        help='comma-separated attribute names, e.g. "circle,red,large"; repeat for more rows')
+                        help='attribute expression, e.g. "triangle,~red,large": listed present, ~ absent, the rest '
+                             'unspecified (on runs trained with attr_dropout > 0; else absent); repeat for more rows')
+    parser.add_argument("--compose", help='composed guidance with per-attribute weights, e.g. "triangle:2,red:-1" '
+                                          '(negative pushes away; needs a run trained with attr_dropout > 0)')
     parser.add_argument("--n", type=positive_int, default=16, help="samples per attribute set")
     parser.add_argument("--sampler", help="SAMPLERS key (default: the run's sample.sampler)")
     parser.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's sample.steps)")
@@ -30,7 +34,7 @@ def main() -> None:
 
     import torch
 
-    from gmmcond.data.attrs import parse_attrs
+    from gmmcond.data.attrs import parse_compose, parse_expr
     from gmmcond.engine.precision import autocast, sampling_precision
     from gmmcond.engine.runs import export_run, load_run
     from gmmcond.errors import RunError
@@ -45,8 +49,15 @@ def main() -> None:
     if args.export:
         export_run(Path(args.export), run.parts, run.cfg, run.step)
         print(f"wrote {args.export}")
-    sets = args.attrs or [""]
-    attrs = torch.stack([parse_attrs(s, names, run.parts.groups) for s in sets]).repeat_interleave(args.n, 0)
+    sets = [args.compose] if args.compose else args.attrs or [""]
+    compose = parse_compose(args.compose, names) if args.compose else None
+    requests = [parse_expr("" if compose else s, names, run.parts.groups) for s in sets]
+    attrs = torch.stack([r.values for r in requests]).repeat_interleave(args.n, 0)
+    partial = getattr(run.parts.conditioner, "partial", False)
+    known = torch.stack([r.known for r in requests]).repeat_interleave(args.n, 0) if partial else None
+    if not partial and any("~" in s for s in sets):
+        print("note: this run was trained with attr_dropout = 0, so every attribute not listed means absent "
+              "(~name changes nothing); train with conditioner.attr_dropout > 0 to leave attributes unspecified")
     s = run.cfg["sample"]
     sampler = args.sampler or s["sampler"]
     steps = args.steps or s["steps"]
@@ -71,7 +82,8 @@ def main() -> None:
     with autocast(device, precision):
         images = generate(run.parts, attrs, sampler=sampler, steps=steps, seed=args.seed, latents=latents,
                           cfg_scale=s["cfg_scale"] if args.cfg_scale is None else args.cfg_scale,
-                          callback=callback, model=model, head_target=attrs if args.head_scale else None).float()
+                          callback=callback, model=model, head_target=attrs if args.head_scale else None,
+                          known=known, compose=compose).float()
     rows, captions = [], []
     if args.mode == "x0-strip":  # row b: predicted x0 of sample b at (up to) 12 evenly spaced steps
         picks = torch.linspace(0, len(strips) - 1, min(12, len(strips))).round().long().tolist()
@@ -83,7 +95,7 @@ def main() -> None:
             for j, row in enumerate(block.split(args.cols)):
                 rows.append(row)
                 captions.append((label or "(no attributes)") if j == 0 else "")
-    slug = "_".join(x.replace(",", "-") for x in sets if x) or "none"
+    slug = "_".join(re.sub(r"[^A-Za-z0-9_]+", "-", x) for x in sets if x) or "none"
     out = Path(args.out) if args.out else Path(args.run) / "samples" / f"{args.mode}_{slug[:80]}.png"
     save_png(captioned_grid(rows, captions), out)
     print(f"wrote {out} ({len(images)} samples, step {run.step}, sampler {sampler if isinstance(sampler, str) else sampler['type']})")

@@ -7,6 +7,7 @@ from PIL import Image
 
 from gmmcond.errors import DatasetError
 from gmmcond.registry import DATASETS
+from gmmcond.data.local import held_out
 from gmmcond.data.shapes import ATTR_NAMES, CLASS_NAMES, ShapesDataset
 
 
@@ -125,10 +126,26 @@ def test_imagefolder_attrs(tmp_path):
     for i in range(3):
         Image.fromarray(np.full((20, 30, 3), 50 * i, np.uint8)).save(tmp_path / f"im{i}.png")
     (tmp_path / "attrs.csv").write_text("file,cat,dog,fluffy\nim0.png,1,0,1\nim1.png,0,1,0\nim2.png,-1,1,1\n")
-    data = DATASETS.build({"type": "imagefolder_attrs", "root": str(tmp_path), "size": 16, "groups": [["cat", "dog"]]})
+    node = {"type": "imagefolder_attrs", "root": str(tmp_path), "size": 16, "groups": [["cat", "dog"]]}
+    data = DATASETS.build(dict(node, split="all"))
     assert data.attr_names == ["cat", "dog", "fluffy"] and len(data) == 3
     check_item(data[2], 3, 16)
     assert data[2][1].tolist() == [0.0, 1.0, 1.0]
+    halves = [DATASETS.build(dict(node, split=s, holdout=0.5)).files for s in ("train", "test")]
+    assert sorted(halves[0] + halves[1]) == ["im0.png", "im1.png", "im2.png"]  # a partition, by file-name hash
+    assert halves == [[f for f in data.files if held_out(f, 0.5) == t] for t in (False, True)]
+
+
+def test_imagefolder_attrs_split_column_decides_the_held_out_set(tmp_path):
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 50 * i, np.uint8)).save(tmp_path / f"im{i}.png")
+    (tmp_path / "attrs.csv").write_text("file,cat,split\nim0.png,1,test\nim1.png,0,train\nim2.png,1,train\n")
+    node = {"type": "imagefolder_attrs", "root": str(tmp_path), "size": 8}
+    test, train = DATASETS.build(dict(node, split="test")), DATASETS.build(node)
+    assert test.files == ["im0.png"] and train.files == ["im1.png", "im2.png"] and test.attr_names == ["cat"]
+    (tmp_path / "attrs.csv").write_text("file,cat,split\nim0.png,1,valid\n")
+    with pytest.raises(DatasetError, match=r"attrs.csv:2: the split column must say train or test, got 'valid'"):
+        DATASETS.build(node)
 
 
 @pytest.mark.parametrize("csv,message", [

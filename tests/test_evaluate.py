@@ -3,7 +3,7 @@ import random
 import torch
 
 from gmmcond.data import shapes as S
-from gmmcond.eval.evaluate import check_shape_image, requested_features
+from gmmcond.data.shapes import check_image
 from gmmcond.data.shapes import ShapesDataset
 
 
@@ -13,7 +13,7 @@ def render(params, size=16):
 
 def test_real_heldout_shapes_are_rarely_flagged():
     data = ShapesDataset(size=16, split="test")
-    flags = [check_shape_image(*data[i][:2]).defect for i in range(500)]
+    flags = [check_image(*data[i][:2]).defect for i in range(500)]
     assert sum(flags) / len(flags) < 0.01
 
 
@@ -44,28 +44,30 @@ def broken_images(n=20):
 
 
 def test_blank_two_object_half_drawn_and_noise_images_are_all_flagged():
-    missed = [(kind, check_shape_image(img, attrs).reason) for kind, img, attrs in broken_images()
-              if not check_shape_image(img, attrs).defect]
+    missed = [(kind, check_image(img, attrs).reason) for kind, img, attrs in broken_images()
+              if not check_image(img, attrs).defect]
     assert missed == []
 
 
-def test_class_run_attributes_map_onto_the_oracle_features():
-    names = list(S.CLASS_NAMES)
-    attrs = torch.zeros(2, 9)
-    attrs[0, names.index("square_blue")] = 1
-    attrs[1, names.index("circle_red")] = 1
-    target, known = requested_features(attrs, names, list(S.ATTR_NAMES))
-    on = [[S.ATTR_NAMES[k] for k in range(11) if target[r, k]] for r in range(2)]
-    assert on == [["square", "blue"], ["circle", "red"]]
-    assert known[0].tolist() == [1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
+def test_class_labellings_fix_what_their_labels_say_and_index_every_combination():
+    classes, combos = ShapesDataset(label_mode="classes"), ShapesDataset(label_mode="combinations")
+    assert classes.known_features == ["circle", "square", "triangle", "red", "green", "blue"]
+    assert combos.known_features == list(S.ATTR_NAMES) and len(combos.attr_names) == 288 == len(set(combos.attr_names))
+    features = ShapesDataset()
+    for i in range(50):  # the combination named by the one-hot label is exactly the item's feature row
+        name = combos.attr_names[int(combos[i][1].argmax())]
+        on = [S.ATTR_NAMES[k] for k in range(11) if features[i][1][k] > 0.5]
+        assert name.split("+") == on
 
 
 def test_evaluate_run_on_user_data_uses_confidence_and_nearest_neighbours(tiny_cfg, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from gmmcond.eval.evaluate import evaluate_run
     from gmmcond.engine.trainer import train
+    from gmmcond.eval.evaluate import evaluate_run
+    from gmmcond.eval.evaluator import save_evaluator, train_evaluator
+    from gmmcond.registry import DATASETS
 
     data = tmp_path / "data"
     data.mkdir()
@@ -79,11 +81,18 @@ def test_evaluate_run_on_user_data_uses_confidence_and_nearest_neighbours(tiny_c
         Image.fromarray(image).save(data / f"{i}.png")
         rows.append(f"{i}.png,{warm},{1 - warm},{int(r == 6)}")
     (data / "attrs.csv").write_text("\n".join(rows) + "\n")
-    cfg = tiny_cfg(f"dataset={{type: imagefolder_attrs, root: {data}, size: 16, groups: [[warm, cold]]}}",
-                   "sample.grid_rows=[]", "train.batch_size=8")
+    cfg = tiny_cfg(f"dataset={{type: imagefolder_attrs, root: {data}, size: 16, groups: [[warm, cold]], holdout: 0.5}}",
+                   "sample.grid_rows=[]", "train.batch_size=4")
     train(cfg, tmp_path / "run")
-    result = evaluate_run(tmp_path / "run", n=16, steps=3, oracle_steps=30, progress=False)
+    model, scores = train_evaluator(cfg["dataset"], steps=30, progress=False)
+    save_evaluator(tmp_path / "ev.safetensors", model, cfg["dataset"], ["warm", "cold", "big"], scores)
+    test_files = DATASETS.build(dict(cfg["dataset"], split="test")).files
+    train_files = DATASETS.build(cfg["dataset"]).files
+    assert not set(test_files) & set(train_files) and len(test_files) + len(train_files) == 24
+    result = evaluate_run(tmp_path / "run", n=6, steps=3, progress=False, evaluator=tmp_path / "ev.safetensors")
     assert set(result["per_attribute"]) == {"warm", "cold", "big"}
-    assert 0 <= result["defect_rate"] <= 1 and result["nn_threshold"] > 0
-    assert result["defect_rate_size_free"] is None
+    assert 0 <= result["defect_rate"] <= 1 and result["reference"].startswith("the next n held-out images")
+    for key in ("fd", "kid", "precision", "recall", "density", "coverage"):
+        assert set(result[key]) == {"value", "real_reference"}
+    assert 0 <= result["attr_accuracy"] <= 1 and "nuisance" not in result  # no renderer, no nuisances
     assert (tmp_path / "run" / "eval.json").exists() and (tmp_path / "run" / "eval_worst.png").exists()

@@ -234,6 +234,7 @@ def test_a_wheel_ships_every_subpackage_and_the_recipes(tmp_path):
     assert sorted(n.split("/")[-1] for n in names if n.startswith("gmmcond/recipes/")) == recipes
     packages = sorted(str(p.parent.relative_to(ROOT)) for p in (ROOT / "gmmcond").rglob("__init__.py"))
     assert all(f"{p}/__init__.py" in names for p in packages), packages
+    assert "gmmcond/eval/weights/shapes16.safetensors" in names
     # installed without the checkout, the recipes are found by name
     target = tmp_path / "site"
     subprocess.run([PY, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(next(tmp_path.glob("*.whl")))],

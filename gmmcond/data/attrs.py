@@ -54,3 +54,20 @@ def parse_attrs(text: str, attr_names: list[str], groups: list[list[str]] = ()) 
 def describe(attrs: torch.Tensor, attr_names: list[str]) -> str:
     """Return the comma-separated names of the attributes set in a 0/1 vector."""
     return ",".join(n for n, a in zip(attr_names, attrs.tolist()) if a > 0.5) or "(none)"
+
+
+def parse_compose(text: str, attr_names: list[str]) -> list[tuple[int, float]]:
+    """Parse ``"triangle:2,red:-1"`` into (attribute index, weight) terms for composed guidance."""
+    terms = []
+    for token in [t.strip() for t in text.split(",") if t.strip()]:
+        name, _, weight = token.partition(":")
+        name = name.strip()
+        if name not in attr_names:
+            raise AttributeSpecError(f"unknown attribute '{name}' in --compose '{text}'; valid attributes: {', '.join(attr_names)}")
+        try:
+            terms.append((attr_names.index(name), float(weight) if weight else 1.0))
+        except ValueError:
+            raise AttributeSpecError(f"--compose '{text}': the weight of '{name}' must be a number, got '{weight}'") from None
+    if not terms:
+        raise AttributeSpecError("--compose needs at least one term, e.g. \"triangle:2,red:-1\"")
+    return terms

@@ -7,6 +7,7 @@ file is a :class:`DatasetError` naming the file and what to do.
 from __future__ import annotations
 
 import csv
+import hashlib
 import pickle
 from pathlib import Path
 
@@ -148,9 +149,19 @@ class CIFAR10(Dataset):
         return self.data[index].float() / 127.5 - 1, attrs, index
 
 
+def held_out(name: str, fraction: float) -> bool:
+    """Whether a file belongs to the held-out split: a hash of its name, so the split is the same everywhere."""
+    digest = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+    return digest < fraction * 16 ** 8
+
+
 @DATASETS.register("imagefolder_attrs")
 class ImageFolderAttrs(Dataset):
-    """A folder of images and a CSV: first column the file name, one column of 0/1 (or -1/1) per attribute."""
+    """A folder of images and a CSV: first column the file name, one column of 0/1 (or -1/1) per attribute.
+
+    The held-out split (``split="test"``) is the CSV's ``split`` column where it has one (values train/test),
+    else a fixed ``holdout`` fraction chosen by a hash of each file name, the same on every machine.
+    """
 
     def __init__(
         self,
@@ -159,6 +170,8 @@ class ImageFolderAttrs(Dataset):
         csv_file: str = "attrs.csv",  # CSV path, relative to root unless absolute.
         size: int = 64,  # Output side: centre crop, then resize.
         groups: list | None = None,  # Optional lists of mutually exclusive attribute names.
+        split: str = "train",  # train | test | all: the CSV's split column, else a fixed name-hashed held-out split.
+        holdout: float = 0.1,  # Fraction of files in the test split where the CSV has no split column.
     ):
         root_path = Path(root).expanduser()
         csv_path = require(root_path / csv_file, "attribute CSV (first column file name, then 0/1 columns)")
@@ -166,11 +179,19 @@ class ImageFolderAttrs(Dataset):
             rows = list(csv.reader(f))
         if len(rows) < 2 or len(rows[0]) < 2:
             raise DatasetError(f"{csv_path}: needs a header (file, attr1, ...) and at least one row")
-        self.attr_names = [name.strip() for name in rows[0][1:]]
-        files, values = [], []
+        header = [name.strip() for name in rows[0]]
+        split_col = header.index("split") if "split" in header[1:] else None
+        attr_cols = [k for k in range(1, len(header)) if k != split_col]
+        self.attr_names = [header[k] for k in attr_cols]
+        files, values, tags = [], [], []
         for line, row in enumerate(rows[1:], start=2):
             if len(row) != len(rows[0]):
                 raise DatasetError(f"{csv_path}:{line}: {len(row)} columns, header has {len(rows[0])}")
+            if split_col is not None:
+                tags.append(row[split_col].strip())
+                if tags[-1] not in ("train", "test"):
+                    raise DatasetError(f"{csv_path}:{line}: the split column must say train or test, got '{tags[-1]}'")
+            row = [row[0]] + [row[k] for k in attr_cols]
             try:
                 vals = [int(float(v)) for v in row[1:]]
             except ValueError as exc:
@@ -183,6 +204,16 @@ class ImageFolderAttrs(Dataset):
             for name in group:
                 if name not in self.attr_names:
                     raise DatasetError(f"dataset.groups names '{name}', which is not a CSV column: {self.attr_names}")
+        if split not in ("train", "test", "all"):
+            raise DatasetError(f"dataset.split must be train, test or all, got '{split}'")
+        if not 0 <= holdout < 1:
+            raise DatasetError(f"dataset.holdout must be in [0, 1), got {holdout}")
+        if split != "all":
+            test = [t == "test" for t in tags] if tags else [held_out(f, holdout) for f in files]
+            picked = [i for i, t in enumerate(test) if t == (split == "test")]
+            files, values = [files[i] for i in picked], [values[i] for i in picked]
+            if not files:
+                raise DatasetError(f"{csv_path}: the '{split}' split (dataset.holdout={holdout}) holds no images")
         missing = [f for f in files if not (root_path / f).exists()]
         if missing:
             raise DatasetError(f"{csv_path}: {len(missing)} listed images are missing from {root_path}, e.g. {missing[0]}")

@@ -67,7 +67,10 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Loade
     config_file = run_dir / "config.yaml"
     if not config_file.exists():
         raise RunError(f"{config_file} not found: is {run_dir} a run directory written by launch/train.py?")
-    cfg = resolve(yaml.safe_load(config_file.read_text()))
+    raw = yaml.safe_load(config_file.read_text())
+    if raw.get("dataset", {}).get("type") == "shapes" and "variation" not in raw["dataset"]:
+        raw["dataset"]["variation"] = 0.0  # written before shapes varied within an attribute set: the old geometry
+    cfg = resolve(raw)
     info = read_json(run_dir / "dataset.json")
     parts = build(cfg, dataset=DatasetInfo(info["attr_names"], info["groups"], info["size"]))
     export = run_dir / "ema.safetensors"

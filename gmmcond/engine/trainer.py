@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from ..config import dump_config
-from ..data.attrs import describe, parse_attrs
+from ..data.attrs import describe, parse_expr
 from ..errors import ConfigError, RunError, TrainingDiverged
 from ..io import (append_metrics, latest_checkpoint, load_checkpoint, previous_checkpoint, read_metrics,
                   save_checkpoint, truncate_metrics, write_json)
@@ -128,9 +128,12 @@ def write_grid(cfg: dict, parts: Components, ema: nn.Module, path: Path, precisi
     """Sample the grid rows with the EMA model and write a captioned PNG."""
     s = cfg["sample"]
     rows = grid_rows(cfg, parts)
-    attrs = torch.stack([parse_attrs(r, parts.attr_names, parts.groups) for r in rows]).repeat_interleave(s["grid_cols"], 0)
+    requests = [parse_expr(r, parts.attr_names, parts.groups) for r in rows]
+    attrs = torch.stack([r.values for r in requests]).repeat_interleave(s["grid_cols"], 0)
+    known = torch.stack([r.known for r in requests]).repeat_interleave(s["grid_cols"], 0)
     with autocast(next(ema.parameters()).device, precision):
-        images = generate(parts, attrs, sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"], seed=s["seed"], model=ema)
+        images = generate(parts, attrs, sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"], seed=s["seed"],
+                          model=ema, known=known if getattr(parts.conditioner, "partial", False) else None)
     save_png(captioned_grid(list(images.float().split(s["grid_cols"])), rows), path)
 
 

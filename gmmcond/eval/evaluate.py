@@ -1,110 +1,34 @@
-"""Offline evaluation without downloaded weights: an oracle attribute classifier trained on the run's own
-data, attribute accuracy of conditional samples, defects, and a Frechet distance in oracle features.
+"""Offline evaluation without downloaded weights: attribute accuracy, defects, quality and diversity.
 
-Defects on ``shapes`` are measured from the image itself with what the renderer knows (plain background
-from a two-colour set, one connected foreground object, an area that fits the requested size, a fill
-colour from the palette), beside the oracle's confidence. For datasets without a renderer, a sample is a
-defect when the oracle is unsure within a mutually exclusive group or when its oracle features lie farther
-from every real image than 99% of real held-out images do.
+Samples are conditioned on the attribute rows of a held-out real set A and compared with A in the
+evaluator's features (:mod:`gmmcond.eval.evaluator`); every distance is reported beside its real-vs-real
+reference, a second real set B with the SAME attribute rows (for shapes each row redrawn with fresh
+nuisances; elsewhere the next held-out images, an approximation). Accuracy and defects alone reward
+collapse, so each report pairs them with recall, coverage and, per attribute set, the nuisance spread.
+
+Each dataset brings what it knows through one protocol (:func:`heldout_sets`). On ``shapes`` defects are
+the renderer's own rule (:func:`gmmcond.data.shapes.check_image`: plain background, one connected object
+of the requested size class, round second moments, a palette fill), beside the evaluator's confidence.
+For datasets without such a rule, a sample is a defect when the evaluator is unsure within a mutually exclusive group or when its features
+lie farther from every real image than 99% of real held-out images do.
 """
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
-from torch import nn
 
-from ..data import shapes as S
-from ..errors import DatasetError
-from ..io import write_json
+from ..errors import ConfigError, DatasetError
 
 
-class Oracle(nn.Module):
-    """A small CNN attribute classifier; ``features`` gives its penultimate layer for Frechet distances."""
-
-    def __init__(self, num_attrs: int, size: int, width: int = 32):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, width, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-            nn.Linear(8 * width, 128), nn.GELU(),
-        )
-        self.out = nn.Linear(128, num_attrs)
-        self.size = size
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the 128-d penultimate features of images in [-1, 1]."""
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.features(x))
+METRICS = ("fd", "kid", "precision", "recall", "density", "coverage")  # each beside its real-vs-real reference
 
 
 def stack_items(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the first ``n`` images and attributes of a dataset as two tensors."""
     items = [dataset[i] for i in range(min(n, len(dataset)))]
     return torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
-
-
-def train_oracle(train_x, train_y, *, steps: int = 1500, batch: int = 128, lr: float = 2e-3, seed: int = 0) -> Oracle:
-    """Train the oracle with BCE on real images (light jitter: 1-pixel shifts)."""
-    torch.manual_seed(seed)
-    oracle = Oracle(train_y.shape[1], train_x.shape[-1])
-    opt = torch.optim.AdamW(oracle.parameters(), lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, len(train_x), (batch,), generator=gen)
-        x = train_x[idx]
-        dx, dy = torch.randint(-1, 2, (2,), generator=gen).tolist()
-        x = torch.roll(x, (dy, dx), (2, 3))
-        loss = nn.functional.binary_cross_entropy_with_logits(oracle(x), train_y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return oracle.eval()
-
-
-@torch.no_grad()
-def save_oracle(path: Path, oracle: Oracle, dataset_cfg: dict, size: int) -> None:
-    """Cache an oracle as safetensors, with the dataset config it was trained on in the metadata."""
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in oracle.state_dict().items()}, str(path),
-              metadata={"dataset": json.dumps(dataset_cfg, sort_keys=True), "size": str(size)})
-
-
-def load_oracle(path: Path, dataset_cfg: dict, num_attrs: int) -> Oracle | None:
-    """Load a cached oracle if it exists and was trained on ``dataset_cfg``; else None."""
-    from safetensors import safe_open
-
-    if not path.exists():
-        return None
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("dataset") != json.dumps(dataset_cfg, sort_keys=True):
-            return None
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    oracle = Oracle(num_attrs, int(meta["size"]))
-    oracle.load_state_dict(state)
-    return oracle.eval()
-
-
-def predict(oracle: Oracle, x: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return oracle probabilities and features for images x."""
-    probs, feats = [], []
-    for chunk in x.split(batch):
-        f = oracle.features(chunk)
-        feats.append(f)
-        probs.append(torch.sigmoid(oracle.out(f)))
-    return torch.cat(probs), torch.cat(feats)
 
 
 def attribute_scores(probs: torch.Tensor, attrs: torch.Tensor, names: list[str]) -> dict:
@@ -123,70 +47,6 @@ def group_confidence(probs: torch.Tensor, names: list[str], groups: list[list[st
     return conf
 
 
-# --- defects on shapes, from the image itself ---------------------------------------------------------
-
-PALETTE = np.array([S.PALETTE[c] for c in S.COLOURS], dtype=np.float32)
-BACKGROUNDS = np.array([S.BACKGROUNDS[True], S.BACKGROUNDS[False]], dtype=np.float32)
-
-
-def expected_area(shape: str, large: bool, size: int) -> float:
-    """Area in pixels of a shape drawn at the nominal radius (the renderer's geometry)."""
-    r = S.RADIUS[large] * size
-    if shape == "circle":
-        return math.pi * r * r
-    if shape == "square":
-        return (2 * 0.85 * r) ** 2
-    return 0.5 * (2 * 0.95 * r) * (1.75 * r)  # triangle: base 1.9 r, height 1.75 r
-
-
-@dataclass
-class ShapeCheck:
-    """The renderer-based verdict on one image and the measurements behind it."""
-
-    defect: bool
-    reason: str
-    components: int
-    area: float
-
-
-def check_shape_image(image: torch.Tensor, attrs: torch.Tensor | None = None) -> ShapeCheck:
-    """Decide if a shapes image is broken: no plain background, empty, several objects, wrong area, impure colour.
-
-    ``attrs`` (the requested attributes) sets the expected area; without it any nominal area is accepted.
-    """
-    rgb = ((image.clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).numpy()
-    size = rgb.shape[0]
-    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
-    dist_bg = np.linalg.norm(BACKGROUNDS[:, None, :] - border[None], axis=-1)  # [2, n_border]
-    bg_index = int(np.argmin(np.median(dist_bg, 1)))
-    bg_close = dist_bg[bg_index] < 60
-    if bg_close.mean() < 0.6:
-        return ShapeCheck(True, "no plain background", 0, 0.0)
-    fg = np.linalg.norm(rgb - BACKGROUNDS[bg_index], axis=-1) > 70  # clearly not background
-    labels, count = ndimage.label(fg)
-    areas = np.bincount(labels.ravel())[1:] if count else np.array([])
-    big = areas[areas >= 0.15 * expected_area("circle", False, size)] if count else areas
-    if len(big) == 0:
-        return ShapeCheck(True, "empty", int(count), 0.0)
-    if len(big) > 1:
-        return ShapeCheck(True, "several objects", int(len(big)), float(areas.sum()))
-    area = float(areas.max())
-    if attrs is not None:
-        on = {S.ATTR_NAMES[k] for k in range(len(S.ATTR_NAMES)) if attrs[k] > 0.5}
-        shape = next((s for s in S.SHAPES if s in on), None)
-        sizes = [expected_area(shape, "large" in on, size)] if shape else [expected_area(s, "large" in on, size) for s in S.SHAPES]
-        lo, hi = 0.8 * min(sizes), 1.75 * max(sizes)  # real shapes: 0.84 to 1.64 of nominal (outline, jitter)
-    else:
-        lo, hi = 0.8 * expected_area("triangle", False, size), 1.75 * expected_area("circle", True, size)
-    if not lo <= area <= hi:
-        return ShapeCheck(True, f"area {area:.0f} outside [{lo:.0f}, {hi:.0f}]", 1, area)
-    pixels = rgb[labels == (int(np.argmax(areas)) + 1)]
-    near_fill = np.linalg.norm(pixels[:, None] - PALETTE[None], axis=-1).min(1) < 70
-    if near_fill.sum() < max(1, 0.1 * len(pixels)):  # no clean fill colour (small outlined shapes keep some)
-        return ShapeCheck(True, "impure colour", 1, area)
-    return ShapeCheck(False, "ok", 1, area)
-
-
 def nearest_real_distance(feats: torch.Tensor, real: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
     """Return each feature row's Euclidean distance to its nearest real feature row."""
     d = torch.cdist(feats, real)
@@ -195,126 +55,202 @@ def nearest_real_distance(feats: torch.Tensor, real: torch.Tensor, exclude_self:
     return d.min(1).values
 
 
-def heldout_config(dataset_cfg: dict) -> dict:
-    """Return the dataset config of the held-out split (the oracle's test data and the attribute sets)."""
-    cfg = dict(dataset_cfg)
-    if cfg["type"] in ("shapes", "cifar10", "celeba"):
-        cfg["split"] = "test"
-    return cfg
+def heldout_sets(dataset_cfg: dict):
+    """Return the held-out split in the run's labelling (its rows condition the samples) and in the evaluator's.
 
+    Every registered dataset takes ``split="test"``. A dataset may adapt further through the evaluation
+    protocol below (shapes: excluded attribute sets come back, labels become the 11 features).
 
-def oracle_dataset_config(dataset_cfg: dict) -> dict:
-    """The data the oracle learns from: shapes always with their 11 features (class runs included)."""
-    cfg = dict(dataset_cfg)
-    if cfg["type"] == "shapes":
-        cfg["label_mode"] = "features"
-        cfg["length"] = max(cfg.get("length", 0), 8192)
-    return cfg
-
-
-def requested_features(attrs: torch.Tensor, names: list[str], oracle_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Map a run's attribute rows onto the oracle's attributes; return targets and a mask of those known.
-
-    Identity for feature runs; for a shapes class run ("circle_red") only the shape and colour are known.
+    The evaluation protocol, every method optional:
+        ``for_evaluation() -> (cond_set, eval_set)``: the two views above, row for row;
+        ``check_image(image, attrs) -> verdict with .defect, .reason``: a renderer's defect rule;
+        ``redraw(index, stream) -> params`` and ``image(params)``: the same attribute row with fresh
+        nuisances, for an exact real-vs-real reference and the per-set diversity metrics;
+        ``groups``: mutually exclusive attribute groups;
+        ``known_features``: where the run's labels are not the evaluator's (shapes classes), the evaluator
+        attributes a label fixes; the targets are then the evaluation view's rows.
     """
-    if names == oracle_names:
-        return attrs, torch.ones_like(attrs)
-    target, known = torch.zeros(len(attrs), len(oracle_names)), torch.zeros(len(attrs), len(oracle_names))
-    for k, name in enumerate(names):
-        parts = name.split("_")
-        cols = [oracle_names.index(p) for p in parts if p in oracle_names]
-        if len(cols) != len(parts):
-            raise DatasetError(f"cannot map attribute '{name}' onto the oracle's attributes {oracle_names}")
-        rows = attrs[:, k] > 0.5
-        for group in (S.SHAPES, S.COLOURS):
-            gcols = [oracle_names.index(g) for g in group]
-            known[:, gcols] = 1
-        target[rows.nonzero().flatten()[:, None], torch.tensor(cols)] = 1
-    return target, known
+    from ..registry import DATASETS
+
+    test = DATASETS.build(dict(dataset_cfg, split="test"))
+    return test.for_evaluation() if hasattr(test, "for_evaluation") else (test, test)
+
+
+def defect_flags(images: torch.Tensor, probs: torch.Tensor, target: torch.Tensor, known: torch.Tensor, names: list[str],
+                 groups: list[list[str]], check_image=None, feats: torch.Tensor | None = None,
+                 real_feats: torch.Tensor | None = None) -> list[str]:
+    """Return a reason per image ("ok" if none): the dataset's ``check_image`` rule where it has one, else
+    far-from-real; then an unsure evaluator."""
+    conf = group_confidence(probs, names, groups)
+    if check_image is not None:
+        reasons = []
+        for img, t, kn in zip(images, target, known):
+            check = check_image(img, t if kn.all() else None)  # a class run does not fix the size
+            reasons.append(check.reason if check.defect else "ok")
+    else:
+        real_nn = nearest_real_distance(real_feats, real_feats, exclude_self=True)
+        far = nearest_real_distance(feats, real_feats) > torch.quantile(real_nn, 0.99)
+        reasons = ["far from real data" if f else "ok" for f in far.tolist()]
+    return [("unsure evaluator" if r == "ok" and c < 0.5 else r) for r, c in zip(reasons, conf.tolist())]
+
+
+def _sample(parts, attrs: torch.Tensor, *, sampler, steps: int, cfg_scale: float, seed: int, batch: int, precision: str,
+            progress: bool, desc: str) -> torch.Tensor:
+    from tqdm.auto import tqdm
+
+    from ..engine.precision import autocast
+    from ..sampling.generate import generate
+
+    device = next(parts.denoiser.parameters()).device
+    out = []
+    for i, chunk in enumerate(tqdm(attrs.split(batch), desc=desc, disable=not progress)):
+        with autocast(device, precision):
+            out.append(generate(parts, chunk, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed + i).float())
+    return torch.cat(out)
 
 
 def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None, sampler=None, cfg_scale: float | None = None,
-                 seed: int = 0, batch: int = 64, oracle_steps: int = 2000, progress: bool = True,
-                 oracle_cache: Path | None = None, precision: str | None = None) -> dict:
-    """Evaluate a trained run offline; writes ``eval.json``, ``oracle.pt`` (cache) and ``eval_worst.png``."""
-    import k_diffusion as K
-    from tqdm.auto import tqdm
+                 seed: int = 0, batch: int = 64, progress: bool = True, evaluator: str | Path | None = None,
+                 precision: str | None = None, sets: int = 6, per_set: int = 48, write: bool = True) -> dict:
+    """Evaluate a trained run offline; writes ``eval.json``, ``eval_worst.png`` and ``eval_diversity.png``.
 
-    from ..engine.precision import autocast, sampling_precision
+    Args:
+        n: samples conditioned on the attribute rows of the first ``n`` held-out real images (set A).
+        evaluator: an evaluator file to use instead of the default (the frozen one for the default shapes data).
+        sets, per_set: attribute sets (shapes) sampled ``per_set`` times each, against as many real redraws,
+            for the per-set diversity metrics (recall, coverage, nuisance W1 and spread ratio).
+    """
+    from ..engine.precision import sampling_precision
     from ..engine.runs import load_run
-    from ..registry import DATASETS
-    from ..sampling.generate import generate
+    from ..io import write_json
     from ..visualize import captioned_grid, save_png
+    from .evaluator import NUISANCE_COLUMNS, evaluator_for, matched_nuisances
+    from .metrics import nuisance_fidelity, prdc, set_metrics
 
+    if n <= 5 or (sets > 0 and per_set <= 5):
+        raise ConfigError(f"evaluation needs n and per_set above 5 (the k-NN metrics use k = 5), got n={n}, per_set={per_set}")
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     cfg, parts = run.cfg, run.parts
-    oracle_cfg = oracle_dataset_config(cfg["dataset"])
-    train_set, test_set = DATASETS.build(oracle_cfg), DATASETS.build(heldout_config(oracle_cfg))
-    oracle_names = list(train_set.attr_names)
-    cache = Path(oracle_cache) if oracle_cache else run_dir / "oracle.safetensors"
-    oracle = load_oracle(cache, oracle_cfg, len(oracle_names))
-    if oracle is None:
-        tx, ty = stack_items(train_set, 8192)
-        oracle = train_oracle(tx, ty, steps=oracle_steps)
-        save_oracle(cache, oracle, oracle_cfg, tx.shape[-1])
-    real_x, real_y = stack_items(test_set, max(n, 1024))
-    real_p, real_f = predict(oracle, real_x)
-    oracle_scores = attribute_scores(real_p, real_y, oracle_names)
-
-    run_test = DATASETS.build(heldout_config(cfg["dataset"]))
-    cond_attrs = torch.stack([run_test[i][1] for i in range(n)])
+    model, meta, evaluator_path = evaluator_for(cfg["dataset"], evaluator, progress=progress)
+    names = list(meta["attr_names"])
     s = cfg["sample"]
-    images = []
-    device = next(parts.denoiser.parameters()).device
-    precision = precision or sampling_precision(cfg, device.type)  # the run's own autocast, where this machine has it
-    for i, chunk in enumerate(tqdm(cond_attrs.split(batch), desc="sample", disable=not progress)):
-        with autocast(device, precision):
-            images.append(generate(parts, chunk, sampler=sampler or s["sampler"], steps=steps or s["steps"],
-                                   cfg_scale=s["cfg_scale"] if cfg_scale is None else cfg_scale, seed=seed + i).float())
-    images = torch.cat(images)
-    probs, feats = predict(oracle, images)
-    target, known = requested_features(cond_attrs, parts.attr_names, oracle_names)
-    correct = ((probs > 0.5).float() == target).float()
-    per = {name: (correct[:, k][known[:, k] > 0]).mean().item() for k, name in enumerate(oracle_names) if known[:, k].any()}
-    mean_acc = (correct * known).sum().item() / known.sum().item()
-    all_correct = ((correct * known).sum(1) == known.sum(1)).float().mean().item()
-    groups = [list(S.SHAPES), list(S.COLOURS)] if cfg["dataset"]["type"] == "shapes" else getattr(train_set, "groups", [])
-    conf = group_confidence(probs, oracle_names, groups)
-    reasons = []
-    size_free = None
-    if cfg["dataset"]["type"] == "shapes":
-        for img, t, kn in zip(images, target, known):
-            check = check_shape_image(img, t if kn.all() else None)  # a class run does not fix the size
-            reasons.append(check.reason if check.defect else "ok")
-        size_free = [check_shape_image(img).defect or c < 0.5 for img, c in zip(images, conf.tolist())]
-        real_flags = [check_shape_image(img, y).defect for img, y in zip(real_x[:n], real_y[:n])]
-        nn_threshold = None
+    sampler, steps = sampler or s["sampler"], steps or s["steps"]
+    cfg_scale = s["cfg_scale"] if cfg_scale is None else cfg_scale
+    precision = precision or sampling_precision(cfg, next(parts.denoiser.parameters()).device.type)
+    opts = dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale, batch=batch, precision=precision, progress=progress)
+
+    # set A (held-out real), its same-rows reference B, and the samples conditioned on A's rows
+    test, eval_set = heldout_sets(cfg["dataset"])
+    if len(test) < n:
+        raise DatasetError(f"the held-out split has {len(test)} images, fewer than n={n}; lower --n")
+    real_x, cond_attrs = stack_items(test, n)
+    exact_reference = hasattr(eval_set, "redraw")
+    if exact_reference:
+        ref_x = torch.stack([eval_set.image(eval_set.redraw(i)) for i in range(n)])
+        real_y = stack_items(eval_set, n)[1]
+        reference = "same attribute rows, nuisances redrawn"
     else:
-        real_nn = nearest_real_distance(real_f, real_f, exclude_self=True)
-        nn_threshold = torch.quantile(real_nn, 0.99).item()
-        far = nearest_real_distance(feats, real_f) > nn_threshold
-        reasons = ["far from real data" if f else "ok" for f in far.tolist()]
-        real_flags = (group_confidence(real_p, oracle_names, groups) < 0.5).tolist()
-    for i, c in enumerate(conf.tolist()):
-        if reasons[i] == "ok" and c < 0.5:
-            reasons[i] = "unsure oracle"
+        if len(test) < 2 * n:
+            raise DatasetError(f"the held-out split has {len(test)} images; the reference needs 2n = {2 * n}; lower --n")
+        ref_x = torch.stack([test[n + i][0] for i in range(n)])
+        real_y = cond_attrs
+        reference = "the next n held-out images (attribute rows not matched)"
+    images = _sample(parts, cond_attrs, seed=seed, desc="sample", **opts)
+    real, ref, fake = model.predict(real_x), model.predict(ref_x), model.predict(images)
+
+    # what each sample was asked for, in the evaluator's attributes: the row itself, or (a class labelling)
+    # the same row of the evaluation view, masked to the attributes the label fixes
+    if list(parts.attr_names) == names:
+        target, known = cond_attrs, torch.ones_like(cond_attrs)
+    else:
+        fixed = getattr(test, "known_features", None)
+        if fixed is None or not exact_reference:
+            raise DatasetError(f"the run's attributes {list(parts.attr_names)[:4]}... differ from the evaluator's {names[:4]}... "
+                               "and the dataset does not say how they map; pass --evaluator trained on the run's labels")
+        target = real_y
+        known = torch.tensor([float(nm in fixed) for nm in names]).expand_as(target)
+    correct = ((fake["probs"] > 0.5).float() == target).float()
+    per = {nm: (correct[:, k][known[:, k] > 0]).mean().item() for k, nm in enumerate(names) if known[:, k].any()}
+    groups = [list(g) for g in getattr(eval_set, "groups", [])]
+    check = getattr(eval_set, "check_image", None)
+    reasons = defect_flags(images, fake["probs"], target, known, names, groups, check, fake["features"], real["features"])
+    real_reasons = defect_flags(real_x, real["probs"], real_y, torch.ones_like(real_y), names, groups, check,
+                                real["features"], ref["features"])
     defects = [r != "ok" for r in reasons]
-    fd = K.evaluation.fid(feats, real_f[: len(feats)]).item()
+    eig_min = torch.linalg.eigvalsh(torch.cov(real["features"].double().T)).min().item()
+    vs_real, reference_vs_real = set_metrics(real["features"], fake["features"]), set_metrics(real["features"], ref["features"])
     result = {
-        "run": str(run_dir), "step": run.step, "n": n, "sampler": sampler or s["sampler"], "steps": steps or s["steps"],
-        "cfg_scale": s["cfg_scale"] if cfg_scale is None else cfg_scale, "precision": precision,
-        "oracle_heldout_accuracy": oracle_scores["mean_accuracy"], "oracle_heldout_per_attribute": oracle_scores["per_attribute"],
-        "attribute_accuracy": mean_acc, "all_attributes_correct": all_correct, "per_attribute": per,
+        "run": str(run_dir), "step": run.step, "n": n, "sampler": sampler, "steps": steps, "cfg_scale": cfg_scale,
+        "autocast": precision, "evaluator": str(evaluator_path), "evaluator_hash": meta.get("dataset_hash"),
+        "evaluator_heldout": meta["scores"], "reference": reference,
+        "attr_accuracy": (correct * known).sum().item() / known.sum().item(),
+        "all_attributes_correct": ((correct * known).sum(1) == known.sum(1)).float().mean().item(),
+        "per_attribute": per,
         "defect_rate": sum(defects) / len(defects),
-        "defect_rate_size_free": None if size_free is None else sum(size_free) / len(size_free),  # same rule for class runs
         "defect_reasons": {r: reasons.count(r) for r in set(reasons) if r != "ok"},
-        "real_heldout_defect_rate": sum(real_flags) / len(real_flags), "nn_threshold": nn_threshold,
-        "frechet_distance": fd,
+        "real_heldout_defect_rate": sum(r != "ok" for r in real_reasons) / len(real_reasons),
+        **{key: {"value": vs_real[key], "real_reference": reference_vs_real[key]} for key in METRICS},
+        "feature_dim": real["features"].shape[1], "feature_cov_min_eigenvalue": eig_min,
     }
-    order = sorted(range(len(images)), key=lambda i: (not defects[i], conf[i].item()))[:32]
-    rows = [images[order[j:j + 8]] for j in range(0, len(order), 8)]
-    caps = [" | ".join(reasons[i][:14] for i in order[j:j + 8]) for j in range(0, len(order), 8)]
-    save_png(captioned_grid(rows, caps, cell=64), run_dir / "eval_worst.png")
-    write_json(run_dir / "eval.json", result)
+    if exact_reference and sets > 0 and bool(known.all()):  # per-set diversity needs every attribute fixed
+        result["per_set"], diversity = _per_set(parts, eval_set, cond_attrs, model, names, sets, per_set, seed, opts,
+                                                NUISANCE_COLUMNS, matched_nuisances, nuisance_fidelity, prdc)
+        if write:
+            save_png(captioned_grid(*diversity, cell=48), run_dir / "eval_diversity.png")
+        result["per_set_mean"] = {
+            key: {"value": float(np.nanmean([r[key] for r in result["per_set"]])),
+                  "real_reference": float(np.nanmean([r["reference"][key] for r in result["per_set"]]))}
+            for key in ("recall", "coverage", "mean_spread_ratio", "mean_nuisance_w1")}
+        result["nuisance"] = {
+            col: {stat: {"value": float(np.nanmean([r["nuisances"][col][stat] for r in result["per_set"] if col in r["nuisances"]])),
+                         "real_reference": float(np.nanmean([r["reference"]["nuisances"][col][stat] for r in result["per_set"]
+                                                             if col in r["nuisances"]]))}
+                  for stat in ("w1", "spread_ratio")}
+            for col in NUISANCE_COLUMNS if any(col in r["nuisances"] for r in result["per_set"])}
+    if write:
+        conf = group_confidence(fake["probs"], names, groups)
+        order = sorted(range(len(images)), key=lambda i: (not defects[i], conf[i].item()))[:32]
+        rows = [images[order[j:j + 8]] for j in range(0, len(order), 8)]
+        caps = [" | ".join(reasons[i][:14] for i in order[j:j + 8]) for j in range(0, len(order), 8)]
+        save_png(captioned_grid(rows, caps, cell=64), run_dir / "eval_worst.png")
+        write_json(run_dir / "eval.json", result)
     return result
+
+
+def _per_set(parts, eval_set, cond_attrs, model, names, sets, per_set, seed, opts, columns, matched, fidelity, prdc):
+    """Per attribute set: ``per_set`` samples (fresh latents) against ``per_set`` real redraws, and a second
+    real redraw as the reference; recall/coverage and nuisance W1 / spread ratio of each."""
+    rows_seen, chosen = set(), []
+    for i in range(len(cond_attrs)):
+        key = tuple(cond_attrs[i].tolist())
+        if key not in rows_seen:
+            rows_seen.add(key)
+            chosen.append(i)
+        if len(chosen) == sets:
+            break
+    out, grid_rows, captions = [], [], []
+    for j, i in enumerate(chosen):
+        params = eval_set.params(i)
+        label = ",".join(nm for nm, v in zip(names, eval_set[i][1].tolist()) if v > 0.5)
+        real_x = torch.stack([eval_set.image(eval_set.redraw(i, 100 + r)) for r in range(per_set)])
+        ref_x = torch.stack([eval_set.image(eval_set.redraw(i, 1000 + r)) for r in range(per_set)])
+        attrs = cond_attrs[i].expand(per_set, -1).clone()
+        fake_x = _sample(parts, attrs, seed=seed + 7919 * (j + 1), desc=f"set {j + 1}/{len(chosen)}", **{**opts, "progress": False})
+        real, ref, fake = model.predict(real_x), model.predict(ref_x), model.predict(fake_x)
+        shape_names = [params.shape] * per_set
+        r_n, f_n, ref_n = (matched(x["nuisances"], shape_names) for x in (real, fake, ref))
+        valid = [c for c in range(len(columns)) if not np.isnan(r_n[:, c]).any()]
+        cols = [columns[c] for c in valid]
+
+        def summary(other_feats, other_n):
+            fid = fidelity(r_n[:, valid], other_n[:, valid], cols)
+            pr = prdc(real["features"], other_feats)
+            return {"recall": pr["recall"], "coverage": pr["coverage"], "precision": pr["precision"],
+                    "nuisances": fid, "mean_spread_ratio": float(np.mean([v["spread_ratio"] for v in fid.values()])),
+                    "mean_nuisance_w1": float(np.mean([v["w1"] for v in fid.values()]))}
+
+        out.append({"attrs": label, **summary(fake["features"], f_n), "reference": summary(ref["features"], ref_n)})
+        grid_rows += [fake_x[:8], real_x[:8]]
+        captions += [f"samples: {label}", "real, same attributes"]
+    return out, (grid_rows, captions)

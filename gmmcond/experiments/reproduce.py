@@ -213,141 +213,253 @@ def _plot_ngmg_vs_bce(out: Path, records: list[dict], lrs, seeds: int, eval_ever
     plt.close(fig)
 
 
-SMALL_MODEL = ("model.channels=[16,32,64]", "model.mapping_out=64", "train.batch_size=32", "train.grid_every=0")
+def eval_summary(ev: dict) -> dict:
+    """The numbers an experiment keeps from an evaluation: accuracy, defects, and each distance beside its
+    real-vs-real reference; the per-set diversity where the evaluation had every attribute fixed."""
+    out = {k: ev[k] for k in ("attr_accuracy", "all_attributes_correct", "defect_rate")}
+    for k in ("fd", "kid", "recall", "coverage", "precision"):
+        out[k], out[f"{k}_real_reference"] = ev[k]["value"], ev[k]["real_reference"]
+    for k, v in ev.get("per_set_mean", {}).items():
+        out[f"set_{k}"], out[f"set_{k}_real_reference"] = v["value"], v["real_reference"]
+    return out
 
 
-HEAD_ARMS = {"no head": ["head=none"],
-             "head ngmg surplus": ["head=bottleneck_attrs", "head.loss=ngmg_entropy", "head.form=surplus"],
-             "head bce": ["head=bottleneck_attrs", "head.loss=bce"]}
-
-
-def head(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 1000, n: int = 256,
-         overrides: tuple[str, ...] = (), progress=print) -> dict:
-    """Paper Fig. 9: the default recipe's model and batch with no head, a head trained with NGMG entropy
-    (surplus) and a head trained with BCE; diffusion-loss curves and the evaluation of each arm's samples.
-    Resumable per (arm, seed) through ``log_path``."""
+def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) -> dict:
+    """Train ``recipe`` with ``overrides`` into ``run`` (resuming a partial run, skipping a finished one), then
+    evaluate it; return the diffusion-loss curve and :func:`eval_summary`."""
     from ..config import load_config
     from ..engine.trainer import train
     from ..eval.evaluate import evaluate_run
 
-    log = ResultLog(log_path)
-    kept = ("attribute_accuracy", "all_attributes_correct", "defect_rate", "frechet_distance")
-    base = [f"train.steps={steps}", f"train.checkpoint_every={min(250, steps)}", "train.grid_every=0", *overrides]
-    for arm, extra in HEAD_ARMS.items():
-        for seed in range(seeds):
+    cfg = load_config(recipe, overrides)
+    if not (run / "ema.safetensors").exists():
+        train(cfg, run, resume=(run / "checkpoints" / "latest").exists())
+    records = [r for r in read_metrics(run / "metrics.jsonl") if "diffusion" in r]
+    steps = records[-1]["step"]
+    ev = evaluate_run(run, n=n, progress=False)
+    return {"steps": steps, "curve_steps": [r["step"] for r in records], "curve": [r["diffusion"] for r in records],
+            "last100": statistics.fmean(r["diffusion"] for r in records if r["step"] > steps - 100),
+            "sec_per_step_median": statistics.median(r["sec_per_step"] for r in (records[1:] or records)),
+            **eval_summary(ev)}
+
+
+def run_arms(arms: dict[str, tuple[str, list[str]]], runs: Path, log: "ResultLog", prefix: str, *, seeds: int, n: int,
+             progress=print) -> None:
+    """Train and evaluate every (arm, seed) not yet in ``log``, seed by seed, so each seed's arms land together.
+    ``arms`` maps a name to (recipe, overrides); seed ``s`` adds ``train.seed=s conditioner.seed=s``."""
+    for seed in range(seeds):
+        for arm, (recipe, overrides) in arms.items():
             if log.done(("arm", "seed"), arm=arm, seed=seed):
                 continue
-            cfg = load_config("shapes", [*base, *extra, f"train.seed={seed}", f"conditioner.seed={seed}"])
-            run = runs / f"head_{arm.replace(' ', '_')}_seed{seed}"
-            if not (run / "ema.safetensors").exists():
-                train(cfg, run, resume=(run / "checkpoints" / "latest").exists())
-            records = read_metrics(run / "metrics.jsonl")
-            ev = evaluate_run(run, n=n, oracle_cache=runs / "oracle_shapes.safetensors", progress=False)
-            rec = log.add({"arm": arm, "seed": seed, "steps": steps, **{k: ev[k] for k in kept},
-                           "curve_steps": [r["step"] for r in records], "curve": [r["diffusion"] for r in records],
-                           "last100": statistics.fmean(r["diffusion"] for r in records if r["step"] > steps - 100)})
-            progress(f"  {arm} seed {seed}: last-100 loss {rec['last100']:.4f}, accuracy {rec['attribute_accuracy']:.4f}, "
-                     f"defects {rec['defect_rate']:.3f}")
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    result: dict = {"steps": steps, "seeds": seeds, "n": n, "arms": {}}
-    for arm in HEAD_ARMS:
+            run = runs / f"{prefix}_{arm_slug(arm)}_seed{seed}"
+            rec = train_and_evaluate(recipe, [*overrides, f"train.seed={seed}", f"conditioner.seed={seed}"], run, n=n)
+            log.add({"arm": arm, "seed": seed, "run": str(run), **rec})
+            progress(f"  {arm} seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items()
+                                                            if isinstance(v, float) and "reference" not in k))
+
+
+def arm_slug(arm: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in arm).strip("_")
+
+
+def summarise_arms(log: "ResultLog", arms, seeds: int) -> dict:
+    """Per arm: mean +- std over seeds of every number all its records share, and the per-seed records."""
+    out = {}
+    for arm in arms:
         rs = [r for r in log.records if r["arm"] == arm and r["seed"] < seeds]
         if not rs:
             continue
-        plot_band(ax, rs[0]["curve_steps"], [r["curve"] for r in rs], f"{arm} ({len(rs)} seeds)")
-        result["arms"][arm] = {k: summarise([r[k] for r in rs]) for k in ("last100", *kept)}
-        result["arms"][arm]["per_seed"] = [{k: r[k] for k in ("seed", "last100", *kept)} for r in rs]
+        keys = [k for k, v in rs[0].items() if isinstance(v, (int, float)) and k not in ("seed", "steps")
+                and all(isinstance(r.get(k), (int, float)) for r in rs)]
+        out[arm] = {**{k: summarise([r[k] for r in rs]) for k in keys},
+                    "per_seed": [{k: v for k, v in r.items() if not isinstance(v, list)} for r in rs]}
+    return out
+
+
+def plot_loss_bands(out: Path, log: "ResultLog", arms, seeds: int, title: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for arm in arms:
+        rs = [r for r in log.records if r["arm"] == arm and r["seed"] < seeds]
+        if rs:
+            plot_band(ax, rs[0]["curve_steps"], [r["curve"] for r in rs], f"{arm} ({len(rs)} seeds)")
     ax.set_xlabel("step")
     ax.set_ylabel("diffusion loss")
     ax.set_yscale("log")
-    ax.legend()
-    ax.set_title(f"shapes: no head / NGMG head / BCE head, {steps} steps")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
-    return result
 
 
-def features_vs_classes(out: Path, runs: Path, seeds: int = 2, steps: int = 600, n: int = 256) -> dict:
-    """Paper Fig. 7 at small scale: one model conditioned on the shapes features, one on the one-hot
-    shape x colour class, both through gmm_attrs; same model, steps and seeds. Defects, Frechet distance
-    (oracle features) and final training loss side by side, and a grid of each."""
+HEAD_ARMS = {"no head": ("shapes", ["head=none"]),
+             "head ngmg surplus": ("shapes", ["head=bottleneck_attrs", "head.loss=ngmg_entropy", "head.form=surplus"]),
+             "head bce": ("shapes", ["head=bottleneck_attrs", "head.loss=bce"])}
+
+
+def head(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 1000, n: int = 512, progress=print) -> dict:
+    """Paper Fig. 9: the default recipe's model and batch with no head, a head trained with NGMG entropy
+    (surplus) and a head trained with BCE; diffusion-loss curves and the evaluation of each arm's samples.
+    Resumable per (arm, seed) through ``log_path``."""
+    log = ResultLog(log_path)
+    base = [f"train.steps={steps}", f"train.checkpoint_every={min(250, steps)}", "train.grid_every=0"]
+    arms = {arm: (recipe, [*base, *extra]) for arm, (recipe, extra) in HEAD_ARMS.items()}
+    run_arms(arms, runs, log, "head", seeds=seeds, n=n, progress=progress)
+    plot_loss_bands(out, log, arms, seeds, f"shapes: no head / NGMG head / BCE head, {steps} steps")
+    return {"steps": steps, "seeds": seeds, "n": n, "arms": summarise_arms(log, arms, seeds)}
+
+
+CLASS_GRID_ROWS = "[circle_red,square_green,triangle_blue,circle_blue,square_red,triangle_green]"
+COMBINATION_GRID_ROWS = "[circle+red+large,square+green+left+top,triangle+blue+dark_bg,circle+blue+large+dark_bg+outline]"
+FVC_ARMS = {
+    "features (11)": ("shapes", []),
+    "classes shape x colour (9)": ("shapes", ["dataset.label_mode=classes", f"sample.grid_rows={CLASS_GRID_ROWS}"]),
+    "classes all combinations (288)": ("shapes", ["dataset.label_mode=combinations",
+                                                  f"sample.grid_rows={COMBINATION_GRID_ROWS}"]),
+}
+
+
+def features_vs_classes(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int | None = None, n: int = 512,
+                        progress=print) -> dict:
+    """Paper Fig. 7 at the default recipe's full scale: the 11 features vs one-hot shape x colour classes vs,
+    as a control for information content, one-hot classes over all 288 attribute combinations; all through
+    gmm_attrs, same model, steps and seeds. Accuracy on the attributes each labelling fixes, defects,
+    distances beside their real references, and the seed-0 grids side by side. The features arm is the
+    default recipe itself (seed 0 is the README's main job). Resumable per (arm, seed)."""
     from PIL import Image, ImageDraw
 
-    from ..config import load_config
-    from ..engine.trainer import train
-    from ..eval.evaluate import evaluate_run
-
-    class_rows = "[circle_red,square_green,triangle_blue,circle_blue,square_red,triangle_green]"
-    result: dict = {"steps": steps, "seeds": seeds, "n": n}
-    grids = {}
-    for mode in ("features", "classes"):
-        rows = []
-        for seed in range(seeds):
-            extra = [f"dataset.label_mode={mode}", f"train.seed={seed}", f"conditioner.seed={seed}", f"train.steps={steps}",
-                     f"train.checkpoint_every={steps}"]
-            if mode == "classes":
-                extra.append(f"sample.grid_rows={class_rows}")
-            cfg = load_config("shapes", [*SMALL_MODEL, *extra])
-            run = runs / f"fvc_{mode}_seed{seed}"
-            if not (run / "ema.safetensors").exists():
-                train(cfg, run, resume=(run / "checkpoints" / "latest").exists())
-            metrics = read_metrics(run / "metrics.jsonl")
-            ev = evaluate_run(run, n=n, oracle_cache=runs / "oracle_shapes.safetensors", progress=False)
-            rows.append({"seed": seed, "defect_rate": ev["defect_rate"], "defect_rate_size_free": ev["defect_rate_size_free"],
-                         "frechet_distance": ev["frechet_distance"],
-                         "attribute_accuracy": ev["attribute_accuracy"],
-                         "final_loss": statistics.fmean(m["diffusion"] for m in metrics if m["step"] > steps - 100)})
-            if seed == 0:
-                grids[mode] = Image.open(run / "samples" / f"grid_{steps:07d}.png").convert("RGB")
-        result[mode] = {"per_seed": rows, **{k: statistics.fmean(r[k] for r in rows) for k in rows[0] if k != "seed"}}
-    w = sum(g.width for g in grids.values()) + 10
-    h = max(g.height for g in grids.values()) + 20
-    canvas = Image.new("RGB", (w, h), (255, 255, 255))
-    x = 0
-    draw = ImageDraw.Draw(canvas)
-    for mode, g in grids.items():
-        canvas.paste(g, (x, 20))
-        r = result[mode]
-        draw.text((x + 4, 4), f"{mode}: defects {r['defect_rate_size_free']:.1%} (size-free rule), FD {r['frechet_distance']:.0f}, "
-                              f"loss {r['final_loss']:.4f}", fill=(0, 0, 0))
-        x += g.width + 10
-    canvas.save(out)
+    log = ResultLog(log_path)
+    base = [f"train.steps={steps}"] if steps else []
+    arms = {arm: (recipe, [*base, *extra]) for arm, (recipe, extra) in FVC_ARMS.items()}
+    run_arms(arms, runs, log, "fvc", seeds=seeds, n=n, progress=progress)
+    result = {"seeds": seeds, "n": n, "arms": summarise_arms(log, arms, seeds)}
+    grids = []
+    for arm in arms:
+        rec = log.done(("arm", "seed"), arm=arm, seed=0)
+        files = sorted((Path(rec["run"]) / "samples").glob("grid_*.png")) if rec else []
+        if files:
+            grids.append((arm, rec, Image.open(files[-1]).convert("RGB")))
+    if grids:
+        canvas = Image.new("RGB", (sum(g.width for _, _, g in grids) + 10 * len(grids), max(g.height for *_, g in grids) + 30),
+                           (255, 255, 255))
+        draw, x = ImageDraw.Draw(canvas), 0
+        for arm, rec, g in grids:
+            canvas.paste(g, (x, 30))
+            draw.text((x + 4, 2), arm, fill=(0, 0, 0))
+            draw.text((x + 4, 15), f"accuracy {rec['attr_accuracy']:.3f}, defects {rec['defect_rate']:.1%}", fill=(0, 0, 0))
+            x += g.width + 10
+        canvas.save(out)
     return result
 
 
-PRECISION_ARMS = {"fp32": ["train.precision=fp32", "train.compile=false"],
-                  "bf16_compiled": ["train.precision=bf16", "train.compile=true"]}
+PRECISION_ARMS = {"fp32": ("shapes", ["train.precision=fp32", "train.compile=false"]),
+                  "bf16 compiled": ("shapes", ["train.precision=bf16", "train.compile=true"])}
 
 
 def precision(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, n: int = 512, progress=print) -> dict:
     """Quality kept under the fastest setting: the default recipe trained at fp32 and at bf16 + torch.compile,
     ``seeds`` seeds each, every run evaluated the same way; per-seed values and mean +- std per arm."""
+    log = ResultLog(log_path)
+    arms = {arm: (recipe, [*extra, "train.grid_every=0"]) for arm, (recipe, extra) in PRECISION_ARMS.items()}
+    run_arms(arms, runs, log, "precision", seeds=seeds, n=n, progress=progress)
+    plot_loss_bands(out, log, arms, seeds, "shapes: fp32 vs bf16 + torch.compile")
+    return {"seeds": seeds, "n": n, "arms": summarise_arms(log, arms, seeds)}
+
+
+HELD_OUT_COMBINATIONS = ("triangle,red", "circle,green", "square,blue")
+COMBINATION_ARMS = {  # arm: (recipe, label_mode, how requests are sampled)
+    "features joint": ("shapes", "features", "joint"),
+    "features + attr_dropout joint": ("shapes_compose", "features", "partial"),
+    "features + attr_dropout composed": ("shapes_compose", "features", "composed"),
+    "one-hot shape x colour classes": ("shapes", "classes", "class"),
+}
+
+
+def _combination_requests(test, names, shape: str, colour: str, mode: str, per: int):
+    """Return (attrs, known, compose) to ask a model for ``per`` images of one shape-colour combination."""
+    rows = [test[i][1] for i in range(len(test)) if test.params(i).shape == shape and test.params(i).colour == colour][:per]
+    rows = torch.stack(rows)
+    if mode == "class":
+        attrs = torch.zeros(per, len(names))
+        attrs[:, names.index(f"{shape}_{colour}")] = 1
+        return attrs, None, None
+    if mode == "joint":  # every attribute specified: the other five from held-out data with this combination
+        return rows, None, None
+    one = torch.zeros(per, len(names))
+    one[:, [names.index(shape), names.index(colour)]] = 1
+    if mode == "partial":
+        return one, one.clone(), None
+    return one, None, [(names.index(shape), 2.0), (names.index(colour), 2.0)]
+
+
+def combinations(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, steps: int = 2000, per: int = 64,
+                 progress=print) -> dict:
+    """Attribute combinations never seen in training (red triangle, green circle, blue square): conformity (the
+    requested shape and colour both right) and defects on seen vs held-out combinations, per arm and seed; for the
+    partial arms also the total-variation distance of each unspecified attribute's frequency from the data's."""
     from ..config import load_config
+    from ..data import shapes as S
+    from ..engine.runs import load_run
     from ..engine.trainer import train
-    from ..eval.evaluate import evaluate_run
+    from ..data.shapes import check_image
+    from ..eval.evaluator import evaluator_for
+    from ..registry import DATASETS
+    from ..sampling.generate import generate
+    from ..visualize import captioned_grid, save_png
 
     log = ResultLog(log_path)
-    metrics_kept = ("attribute_accuracy", "all_attributes_correct", "defect_rate", "frechet_distance")
-    for arm, overrides in PRECISION_ARMS.items():
+    exclude = "[" + ",".join(f'"{c}"' for c in HELD_OUT_COMBINATIONS) + "]"
+    test = DATASETS.build({"type": "shapes", "size": 16, "split": "test", "length": 4096})
+    combos = [(sh, co) for sh in S.SHAPES for co in S.COLOURS]
+    held = {tuple(c.split(",")) for c in HELD_OUT_COMBINATIONS}
+    features = list(S.FEATURES)
+    for arm, (recipe, label_mode, mode) in COMBINATION_ARMS.items():
         for seed in range(seeds):
             if log.done(("arm", "seed"), arm=arm, seed=seed):
                 continue
-            cfg = load_config("shapes", [*overrides, f"train.seed={seed}", f"conditioner.seed={seed}", "train.grid_every=0"])
-            run = runs / f"precision_{arm}_seed{seed}"
+            extra = ["sample.grid_rows=[circle_red,triangle_red]"] if label_mode == "classes" else []
+            cfg = load_config(recipe, [f"dataset.exclude={exclude}", f"dataset.label_mode={label_mode}", f"train.steps={steps}",
+                                       f"train.seed={seed}", f"conditioner.seed={seed}", "train.grid_every=0", *extra])
+            run = runs / f"comb_{recipe}_{label_mode}_seed{seed}"
             if not (run / "ema.safetensors").exists():
                 train(cfg, run, resume=(run / "checkpoints" / "latest").exists())
-            records = read_metrics(run / "metrics.jsonl")
-            ev = evaluate_run(run, n=n, oracle_cache=runs / "oracle_shapes.safetensors", progress=False)
-            rec = {"arm": arm, "seed": seed, **{k: ev[k] for k in metrics_kept},
-                   "final_loss": statistics.fmean(r["diffusion"] for r in records if r["step"] > records[-1]["step"] - 100),
-                   "sec_per_step_median": statistics.median(r["sec_per_step"] for r in records[1:])}
+            loaded = load_run(run)
+            model = evaluator_for(cfg["dataset"], progress=False)[0]
+            names = loaded.parts.attr_names
+            stats, grid = {"seen": [], "held_out": []}, []
+            tv = {f: [] for f in features}
+            for k, (sh, co) in enumerate(combos):
+                attrs, known, compose = _combination_requests(test, names, sh, co, mode, per)
+                images = generate(loaded.parts, attrs, sampler=cfg["sample"]["sampler"], steps=cfg["sample"]["steps"],
+                                  cfg_scale=cfg["sample"]["cfg_scale"], seed=1000 * seed + k, known=known, compose=compose).float()
+                probs = model.predict(images)["probs"]
+                ok = (probs[:, list(S.ATTR_NAMES).index(sh)] > 0.5) & (probs[:, list(S.ATTR_NAMES).index(co)] > 0.5)
+                defects = [check_image(img).defect for img in images]
+                stats["held_out" if (sh, co) in held else "seen"].append((ok.float().mean().item(), sum(defects) / len(defects)))
+                if mode in ("partial", "composed"):  # unspecified features: data frequency given shape and colour is 0.5
+                    for f in features:
+                        tv[f].append(abs((probs[:, list(S.ATTR_NAMES).index(f)] > 0.5).float().mean().item() - 0.5))
+                if (sh, co) in held:
+                    grid.append((images[:8], f"{arm}: {sh},{co} (never seen)"))
+            rec = {"arm": arm, "seed": seed, "steps": steps, "per": per}
+            for split, vals in stats.items():
+                rec[f"conformity_{split}"] = statistics.fmean(v[0] for v in vals)
+                rec[f"defects_{split}"] = statistics.fmean(v[1] for v in vals)
+            rec["conformity_ratio"] = rec["conformity_held_out"] / max(rec["conformity_seen"], 1e-9)
+            if tv[features[0]]:
+                rec["unspecified_tv"] = {f: statistics.fmean(v) for f, v in tv.items()}
+                rec["unspecified_tv_max"] = max(rec["unspecified_tv"].values())
             log.add(rec)
-            progress(f"  {arm} seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items() if isinstance(v, float)))
-    result = {"seeds": seeds, "n": n, "arms": {}}
-    for arm in PRECISION_ARMS:
+            if seed == 0:
+                save_png(captioned_grid([g[0] for g in grid], [g[1] for g in grid]),
+                         out.with_name(f"combinations_{arm.replace(' ', '_').replace('+', 'and')}.png"))
+            progress(f"  {arm} seed {seed}: conformity seen {rec['conformity_seen']:.3f}, held-out {rec['conformity_held_out']:.3f}")
+    result = {"held_out": list(HELD_OUT_COMBINATIONS), "seeds": seeds, "steps": steps, "per": per, "arms": {}}
+    for arm in COMBINATION_ARMS:
         rs = [r for r in log.records if r["arm"] == arm and r["seed"] < seeds]
-        result["arms"][arm] = {"overrides": PRECISION_ARMS[arm], "per_seed": rs,
-                               **{k: summarise([r[k] for r in rs]) for k in (*metrics_kept, "final_loss", "sec_per_step_median")}}
+        if rs:
+            keys = ["conformity_seen", "conformity_held_out", "conformity_ratio", "defects_seen", "defects_held_out"]
+            keys += ["unspecified_tv_max"] if "unspecified_tv_max" in rs[0] else []
+            result["arms"][arm] = {**{k: summarise([r[k] for r in rs]) for k in keys}, "per_seed": rs}
     return result

@@ -7,8 +7,23 @@ import torch
 from torch import nn
 
 from ..modeling.build import Components
-from .guidance import CFGDenoiser
+from ..errors import ConfigError
+from .guidance import CFGDenoiser, ComposedGuidanceDenoiser
 from .samplers import sample
+
+
+def composed_conditions(conditioner, terms: list[tuple[int, float]], z: torch.Tensor) -> torch.Tensor:
+    """Return the per-term conditions [B, T, dim]: term t specifies attribute ``terms[t][0]`` present, the rest unspecified."""
+    if not getattr(conditioner, "partial", False):
+        raise ConfigError("composed guidance conditions each term on one attribute with the others unspecified, which "
+                          "needs a run trained with conditioner.attr_dropout > 0 (e.g. the shapes_compose recipe)")
+    b, k = z.shape[0], conditioner.num_attrs
+    conds = []
+    for index, _ in terms:
+        one = torch.zeros(b, k, device=z.device)
+        one[:, index] = 1
+        conds.append(conditioner.encode(one, z, known=one))
+    return torch.stack(conds, 1)
 
 
 @torch.no_grad()
@@ -24,8 +39,14 @@ def generate(
     callback=None,
     model: nn.Module | None = None,  # Overrides parts.denoiser (e.g. a guidance wrapper).
     head_target: torch.Tensor | None = None,  # [B, K] targets for a HeadGuidedDenoiser model.
+    known: torch.Tensor | None = None,  # [B, K] 1 = specified; 0 = unspecified (needs a run with attr_dropout > 0).
+    compose: list[tuple[int, float]] | None = None,  # (attribute index, weight) terms for composed guidance.
 ) -> torch.Tensor:
-    """Sample images for the given attribute rows; returns images [B, 3, H, W] in [-1, 1]."""
+    """Sample images for the given attribute rows; returns images [B, 3, H, W] in [-1, 1].
+
+    With ``compose``, the condition is D_null + sum_t w_t (D_t - D_null), term t specifying its attribute
+    alone as present (``attrs`` and ``cfg_scale`` are then unused): :class:`ComposedGuidanceDenoiser`.
+    """
     denoiser = model if model is not None else parts.denoiser
     device = next(parts.denoiser.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -33,10 +54,17 @@ def generate(
     extra_args = {}
     cond_module = parts.conditioner
     if cond_module.dim:
-        z = cond_module.sample_latents(n, gen) if latents is None else latents
-        extra_args["mapping_cond"] = cond_module.encode(attrs.to(device), z.to(device))
-        if cfg_scale != 1.0:
-            denoiser = CFGDenoiser(denoiser, cfg_scale, cond_module.unconditional(1)[0].to(device))
+        z = (cond_module.sample_latents(n, gen) if latents is None else latents).to(device)
+        if compose:
+            extra_args["mapping_cond"] = composed_conditions(cond_module, compose, z)
+            weights = [w for _, w in compose]
+            denoiser = ComposedGuidanceDenoiser(denoiser, weights, cond_module.unconditional(1)[0].to(device))
+        else:
+            extra_args["mapping_cond"] = cond_module.encode(attrs.to(device), z, known=None if known is None else known.to(device))
+            if cfg_scale != 1.0:
+                denoiser = CFGDenoiser(denoiser, cfg_scale, cond_module.unconditional(1)[0].to(device))
+    elif compose:
+        raise ConfigError("composed guidance needs a conditional run; this one is unconditional")
     if head_target is not None:
         extra_args["head_target"] = head_target.to(device)
     noise = torch.randn(n, 3, size, size, generator=gen).to(device)

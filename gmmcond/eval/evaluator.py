@@ -1,0 +1,216 @@
+"""The evaluator: attribute classifier, feature extractor and nuisance regressors in one small CNN.
+
+For the default shapes data (16x16, variation 1) it is trained once by
+
+    python launch/evaluate.py --train-evaluator
+
+and committed as ``gmmcond/eval/weights/shapes16.safetensors`` with its training data config, that
+config's hash and the command in the metadata, so the same sample files score the same numbers on every
+machine. For other data it is trained on first use and cached under a key of the data config
+(``$GMMCOND_CACHE``, default ``~/.cache/gmmcond/evaluators``); ``--evaluator PATH`` pins one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import trange
+
+from ..data import shapes as S
+from ..errors import GmmcondError
+from ..registry import DATASETS
+
+FROZEN = Path(__file__).resolve().parent / "weights" / "shapes16.safetensors"
+TRAIN_COMMAND = "python launch/evaluate.py --train-evaluator"
+FEATURES = 64  # feature dimension: full-rank covariance over a few hundred images, so FD is well posed
+TRAIN_ITEMS = 16384
+# regressed nuisances of shapes; the angle as (cos, sin) of its fraction of the shape's symmetry period
+NUISANCE_COLUMNS = ("cx", "cy", "radius", "angle_cos", "angle_sin", "fill_shade", "bg_shade")
+
+
+class EvaluatorError(GmmcondError):
+    """An evaluator file is missing, malformed, or made for other data."""
+
+
+class Evaluator(nn.Module):
+    """A small CNN: ``features`` (64-d, linear), attribute logits, and (for shapes) nuisance regression."""
+
+    def __init__(self, num_attrs: int, num_nuisances: int, width: int = 32):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, width, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Linear(8 * width, 128), nn.GELU(), nn.Linear(128, FEATURES),
+        )
+        self.attrs = nn.Linear(FEATURES, num_attrs)
+        self.nuisances = nn.Linear(FEATURES, num_nuisances) if num_nuisances else None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the 64-d features of images in [-1, 1]."""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attrs(self.features(x))
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:
+        """Return attribute probabilities, features and regressed nuisances of images ``x``."""
+        self.eval()
+        out = {"probs": [], "features": [], "nuisances": []}
+        for chunk in x.float().split(batch):
+            f = self.features(chunk)
+            out["features"].append(f)
+            out["probs"].append(torch.sigmoid(self.attrs(f)))
+            if self.nuisances is not None:
+                out["nuisances"].append(self.nuisances(f))
+        return {k: torch.cat(v) if v else None for k, v in out.items()}
+
+
+def nuisance_targets(params: list[S.ShapeParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return regression targets in ``NUISANCE_COLUMNS`` order and a mask (the angle of a circle is undefined)."""
+    rows, masks = [], []
+    for p in params:
+        v = p.nuisances()  # cx, cy, radius, angle fraction, fill_shade, bg_shade
+        turn = 2 * math.pi * float(v[3])
+        rows.append([v[0], v[1], v[2], math.cos(turn), math.sin(turn), v[4], v[5] / S.BG_SHADE])
+        masks.append([1, 1, 1, p.shape != "circle", p.shape != "circle", 1, 1])
+    return torch.tensor(rows, dtype=torch.float32), torch.tensor(masks, dtype=torch.float32)
+
+
+def training_config(dataset_cfg: dict) -> dict:
+    """The data an evaluator for ``dataset_cfg`` learns from: its train split, all attributes, nothing excluded."""
+    cfg = {k: v for k, v in dataset_cfg.items() if k not in ("exclude",)}
+    cfg["split"] = "train"
+    if cfg["type"] == "shapes":
+        cfg["label_mode"] = "features"
+        cfg["length"] = TRAIN_ITEMS
+    return dict(sorted(cfg.items()))
+
+
+def config_hash(cfg: dict) -> str:
+    """Return a short hash of a data config (the cache key of its evaluator)."""
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _data(cfg: dict, n: int, offset: int = 0):
+    dataset = DATASETS.build(cfg)
+    idx = range(offset, min(offset + n, len(dataset)))
+    items = [dataset[i] for i in idx]
+    x, y = torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
+    nuis = mask = None
+    if cfg["type"] == "shapes":
+        nuis, mask = nuisance_targets([dataset.params(i) for i in idx])
+    return dataset, x, y, nuis, mask
+
+
+def train_evaluator(dataset_cfg: dict, *, steps: int = 3000, batch: int = 128, lr: float = 2e-3, seed: int = 0,
+                    progress: bool = True) -> tuple[Evaluator, dict]:
+    """Train an evaluator on the train split of ``dataset_cfg``; return it and its held-out scores."""
+    cfg = training_config(dataset_cfg)
+    dataset, x, y, nuis, mask = _data(cfg, TRAIN_ITEMS)
+    torch.manual_seed(seed)
+    model = Evaluator(y.shape[1], 0 if nuis is None else nuis.shape[1])
+    opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in trange(steps, desc="evaluator", disable=not progress):
+        idx = torch.randint(0, len(x), (batch,), generator=gen)
+        f = model.features(x[idx])
+        loss = nn.functional.binary_cross_entropy_with_logits(model.attrs(f), y[idx])
+        if nuis is not None:
+            err = (model.nuisances(f) - nuis[idx]) ** 2 * mask[idx]
+            loss = loss + 10 * err.sum() / mask[idx].sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    return model, heldout_scores(model, dataset_cfg)
+
+
+def heldout_scores(model: Evaluator, dataset_cfg: dict, n: int = 1024) -> dict:
+    """Score an evaluator on held-out real images: attribute accuracy and nuisance RMSE."""
+    cfg = dict(training_config(dataset_cfg), split="test")
+    if cfg["type"] == "shapes":
+        cfg["length"] = n
+    _, x, y, nuis, mask = _data(cfg, n)
+    out = model.predict(x)
+    correct = ((out["probs"] > 0.5).float() == y).float()
+    scores = {"heldout_accuracy": correct.mean().item(), "heldout_all_correct": correct.all(1).float().mean().item(), "n": len(x)}
+    if nuis is not None:
+        err = ((out["nuisances"] - nuis) ** 2 * mask).sum(0) / mask.sum(0)
+        scores["heldout_nuisance_rmse"] = dict(zip(NUISANCE_COLUMNS, err.sqrt().tolist()))
+    return scores
+
+
+def save_evaluator(path: Path, model: Evaluator, dataset_cfg: dict, attr_names: list[str], scores: dict) -> None:
+    """Write an evaluator as safetensors with its data config, hash, command and held-out scores in the metadata."""
+    from safetensors.torch import save_file
+
+    cfg = training_config(dataset_cfg)
+    meta = {"format": "gmmcond-evaluator-v1", "dataset": json.dumps(cfg, sort_keys=True), "dataset_hash": config_hash(cfg),
+            "command": TRAIN_COMMAND, "attr_names": json.dumps(attr_names), "scores": json.dumps(scores),
+            "num_nuisances": str(0 if model.nuisances is None else model.nuisances.out_features)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_evaluator(path: Path) -> tuple[Evaluator, dict]:
+    """Read an evaluator file; return the model and its metadata (dataset, attr_names, scores decoded)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise EvaluatorError(f"evaluator not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise EvaluatorError(f"{path} is not a readable safetensors file ({exc})") from exc
+    if meta.get("format") != "gmmcond-evaluator-v1":
+        raise EvaluatorError(f"{path} is not a gmmcond evaluator (format {meta.get('format')!r})")
+    for key in ("dataset", "attr_names", "scores"):
+        meta[key] = json.loads(meta[key])
+    model = Evaluator(len(meta["attr_names"]), int(meta["num_nuisances"]))
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+def cache_dir() -> Path:
+    """Return the folder of evaluators trained on first use."""
+    return Path(os.environ.get("GMMCOND_CACHE", Path.home() / ".cache" / "gmmcond")) / "evaluators"
+
+
+def evaluator_for(dataset_cfg: dict, path: str | Path | None = None, *, progress: bool = True) -> tuple[Evaluator, dict, Path]:
+    """Return the evaluator for a run's data: ``path`` if given, the frozen one for the default shapes data,
+    else one cached under the data config's hash (trained now if missing)."""
+    cfg = training_config(dataset_cfg)
+    if path is None:
+        if FROZEN.exists() and load_evaluator(FROZEN)[1]["dataset"] == cfg:
+            path = FROZEN
+        else:
+            path = cache_dir() / f"{cfg['type']}_{config_hash(cfg)}.safetensors"
+            if not path.exists():
+                model, scores = train_evaluator(dataset_cfg, progress=progress)
+                names = list(DATASETS.build(cfg).attr_names)
+                save_evaluator(path, model, dataset_cfg, names, scores)
+    model, meta = load_evaluator(Path(path))
+    return model, meta, Path(path)
+
+
+def matched_nuisances(pred: torch.Tensor, shape_names: list[str]) -> np.ndarray:
+    """Regressed nuisances as an array, the angle columns NaN for circles (undefined there)."""
+    arr = pred.numpy().copy()
+    circles = np.array([s == "circle" for s in shape_names])
+    arr[circles, 3:5] = np.nan
+    return arr
