@@ -56,6 +56,29 @@ def append_metrics(path: str | Path, records: Iterable[dict]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
+class ResultLog:
+    """Append-only JSONL of finished (arm, seed, ...) results, so an interrupted experiment resumes: a re-run
+    skips every key already in the file, and each result lands on disk the moment it is done."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.records = read_metrics(self.path)  # one JSON object per line, like metrics.jsonl
+
+    @staticmethod
+    def key(record: dict, fields) -> tuple:
+        return tuple(record[f] for f in fields)
+
+    def done(self, fields, **key) -> dict | None:
+        """Return the finished record with these key values, or None."""
+        want = tuple(key[f] for f in fields)
+        return next((r for r in self.records if self.key(r, fields) == want), None)
+
+    def add(self, record: dict) -> dict:
+        append_metrics(self.path, [record])
+        self.records.append(record)
+        return record
+
+
 def truncate_metrics(path: str | Path, last_step: int) -> None:
     """Drop the records logged after ``last_step`` (a resumed run logs them again)."""
     kept = [r for r in read_metrics(path) if r["step"] <= last_step]

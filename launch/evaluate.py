@@ -1,5 +1,5 @@
 """Evaluate a run offline: ``python launch/evaluate.py --run runs/shapes`` (writes RUN/eval.json, RUN/eval_worst.png,
-RUN/eval_diversity.png). ``python launch/evaluate.py --train-evaluator`` retrains the committed evaluator of the
+RUN/eval_diversity.png); ``--sweep`` evaluates samplers x guidance scales (RUN/sweep.json, RUN/sweep.png). ``python launch/evaluate.py --train-evaluator`` retrains the committed evaluator of the
 default shapes data (gmmcond/eval/weights/shapes16.safetensors)."""
 import argparse
 import json
@@ -10,7 +10,7 @@ from gmmcond.cli import fail_cleanly, positive_int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run", help="run directory written by launch/train.py")
-    parser.add_argument("--n", type=positive_int, default=512, help="conditional samples (attribute rows of held-out data)")
+    parser.add_argument("--n", type=positive_int, help="conditional samples (attribute rows of held-out data)")
     parser.add_argument("--sampler")
     parser.add_argument("--steps", type=positive_int)
     parser.add_argument("--cfg-scale", type=float)
@@ -21,6 +21,8 @@ def main() -> None:
                                             "data, else one trained on first use and cached)")
     parser.add_argument("--sets", type=int, default=6, help="attribute sets for the per-set diversity metrics (shapes)")
     parser.add_argument("--per-set", type=positive_int, default=48, help="samples (and real redraws) per attribute set")
+    parser.add_argument("--sweep", action="store_true",
+                        help="samplers x guidance scales on this run (RUN/sweep.json, RUN/sweep.png); --n defaults to 256")
     parser.add_argument("--train-evaluator", action="store_true",
                         help="train the evaluator of the default shapes data and write it into the package")
     args = parser.parse_args()
@@ -39,9 +41,20 @@ def main() -> None:
     if not args.run:
         parser.error("--run is required (or --train-evaluator)")
 
+    if args.sweep:
+        from gmmcond.eval.sweep import sweep
+
+        result = sweep(args.run, n=args.n or 256)
+        print(f"{'sampler':<20}{'cfg':>5}{'accuracy':>10}{'defects':>9}{'recall':>8}{'coverage':>10}{'spread':>8}")
+        for p in result["points"]:
+            print(f"{p['sampler']:<20}{p['cfg_scale']:>5g}{p['attr_accuracy']:>10.4f}{p['defect_rate']:>9.3f}{p['recall']:>8.3f}"
+                  f"{p['coverage']:>10.3f}{p.get('set_mean_spread_ratio', float('nan')):>8.3f}")
+        print(f"wrote {args.run}/sweep.json and {args.run}/sweep.png")
+        return
+
     from gmmcond.eval.evaluate import METRICS, evaluate_run
 
-    result = evaluate_run(args.run, n=args.n, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
+    result = evaluate_run(args.run, n=args.n or 512, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
                           precision=args.precision, evaluator=args.evaluator, sets=args.sets, per_set=args.per_set)
     print(f"attribute accuracy {result['attr_accuracy']:.4f}, all correct {result['all_attributes_correct']:.4f}, "
           f"defects {result['defect_rate']:.2%} (real held-out images: {result['real_heldout_defect_rate']:.2%})")

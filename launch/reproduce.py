@@ -1,4 +1,5 @@
-"""Reproduce the paper's experiments at small scale: ``python launch/reproduce.py {density,ngmg-vs-bce,head,features-vs-classes,precision,combinations}``.
+"""Reproduce the paper's experiments at small scale: ``python launch/reproduce.py {density,ngmg-vs-bce,head,features-vs-classes,precision,combinations}``;
+``python launch/reproduce.py report`` prints the markdown tables of every finished experiment.
 
 Each sub-command writes OUT/NAME.json (and OUT/NAME.png where there is a plot; default OUT: runs/reproduce).
 Long ones are resumable: finished (arm, seed) results are appended to OUT/NAME.jsonl as they land, and a
@@ -13,16 +14,22 @@ from gmmcond.cli import fail_cleanly
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("experiment", choices=["density", "ngmg-vs-bce", "head", "features-vs-classes", "precision", "combinations"])
+    parser.add_argument("experiment", choices=["density", "ngmg-vs-bce", "head", "features-vs-classes", "precision", "combinations", "report"])
     parser.add_argument("--out", default="runs/reproduce", help="output folder")
     parser.add_argument("--seeds", type=int, help="seeds (default: ngmg-vs-bce 5, head 3, features-vs-classes 3, precision 2, combinations 2)")
     parser.add_argument("--steps", type=int, help="training steps (default: each experiment's own)")
     parser.add_argument("--n", type=int, help="evaluated samples per run (default 512; head, features-vs-classes, precision)")
     args = parser.parse_args()
 
+    out = Path(args.out)
+    if args.experiment == "report":
+        from gmmcond.experiments.report import report
+
+        print(report(out, out / "runs" / "fvc_features__11_seed0" / "sweep.json"))
+        return
+
     from gmmcond.experiments import reproduce as experiments
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"{args.experiment}.png"
     steps = {"steps": args.steps} if args.steps else {}

@@ -159,3 +159,24 @@ def test_imagefolder_attrs_malformed(tmp_path, csv, message):
     (tmp_path / "attrs.csv").write_text(csv)
     with pytest.raises(DatasetError, match=message):
         DATASETS.build({"type": "imagefolder_attrs", "root": str(tmp_path)})
+
+
+def test_exclude_holds_back_attribute_sets_and_names_unknown_attributes():
+    data = ShapesDataset(size=16, exclude=["triangle,red", "circle,green"])
+    seen = {(data.params(i).shape, data.params(i).colour) for i in range(600)}
+    assert ("triangle", "red") not in seen and ("circle", "green") not in seen and len(seen) == 7
+    plain = ShapesDataset(size=16)
+    assert all(data.params(i) == plain.params(i) for i in range(50) if not data.excluded(plain.params(i)))
+    with pytest.raises(DatasetError, match=r"dataset.exclude: 'triangle,purple' must list attribute names .* unknown \['purple'\]"):
+        ShapesDataset(exclude=["triangle,purple"])
+
+
+def test_variation_zero_is_the_earlier_geometry_and_one_varies_every_nuisance():
+    import random
+
+    from gmmcond.data.shapes import JITTER, OFFSET, draw_params
+
+    fixed = [draw_params(random.Random(i), variation=0) for i in range(200)]
+    assert all(abs(abs(p.cx - 0.5) - OFFSET) <= JITTER + 1e-9 and p.angle == 0 and p.fill_shade == 1 for p in fixed)
+    varied = np.stack([draw_params(random.Random(i)).nuisances() for i in range(200)])
+    assert (varied.std(0) > 0.02).all()  # position, radius, angle, fill and background shade all vary

@@ -148,3 +148,46 @@ def test_resume_with_a_different_model_is_refused(tiny_cfg, tmp_path):
     train(tiny_cfg(), tmp_path / "run")
     with pytest.raises(RunError, match=r"trained with different model settings; resume with the run's own config"):
         train(tiny_cfg("train.steps=5", "model.channels=[8,32]"), tmp_path / "run", resume=True)
+
+
+def test_sample_cli_leaves_attributes_open_and_composes_on_an_attr_dropout_run(tiny_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg("conditioner.attr_dropout=0.25"), run)
+    assert load_run(run).parts.conditioner.partial
+    for args in (("--attrs", "circle,~red"), ("--compose", "circle:2,red:-1")):
+        ok = run_sample("--run", run, *args, "--n", 2, "--steps", 3)
+        assert ok.returncode == 0, ok.stderr[-2000:]
+        assert "note:" not in ok.stdout
+    assert (run / "samples" / "latents_circle-red.png").exists() and (run / "samples" / "latents_circle-2-red-1.png").exists()
+    bad = run_sample("--run", run, "--compose", "circle:2,purple:1")
+    assert bad.returncode == 2 and "purple" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_sample_cli_says_that_unlisted_means_absent_on_a_run_without_attr_dropout(tiny_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(), run)
+    ok = run_sample("--run", run, "--attrs", "circle,~red", "--n", 2, "--steps", 3)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "trained with attr_dropout = 0, so every attribute not listed means absent" in ok.stdout
+
+
+def test_sweep_evaluates_each_point_once_and_resumes(tiny_cfg, tmp_path, monkeypatch):
+    from gmmcond.eval import evaluate, sweep
+
+    run = tmp_path / "run"
+    train(tiny_cfg(), run)
+    calls = []
+    real = evaluate.evaluate_run
+
+    def counted(*args, **kw):
+        calls.append(kw["cfg_scale"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(evaluate, "evaluate_run", counted)
+    kw = dict(n=6, sets=0, samplers={"euler": {"type": "euler"}}, scales=(1.0, 2.0), progress=lambda *_: None)
+    first = sweep.sweep(run, **kw)
+    assert calls == [1.0, 2.0] and [p["cfg_scale"] for p in first["points"]] == [1.0, 2.0]
+    assert 0 <= first["points"][0]["attr_accuracy"] <= 1 and "recall" in first["points"][0]["references"]
+    again = sweep.sweep(run, **kw)  # a re-run reads the finished points and evaluates nothing
+    assert calls == [1.0, 2.0] and again["points"] == first["points"]
+    assert (run / "sweep.png").exists() and (run / "sweep.json").exists()

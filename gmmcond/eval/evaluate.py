@@ -254,3 +254,14 @@ def _per_set(parts, eval_set, cond_attrs, model, names, sets, per_set, seed, opt
         grid_rows += [fake_x[:8], real_x[:8]]
         captions += [f"samples: {label}", "real, same attributes"]
     return out, (grid_rows, captions)
+
+
+def eval_summary(ev: dict) -> dict:
+    """The numbers an experiment keeps from an evaluation: accuracy, defects, and each distance beside its
+    real-vs-real reference; the per-set diversity where the evaluation had every attribute fixed."""
+    out = {k: ev[k] for k in ("attr_accuracy", "all_attributes_correct", "defect_rate")}
+    for k in ("fd", "kid", "recall", "coverage", "precision"):
+        out[k], out[f"{k}_real_reference"] = ev[k]["value"], ev[k]["real_reference"]
+    for k, v in ev.get("per_set_mean", {}).items():
+        out[f"set_{k}"], out[f"set_{k}_real_reference"] = v["value"], v["real_reference"]
+    return out

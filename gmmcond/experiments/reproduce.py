@@ -10,7 +10,7 @@ from torch import nn
 
 from ..math.gmm import expansion_means, normal_pdf
 from ..math.ngmg import density_learning
-from ..io import append_metrics, read_metrics
+from ..io import ResultLog, read_metrics
 from ..visualize import pyplot
 
 
@@ -69,29 +69,6 @@ def small_classifier(k: int) -> nn.Module:
         nn.Conv2d(16, 32, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(32 * 16, 64), nn.GELU(), nn.Linear(64, k),
     )
-
-
-class ResultLog:
-    """Append-only JSONL of finished (arm, seed, ...) results, so an interrupted experiment resumes: a re-run
-    skips every key already in the file, and each result lands on disk the moment it is done."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.records = read_metrics(self.path)  # one JSON object per line, like metrics.jsonl
-
-    @staticmethod
-    def key(record: dict, fields) -> tuple:
-        return tuple(record[f] for f in fields)
-
-    def done(self, fields, **key) -> dict | None:
-        """Return the finished record with these key values, or None."""
-        want = tuple(key[f] for f in fields)
-        return next((r for r in self.records if self.key(r, fields) == want), None)
-
-    def add(self, record: dict) -> dict:
-        append_metrics(self.path, [record])
-        self.records.append(record)
-        return record
 
 
 def summarise(values: list[float]) -> dict:
@@ -213,23 +190,12 @@ def _plot_ngmg_vs_bce(out: Path, records: list[dict], lrs, seeds: int, eval_ever
     plt.close(fig)
 
 
-def eval_summary(ev: dict) -> dict:
-    """The numbers an experiment keeps from an evaluation: accuracy, defects, and each distance beside its
-    real-vs-real reference; the per-set diversity where the evaluation had every attribute fixed."""
-    out = {k: ev[k] for k in ("attr_accuracy", "all_attributes_correct", "defect_rate")}
-    for k in ("fd", "kid", "recall", "coverage", "precision"):
-        out[k], out[f"{k}_real_reference"] = ev[k]["value"], ev[k]["real_reference"]
-    for k, v in ev.get("per_set_mean", {}).items():
-        out[f"set_{k}"], out[f"set_{k}_real_reference"] = v["value"], v["real_reference"]
-    return out
-
-
 def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) -> dict:
     """Train ``recipe`` with ``overrides`` into ``run`` (resuming a partial run, skipping a finished one), then
     evaluate it; return the diffusion-loss curve and :func:`eval_summary`."""
     from ..config import load_config
     from ..engine.trainer import train
-    from ..eval.evaluate import evaluate_run
+    from ..eval.evaluate import eval_summary, evaluate_run
 
     cfg = load_config(recipe, overrides)
     if not (run / "ema.safetensors").exists():

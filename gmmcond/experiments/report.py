@@ -1,0 +1,77 @@
+"""Markdown tables from the experiments' JSON files, so the README's tables are regenerated, never typed:
+``python launch/reproduce.py report`` prints every table whose JSON exists under runs/reproduce."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def pm(stat: dict, digits: int = 3) -> str:
+    """Format a {mean, std, n} summary as 'mean +- std'."""
+    return f"{stat['mean']:.{digits}f} +- {stat['std']:.{digits}f}"
+
+
+def ngmg_table(result: dict) -> str:
+    losses = ("bce", "ngmg_surplus", "ngmg_deficit")
+    lines = [f"test SSE after {result['steps']} steps, mean +- std over {result['seeds']} seeds (log-W1 in brackets); "
+             f"rare: '{result['rare_attr']}' in {result['rare_fraction']:.0%} of training images",
+             "", "| setting | lr | " + " | ".join(losses) + " |", "|---|---|" + "---|" * len(losses)]
+    for setting, by_lr in result["settings"].items():
+        for lr, arms in by_lr.items():
+            cells = [f"{pm(arms[l]['final_sse'])} ({arms[l]['final_log_w1']['mean']:.2f})" for l in losses]
+            lines.append(f"| {setting} | {float(lr):g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+ARM_COLUMNS = (("attr_accuracy", "accuracy", 4), ("defect_rate", "defects", 3), ("recall", "recall", 3),
+               ("coverage", "coverage", 3), ("fd", "FD", 1), ("set_mean_spread_ratio", "spread ratio", 3),
+               ("last100", "loss (last 100)", 4))
+
+
+def arms_table(result: dict, columns=ARM_COLUMNS) -> str:
+    """One row per arm: mean +- std over seeds of each column the arm has; real-vs-real references last."""
+    arms = result["arms"]
+    cols = [c for c in columns if any(c[0] in a for a in arms.values())]
+    lines = ["| arm | seeds | " + " | ".join(c[1] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for arm, stats in arms.items():
+        n = next(v["n"] for v in stats.values() if isinstance(v, dict) and "n" in v)
+        cells = [pm(stats[k], d) if k in stats else "-" for k, _, d in cols]
+        lines.append(f"| {arm} | {n} | " + " | ".join(cells) + " |")
+    refs = [c for c in cols if any(f"{c[0]}_real_reference" in a for a in arms.values())]
+    if refs:
+        first = next(iter(arms.values()))
+        cells = [pm(first[f"{k}_real_reference"], d) if f"{k}_real_reference" in first else "-" for k, _, d in cols]
+        lines.append("| real vs real (reference) | | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+COMBINATION_COLUMNS = (("conformity_seen", "conformity seen", 3), ("conformity_held_out", "conformity held-out", 3),
+                       ("conformity_ratio", "held-out / seen", 3), ("defects_seen", "defects seen", 3),
+                       ("defects_held_out", "defects held-out", 3), ("unspecified_tv_max", "max TV unspecified", 3))
+
+
+def sweep_table(result: dict) -> str:
+    lines = [f"one run ({result['run']}), n = {result['n']}, {result['sets']} attribute sets x {result['per_set']} for the spread",
+             "", "| sampler | cfg | accuracy | defects | recall | coverage | spread ratio |", "|---|---|---|---|---|---|---|"]
+    for p in result["points"]:
+        lines.append(f"| {p['sampler']} | {p['cfg_scale']:g} | {p['attr_accuracy']:.4f} | {p['defect_rate']:.3f} | "
+                     f"{p['recall']:.3f} | {p['coverage']:.3f} | {p.get('set_mean_spread_ratio', float('nan')):.3f} |")
+    if result["points"]:
+        ref = result["points"][0]["references"]
+        lines.append(f"| real vs real | | | | {ref.get('recall', float('nan')):.3f} | {ref.get('coverage', float('nan')):.3f} | "
+                     f"{ref.get('set_mean_spread_ratio', float('nan')):.3f} |")
+    return "\n".join(lines)
+
+
+def report(out: Path, sweep_json: Path | None = None) -> str:
+    """Every table whose JSON exists under ``out`` (and the sweep's, if given), as one markdown string."""
+    parts = []
+    tables = {"ngmg-vs-bce": ngmg_table, "head": arms_table, "features-vs-classes": arms_table, "precision": arms_table,
+              "combinations": lambda r: arms_table(r, COMBINATION_COLUMNS)}
+    for name, fn in tables.items():
+        path = out / f"{name}.json"
+        if path.exists():
+            parts.append(f"### {name} (`python launch/reproduce.py {name}`)\n\n{fn(json.loads(path.read_text()))}")
+    if sweep_json and sweep_json.exists():
+        parts.append(f"### sweep (`python launch/evaluate.py --run RUN --sweep`)\n\n{sweep_table(json.loads(sweep_json.read_text()))}")
+    return "\n\n".join(parts)
