@@ -96,3 +96,5 @@ def test_evaluate_run_on_user_data_uses_confidence_and_nearest_neighbours(tiny_c
         assert set(result[key]) == {"value", "real_reference"}
     assert 0 <= result["attr_accuracy"] <= 1 and "nuisance" not in result  # no renderer, no nuisances
     assert (tmp_path / "run" / "eval.json").exists() and (tmp_path / "run" / "eval_worst.png").exists()
+    again = evaluate_run(tmp_path / "run", n=6, steps=3, progress=False, evaluator=tmp_path / "ev.safetensors", write=False)
+    assert again == result  # the same run, evaluator and seed: the same numbers
