@@ -164,21 +164,19 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
 # ------------------------------------------------------------------------------------------ safetensors export
 
 
-def export_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], cfg: dict, info: dict, step: int) -> None:
-    """Write weights to safetensors with the resolved config, dataset facts and step in its metadata."""
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Write tensors and string metadata to a safetensors file atomically (a temporary file, then a rename)."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    meta = {"config": json.dumps(cfg), "dataset": json.dumps(info), "step": str(step), "format": EXPORT_FORMAT}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     os.replace(tmp, path)
 
 
-def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read an export: (tensors, metadata with ``config``/``dataset`` decoded and ``step`` an int)."""
+def read_safetensors(path: str | Path, error: type[Exception]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file (no code runs); an unreadable file raises ``error`` naming it."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -187,7 +185,20 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+        raise error(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+    return tensors, meta
+
+
+def export_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], cfg: dict, info: dict, step: int) -> None:
+    """Write weights to safetensors with the resolved config, dataset facts and step in its metadata."""
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    meta = {"config": json.dumps(cfg), "dataset": json.dumps(info), "step": str(step), "format": EXPORT_FORMAT}
+    write_safetensors(path, tensors, meta)
+
+
+def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read an export: (tensors, metadata with ``config``/``dataset`` decoded and ``step`` an int)."""
+    tensors, meta = read_safetensors(path, CheckpointError)
     if meta.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{path} is not a gmmcond export (metadata format {meta.get('format')!r}, "
                               f"expected {EXPORT_FORMAT!r})")

@@ -24,6 +24,7 @@ from tqdm.auto import trange
 
 from ..data import shapes as S
 from ..errors import GmmcondError
+from ..io import read_safetensors, write_safetensors
 from ..registry import DATASETS
 
 FROZEN = Path(__file__).resolve().parent / "weights" / "shapes16.safetensors"
@@ -152,31 +153,19 @@ def heldout_scores(model: Evaluator, dataset_cfg: dict, n: int = 1024) -> dict:
 
 def save_evaluator(path: Path, model: Evaluator, dataset_cfg: dict, attr_names: list[str], scores: dict) -> None:
     """Write an evaluator as safetensors with its data config, hash, command and held-out scores in the metadata."""
-    from safetensors.torch import save_file
-
     cfg = training_config(dataset_cfg)
     meta = {"format": "gmmcond-evaluator-v1", "dataset": json.dumps(cfg, sort_keys=True), "dataset_hash": config_hash(cfg),
             "command": TRAIN_COMMAND, "attr_names": json.dumps(attr_names), "scores": json.dumps(scores),
             "num_nuisances": str(0 if model.nuisances is None else model.nuisances.out_features)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    write_safetensors(path, model.state_dict(), meta)
 
 
 def load_evaluator(path: Path) -> tuple[Evaluator, dict]:
     """Read an evaluator file; return the model and its metadata (dataset, attr_names, scores decoded)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.exists():
         raise EvaluatorError(f"evaluator not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise EvaluatorError(f"{path} is not a readable safetensors file ({exc})") from exc
+    state, meta = read_safetensors(path, EvaluatorError)
     if meta.get("format") != "gmmcond-evaluator-v1":
         raise EvaluatorError(f"{path} is not a gmmcond evaluator (format {meta.get('format')!r})")
     for key in ("dataset", "attr_names", "scores"):
