@@ -204,9 +204,10 @@ class ShapeCheck:
     """The renderer-based verdict on one image and the measurements behind it."""
 
     defect: bool
-    reason: str
+    reason: str  # "ok" or a category: no plain background, empty, several objects, wrong area, lopsided, impure colour
     components: int
     area: float
+    detail: str = ""  # the measurement behind the reason
 
 
 MAX_ELONGATION = 1.45  # regular polygons and discs have isotropic second moments (ratio 1 at any rotation)
@@ -256,11 +257,11 @@ def check_image(image: torch.Tensor, attrs: torch.Tensor | None = None) -> Shape
         lo = 0.8 * expected_area("triangle", False, size, radius_range(False)[0])
         hi = 1.75 * expected_area("circle", True, size, radius_range(True)[1])
     if not lo <= area <= hi:
-        return ShapeCheck(True, f"area {area:.0f} outside [{lo:.0f}, {hi:.0f}]", 1, area)
+        return ShapeCheck(True, "wrong area", 1, area, f"area {area:.0f} outside [{lo:.0f}, {hi:.0f}]")
     mask = labels == (int(np.argmax(areas)) + 1)
     elongation = _elongation(mask)
     if elongation > MAX_ELONGATION:
-        return ShapeCheck(True, f"lopsided (elongation {elongation:.2f})", 1, area)
+        return ShapeCheck(True, "lopsided", 1, area, f"elongation {elongation:.2f} > {MAX_ELONGATION}")
     pixels = rgb[mask]
     near_fill = np.linalg.norm(pixels[:, None] - _PALETTE[None], axis=-1).min(1) < 70
     if near_fill.sum() < max(1, 0.1 * len(pixels)):  # no clean fill colour (small outlined shapes keep some)

@@ -94,6 +94,35 @@ def defect_flags(images: torch.Tensor, probs: torch.Tensor, target: torch.Tensor
     return [("unsure evaluator" if r == "ok" and c < 0.5 else r) for r, c in zip(reasons, conf.tolist())]
 
 
+def real_sets(test, eval_set, n: int):
+    """Return set A (the first ``n`` held-out images and the run's attribute rows that condition the samples),
+    the real reference B, A's rows in the evaluator's labels, and a description of B: B has A's rows with
+    fresh nuisances where the dataset can redraw (shapes), else it is the next ``n`` held-out images."""
+    if len(test) < n:
+        raise DatasetError(f"the held-out split has {len(test)} images, fewer than n={n}; lower --n")
+    real_x, cond_attrs = stack_items(test, n)
+    if hasattr(eval_set, "redraw"):
+        ref_x = torch.stack([eval_set.image(eval_set.redraw(i)) for i in range(n)])
+        return real_x, cond_attrs, ref_x, stack_items(eval_set, n)[1], "same attribute rows, nuisances redrawn"
+    if len(test) < 2 * n:
+        raise DatasetError(f"the held-out split has {len(test)} images; the reference needs 2n = {2 * n}; lower --n")
+    ref_x = torch.stack([test[n + i][0] for i in range(n)])
+    return real_x, cond_attrs, ref_x, cond_attrs, "the next n held-out images (attribute rows not matched)"
+
+
+def requested(test, run_names: list[str], names: list[str], cond_attrs, real_y, exact_reference: bool):
+    """What each sample was asked for, in the evaluator's attributes, and which of those the request fixes:
+    the run's row itself, or (a class labelling such as shapes' classes) the same row of the evaluation view,
+    masked to the attributes the label fixes (the dataset's ``known_features``)."""
+    if run_names == names:
+        return cond_attrs, torch.ones_like(cond_attrs)
+    fixed = getattr(test, "known_features", None)
+    if fixed is None or not exact_reference:
+        raise DatasetError(f"the run's attributes {run_names[:4]}... differ from the evaluator's {names[:4]}... "
+                           "and the dataset does not say how they map; pass --evaluator trained on the run's labels")
+    return real_y, torch.tensor([float(nm in fixed) for nm in names]).expand_as(real_y)
+
+
 def _sample(parts, attrs: torch.Tensor, *, sampler, steps: int, cfg_scale: float, seed: int, batch: int, precision: str,
             progress: bool, desc: str) -> torch.Tensor:
     from tqdm.auto import tqdm
@@ -140,36 +169,12 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
     precision = precision or sampling_precision(cfg, next(parts.denoiser.parameters()).device.type)
     opts = dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale, batch=batch, precision=precision, progress=progress)
 
-    # set A (held-out real), its same-rows reference B, and the samples conditioned on A's rows
     test, eval_set = heldout_sets(cfg["dataset"])
-    if len(test) < n:
-        raise DatasetError(f"the held-out split has {len(test)} images, fewer than n={n}; lower --n")
-    real_x, cond_attrs = stack_items(test, n)
+    real_x, cond_attrs, ref_x, real_y, reference = real_sets(test, eval_set, n)
     exact_reference = hasattr(eval_set, "redraw")
-    if exact_reference:
-        ref_x = torch.stack([eval_set.image(eval_set.redraw(i)) for i in range(n)])
-        real_y = stack_items(eval_set, n)[1]
-        reference = "same attribute rows, nuisances redrawn"
-    else:
-        if len(test) < 2 * n:
-            raise DatasetError(f"the held-out split has {len(test)} images; the reference needs 2n = {2 * n}; lower --n")
-        ref_x = torch.stack([test[n + i][0] for i in range(n)])
-        real_y = cond_attrs
-        reference = "the next n held-out images (attribute rows not matched)"
     images = _sample(parts, cond_attrs, seed=seed, desc="sample", **opts)
     real, ref, fake = model.predict(real_x), model.predict(ref_x), model.predict(images)
-
-    # what each sample was asked for, in the evaluator's attributes: the row itself, or (a class labelling)
-    # the same row of the evaluation view, masked to the attributes the label fixes
-    if list(parts.attr_names) == names:
-        target, known = cond_attrs, torch.ones_like(cond_attrs)
-    else:
-        fixed = getattr(test, "known_features", None)
-        if fixed is None or not exact_reference:
-            raise DatasetError(f"the run's attributes {list(parts.attr_names)[:4]}... differ from the evaluator's {names[:4]}... "
-                               "and the dataset does not say how they map; pass --evaluator trained on the run's labels")
-        target = real_y
-        known = torch.tensor([float(nm in fixed) for nm in names]).expand_as(target)
+    target, known = requested(test, list(parts.attr_names), names, cond_attrs, real_y, exact_reference)
     correct = ((fake["probs"] > 0.5).float() == target).float()
     per = {nm: (correct[:, k][known[:, k] > 0]).mean().item() for k, nm in enumerate(names) if known[:, k].any()}
     groups = [list(g) for g in getattr(eval_set, "groups", [])]
