@@ -23,7 +23,8 @@ def ngmg_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-ARM_COLUMNS = (("attr_accuracy", "accuracy", 4), ("defect_rate", "defects", 3), ("recall", "recall", 3),
+ARM_COLUMNS = (("shared_accuracy", "shape+colour accuracy", 4), ("shape_accuracy", "shape accuracy", 4),
+               ("attr_accuracy", "accuracy", 4), ("defect_rate", "defects", 3), ("recall", "recall", 3),
                ("coverage", "coverage", 3), ("fd", "FD", 1), ("set_mean_spread_ratio", "spread ratio", 3),
                ("last100", "loss (last 100)", 4))
 
