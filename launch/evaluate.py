@@ -3,15 +3,26 @@ RUN/eval_diversity.png); ``--sweep`` evaluates samplers x guidance scales (RUN/s
 default shapes data (gmmcond/eval/weights/shapes16.safetensors)."""
 import argparse
 import json
+import re
+
+import yaml
 
 from gmmcond.cli import fail_cleanly, positive_int
+
+
+def tag_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", text):
+        raise argparse.ArgumentTypeError(f"--tag '{text}': use letters, digits, '_', '.' or '-' only")
+    return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run", help="run directory written by launch/train.py")
     parser.add_argument("--n", type=positive_int, help="conditional samples (attribute rows of held-out data)")
-    parser.add_argument("--sampler")
+    parser.add_argument("--sampler", type=yaml.safe_load,
+                        help='sampler name or node, e.g. dpmpp_2m or "{type: x0_reproject, renoise: 0.5}" (default: the run\'s)')
+    parser.add_argument("--tag", type=tag_name, help="write eval_TAG.json (and PNGs) instead of eval.json, e.g. for another sampler")
     parser.add_argument("--steps", type=positive_int)
     parser.add_argument("--cfg-scale", type=float)
     parser.add_argument("--seed", type=int, default=0)
@@ -55,7 +66,7 @@ def main() -> None:
     from gmmcond.eval.evaluate import METRICS, evaluate_run
 
     result = evaluate_run(args.run, n=args.n or 512, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
-                          precision=args.precision, evaluator=args.evaluator, sets=args.sets, per_set=args.per_set)
+                          precision=args.precision, evaluator=args.evaluator, sets=args.sets, per_set=args.per_set, tag=args.tag)
     print(f"attribute accuracy {result['attr_accuracy']:.4f}, all correct {result['all_attributes_correct']:.4f}, "
           f"defects {result['defect_rate']:.2%} (real held-out images: {result['real_heldout_defect_rate']:.2%})")
     print(f"{'metric':<22}{'samples':>10}{'real reference':>16}")
@@ -63,7 +74,7 @@ def main() -> None:
     for name, v in rows:
         print(f"{name:<22}{v['value']:>10.4f}{v['real_reference']:>16.4f}")
     print("per attribute:", {k: round(v, 3) for k, v in result["per_attribute"].items()})
-    print(f"wrote {args.run}/eval.json")
+    print(f"wrote {args.run}/{'eval' if args.tag is None else 'eval_' + args.tag}.json")
 
 
 if __name__ == "__main__":

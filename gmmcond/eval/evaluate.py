@@ -140,8 +140,10 @@ def _sample(parts, attrs: torch.Tensor, *, sampler, steps: int, cfg_scale: float
 
 def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None, sampler=None, cfg_scale: float | None = None,
                  seed: int = 0, batch: int = 64, progress: bool = True, evaluator: str | Path | None = None,
-                 precision: str | None = None, sets: int = 6, per_set: int = 48, write: bool = True) -> dict:
-    """Evaluate a trained run offline; writes ``eval.json``, ``eval_worst.png`` and ``eval_diversity.png``.
+                 precision: str | None = None, sets: int = 6, per_set: int = 48, write: bool = True,
+                 tag: str | None = None) -> dict:
+    """Evaluate a trained run offline; writes ``eval.json``, ``eval_worst.png`` and ``eval_diversity.png``
+    (``eval_TAG.json`` and so on with a ``tag``, so evaluations under other settings sit beside it).
 
     Args:
         n: samples conditioned on the attribute rows of the first ``n`` held-out real images (set A).
@@ -159,6 +161,7 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
     if n <= 5 or (sets > 0 and per_set <= 5):
         raise ConfigError(f"evaluation needs n and per_set above 5 (the k-NN metrics use k = 5), got n={n}, per_set={per_set}")
     run_dir = Path(run_dir)
+    stem = "eval" if tag is None else f"eval_{tag}"
     run = load_run(run_dir)
     cfg, parts = run.cfg, run.parts
     model, meta, evaluator_path = evaluator_for(cfg["dataset"], evaluator, progress=progress)
@@ -202,7 +205,7 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
         result["per_set"], diversity = _per_set(parts, eval_set, cond_attrs, model, names, sets, per_set, seed, opts,
                                                 NUISANCE_COLUMNS, matched_nuisances, nuisance_fidelity, prdc)
         if write:
-            save_png(captioned_grid(*diversity, cell=48), run_dir / "eval_diversity.png")
+            save_png(captioned_grid(*diversity, cell=48), run_dir / f"{stem}_diversity.png")
         result["per_set_mean"] = {
             key: {"value": float(np.nanmean([r[key] for r in result["per_set"]])),
                   "real_reference": float(np.nanmean([r["reference"][key] for r in result["per_set"]]))}
@@ -218,8 +221,8 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
         order = sorted(range(len(images)), key=lambda i: (not defects[i], conf[i].item()))[:32]
         rows = [images[order[j:j + 8]] for j in range(0, len(order), 8)]
         caps = [" | ".join(reasons[i][:14] for i in order[j:j + 8]) for j in range(0, len(order), 8)]
-        save_png(captioned_grid(rows, caps, cell=64), run_dir / "eval_worst.png")
-        write_json(run_dir / "eval.json", result)
+        save_png(captioned_grid(rows, caps, cell=64), run_dir / f"{stem}_worst.png")
+        write_json(run_dir / f"{stem}.json", result)
     return result
 
 
