@@ -80,3 +80,10 @@ def test_compile_failure_is_a_clear_error():
     with pytest.raises(KeyError):  # anything else is a bug and surfaces as itself
         with P.first_compiled_call(lambda s: None):
             raise KeyError("x")
+
+
+def test_two_trainings_in_one_process_may_use_different_precisions(tiny_cfg, tmp_path, cpu_bf16):
+    cpu_bf16(True)  # bf16 autocast runs on any CPU; only its speed needs native support
+    train(tiny_cfg("train.precision=fp32"), tmp_path / "fp32")
+    train(tiny_cfg("train.precision=bf16"), tmp_path / "bf16")  # accelerate's state from the first run is not reused
+    assert "precision: bf16" in (tmp_path / "bf16" / "config.yaml").read_text()

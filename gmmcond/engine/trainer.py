@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import k_diffusion as K
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
@@ -163,9 +164,14 @@ class Trainer:
                  on_step: Callable[[int, dict], None] | None = None, accelerator: Accelerator | None = None):
         self.cfg, self.t, self.run_dir, self.on_step = cfg, cfg["train"], Path(run_dir), on_step
         self.precision = resolve_precision(self.t["precision"], "cuda" if torch.cuda.is_available() else "cpu")
-        # cpu=True on CPU-only machines lets accelerate run torchrun/accelerate-launch processes as MULTI_CPU (gloo)
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
-                                                      mixed_precision=self.precision.accelerate)
+        if accelerator is None:
+            # accelerate keeps one mixed-precision setting per process; a second training in the same process
+            # (the experiments train several arms) may need another, so forget the previous run's. The
+            # distributed state (PartialState: process group, ranks) is kept.
+            AcceleratorState._reset_state()
+            # cpu=True on CPU-only machines lets accelerate run torchrun/accelerate-launch processes as MULTI_CPU (gloo)
+            accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=self.precision.accelerate)
+        self.accelerator = accelerator
         acc = self.accelerator
         self.main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
         self.device = acc.device
