@@ -202,7 +202,8 @@ def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) 
         train(cfg, run, resume=(run / "checkpoints" / "latest").exists())
     records = [r for r in read_metrics(run / "metrics.jsonl") if "diffusion" in r]
     steps = records[-1]["step"]
-    ev = evaluate_run(run, n=n, progress=False)
+    # the recipe's sampler as it is now (not the one saved with the run), so every arm is sampled alike
+    ev = evaluate_run(run, n=n, progress=False, sampler=cfg["sample"]["sampler"], cfg_scale=cfg["sample"]["cfg_scale"])
     return {"steps": steps, "curve_steps": [r["step"] for r in records], "curve": [r["diffusion"] for r in records],
             "last100": statistics.fmean(r["diffusion"] for r in records if r["step"] > steps - 100),
             "sec_per_step_median": statistics.median(r["sec_per_step"] for r in (records[1:] or records)),
