@@ -5,6 +5,7 @@ import math
 import statistics
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -190,16 +191,23 @@ def _plot_ngmg_vs_bce(out: Path, records: list[dict], lrs, seeds: int, eval_ever
     plt.close(fig)
 
 
-def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) -> dict:
-    """Train ``recipe`` with ``overrides`` into ``run`` (resuming a partial run, skipping a finished one), then
-    evaluate it; return the diffusion-loss curve and :func:`eval_summary`."""
+def train_once(recipe: str, overrides: list[str], run: Path) -> dict:
+    """Train ``recipe`` with ``overrides`` into ``run``, resuming a partial run and skipping a finished one;
+    return the resolved config."""
     from ..config import load_config
     from ..engine.trainer import train
-    from ..eval.evaluate import eval_summary, evaluate_run
 
     cfg = load_config(recipe, overrides)
     if not (run / "ema.safetensors").exists():
         train(cfg, run, resume=(run / "checkpoints" / "latest").exists())
+    return cfg
+
+
+def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) -> dict:
+    """:func:`train_once`, then evaluate the run; return the diffusion-loss curve and :func:`eval_summary`."""
+    from ..eval.evaluate import eval_summary, evaluate_run
+
+    cfg = train_once(recipe, overrides, run)
     records = [r for r in read_metrics(run / "metrics.jsonl") if "diffusion" in r]
     steps = records[-1]["step"]
     # the recipe's sampler as it is now (not the one saved with the run), so every arm is sampled alike
@@ -354,8 +362,8 @@ COMBINATION_ARMS = {  # arm: (recipe, label_mode, how requests are sampled)
 
 def _combination_requests(test, names, shape: str, colour: str, mode: str, per: int):
     """Return (attrs, known, compose) to ask a model for ``per`` images of one shape-colour combination."""
-    rows = [test[i][1] for i in range(len(test)) if test.params(i).shape == shape and test.params(i).colour == colour][:per]
-    rows = torch.stack(rows)
+    picked = [p for p in map(test.params, range(len(test))) if p.shape == shape and p.colour == colour][:per]
+    rows = torch.from_numpy(np.stack([p.attrs() for p in picked]))  # the features rows, without rendering
     if mode == "class":
         attrs = torch.zeros(per, len(names))
         attrs[:, names.index(f"{shape}_{colour}")] = 1
@@ -374,11 +382,8 @@ def combinations(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, steps
     """Attribute combinations never seen in training (red triangle, green circle, blue square): conformity (the
     requested shape and colour both right) and defects on seen vs held-out combinations, per arm and seed; for the
     partial arms also the total-variation distance of each unspecified attribute's frequency from the data's."""
-    from ..config import load_config
     from ..data import shapes as S
     from ..engine.runs import load_run
-    from ..engine.trainer import train
-    from ..data.shapes import check_image
     from ..eval.evaluator import evaluator_for
     from ..registry import DATASETS
     from ..sampling.generate import generate
@@ -395,11 +400,9 @@ def combinations(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, steps
             if log.done(("arm", "seed"), arm=arm, seed=seed):
                 continue
             extra = ["sample.grid_rows=[circle_red,triangle_red]"] if label_mode == "classes" else []
-            cfg = load_config(recipe, [f"dataset.exclude={exclude}", f"dataset.label_mode={label_mode}", f"train.steps={steps}",
-                                       f"train.seed={seed}", f"conditioner.seed={seed}", "train.grid_every=0", *extra])
             run = runs / f"comb_{recipe}_{label_mode}_seed{seed}"
-            if not (run / "ema.safetensors").exists():
-                train(cfg, run, resume=(run / "checkpoints" / "latest").exists())
+            cfg = train_once(recipe, [f"dataset.exclude={exclude}", f"dataset.label_mode={label_mode}", f"train.steps={steps}",
+                                      f"train.seed={seed}", f"conditioner.seed={seed}", "train.grid_every=0", *extra], run)
             loaded = load_run(run)
             model = evaluator_for(cfg["dataset"], progress=False)[0]
             names = loaded.parts.attr_names
@@ -411,7 +414,7 @@ def combinations(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, steps
                                   cfg_scale=cfg["sample"]["cfg_scale"], seed=1000 * seed + k, known=known, compose=compose).float()
                 probs = model.predict(images)["probs"]
                 ok = (probs[:, list(S.ATTR_NAMES).index(sh)] > 0.5) & (probs[:, list(S.ATTR_NAMES).index(co)] > 0.5)
-                defects = [check_image(img).defect for img in images]
+                defects = [S.check_image(img).defect for img in images]
                 stats["held_out" if (sh, co) in held else "seen"].append((ok.float().mean().item(), sum(defects) / len(defects)))
                 if mode in ("partial", "composed"):  # unspecified features: data frequency given shape and colour is 0.5
                     for f in features:
