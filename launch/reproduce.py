@@ -19,13 +19,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, help="seeds (default: ngmg-vs-bce 5, head 3, features-vs-classes 3, precision 2, combinations 2)")
     parser.add_argument("--steps", type=int, help="training steps (default: each experiment's own)")
     parser.add_argument("--n", type=int, help="evaluated samples per run (default 512; head, features-vs-classes, precision)")
+    parser.add_argument("--sweep", default="runs/shapes/sweep.json", help="report: the sweep to tabulate")
+    parser.add_argument("--recipe-runs", nargs="*", default=[], help="report: evaluated runs of one recipe (seeds), one table row")
     args = parser.parse_args()
 
     out = Path(args.out)
     if args.experiment == "report":
         from gmmcond.experiments.report import report
 
-        print(report(out, out / "runs" / "fvc_features__11_seed0" / "sweep.json"))
+        print(report(out, Path(args.sweep), [Path(r) for r in args.recipe_runs]))
         return
 
     from gmmcond.experiments import reproduce as experiments

@@ -98,3 +98,42 @@ def test_evaluate_run_on_user_data_uses_confidence_and_nearest_neighbours(tiny_c
     assert (tmp_path / "run" / "eval.json").exists() and (tmp_path / "run" / "eval_worst.png").exists()
     again = evaluate_run(tmp_path / "run", n=6, steps=3, progress=False, evaluator=tmp_path / "ev.safetensors", write=False)
     assert again == result  # the same run, evaluator and seed: the same numbers
+
+
+def test_recipe_table_gives_mean_and_sample_std_over_runs(tmp_path):
+    import json
+    import statistics
+
+    from gmmcond.experiments.report import recipe_table
+
+    runs = []
+    for k, acc in enumerate((0.90, 0.94)):
+        run = tmp_path / f"seed{k}"
+        run.mkdir()
+        ev = {"attr_accuracy": acc, "all_attributes_correct": 0.5, "defect_rate": 0.1 * (k + 1),
+              "per_attribute": {"circle": 0.7, "square": 0.8 + 0.1 * k, "triangle": 0.9},
+              **{m: {"value": 0.8, "real_reference": 0.99} for m in ("fd", "kid", "recall", "coverage", "precision")}}
+        (run / "eval.json").write_text(json.dumps(ev))
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "sec_per_step": t}) + "\n"
+                                                   for s, t in ((10, 9.0), (20, 0.1 + k), (30, 0.3 + k))))
+        runs.append(run)
+    table = recipe_table(runs)
+    row = next(line for line in table.splitlines() if line.startswith("| default recipe"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    sd = statistics.stdev
+    assert cells[1] == "2"
+    assert cells[2] == f"{0.7:.3f} +- {sd([0.2, 1.2]):.3f}"  # median step time without the first (compiling) interval
+    assert cells[3] == f"{0.92:.4f} +- {sd([0.90, 0.94]):.4f}"
+    shape = [statistics.fmean([0.7, 0.8, 0.9]), statistics.fmean([0.7, 0.9, 0.9])]  # mean of circle, square, triangle
+    assert cells[4] == f"{statistics.fmean(shape):.3f} +- {sd(shape):.3f}"
+    assert cells[5] == f"{0.15:.3f} +- {sd([0.1, 0.2]):.3f}"
+    assert "| real vs real (reference) |" in table
+
+
+def test_paper_experiments_keep_the_scale_they_were_measured_at():
+    from gmmcond.config import load_config
+    from gmmcond.experiments.reproduce import EXPERIMENT_SCALE
+
+    cfg = load_config("shapes", list(EXPERIMENT_SCALE))
+    assert (cfg["train"]["steps"], cfg["train"]["compile"], cfg["model"]["self_attn_depths"]) == (2000, False, [False] * 3)
+    assert load_config("shapes", [*EXPERIMENT_SCALE, "train.steps=1000"])["train"]["steps"] == 1000  # an arm's own wins

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 
@@ -64,9 +65,34 @@ def sweep_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def report(out: Path, sweep_json: Path | None = None) -> str:
-    """Every table whose JSON exists under ``out`` (and the sweep's, if given), as one markdown string."""
+RECIPE_COLUMNS = (("sec_per_step", "sec/step", 3), ("attr_accuracy", "accuracy", 4), ("shape_accuracy", "shape accuracy", 3),
+                  ("defect_rate", "defects", 3), ("recall", "recall", 3), ("coverage", "coverage", 3), ("fd", "FD", 1),
+                  ("set_mean_spread_ratio", "spread ratio", 3))
+
+
+def recipe_table(runs: list[Path]) -> str:
+    """One row: mean +- std over ``runs`` (seeds of one recipe) of each run's ``eval.json`` and its median
+    training step time; the real-vs-real references below it."""
+    from ..data.shapes import SHAPES
+    from ..eval.evaluate import eval_summary
+    from ..io import read_json, read_metrics
+    from .reproduce import summarise
+
+    recs = []
+    for run in runs:
+        ev = read_json(run / "eval.json")
+        timed = [r["sec_per_step"] for r in read_metrics(run / "metrics.jsonl") if "sec_per_step" in r]
+        recs.append({**eval_summary(ev), "sec_per_step": statistics.median(timed[1:] or timed),
+                     "shape_accuracy": statistics.fmean(ev["per_attribute"][s] for s in SHAPES)})
+    stats = {k: summarise([r[k] for r in recs]) for k in recs[0] if all(isinstance(r.get(k), float) for r in recs)}
+    return f"runs: {', '.join(map(str, runs))}\n\n" + arms_table({"arms": {"default recipe": stats}}, RECIPE_COLUMNS)
+
+
+def report(out: Path, sweep_json: Path | None = None, recipe_runs: list[Path] | None = None) -> str:
+    """Every table whose JSON exists under ``out`` (the sweep's and the recipe runs', if given), as one markdown string."""
     parts = []
+    if recipe_runs:
+        parts.append(f"### the default recipe (`python launch/evaluate.py --run RUN` per seed)\n\n{recipe_table(recipe_runs)}")
     tables = {"ngmg-vs-bce": ngmg_table, "head": arms_table, "features-vs-classes": arms_table, "precision": arms_table,
               "combinations": lambda r: arms_table(r, COMBINATION_COLUMNS)}
     for name, fn in tables.items():
