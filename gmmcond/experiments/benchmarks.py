@@ -144,7 +144,8 @@ def _plain_step(cfg: dict):
     torch.manual_seed(0)
     inner = K.config.make_model(K.config.load_config({"model": {
         "type": "image_v1", "input_channels": 3, "input_size": [0, 0], "mapping_out": m["mapping_out"],
-        "depths": m["depths"], "channels": m["channels"], "self_attn_depths": list(m["self_attn_depths"] or [False] * len(m["depths"])),
+        "depths": m["depths"], "channels": m["channels"],
+        "self_attn_depths": list(m["self_attn_depths"] or [False] * len(m["depths"])),
         "mapping_cond_dim": dim, "unet_cond_dim": 2 if m["coord_channels"] else 0}}))
     denoiser = K.layers.Denoiser(inner, sigma_data=cfg["denoiser"]["sigma_data"], weighting="karras")
     opt = torch.optim.AdamW(denoiser.parameters(), 1e-4)

@@ -89,7 +89,8 @@ def recipe_table(runs: list[Path]) -> str:
 
 
 def report(out: Path, sweep_json: Path | None = None, recipe_runs: list[Path] | None = None) -> str:
-    """Every table whose JSON exists under ``out`` (the sweep's and the recipe runs', if given), as one markdown string."""
+    """Every table whose JSON exists under ``out`` (and the sweep's and the recipe runs', if given), as one
+    markdown string."""
     parts = []
     if recipe_runs:
         parts.append(f"### the default recipe (`python launch/evaluate.py --run RUN` per seed)\n\n{recipe_table(recipe_runs)}")

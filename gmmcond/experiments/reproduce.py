@@ -346,8 +346,9 @@ PRECISION_ARMS = {"fp32": ("shapes", ["train.precision=fp32", "train.compile=fal
 
 
 def precision(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, n: int = 512, progress=print) -> dict:
-    """Quality kept under the fastest setting: the shapes recipe at 2000 steps (``EXPERIMENT_SCALE``) trained at fp32 and at bf16 + torch.compile,
-    ``seeds`` seeds each, every run evaluated the same way; per-seed values and mean +- std per arm."""
+    """Quality kept under the fastest setting: the shapes recipe at 2000 steps (``EXPERIMENT_SCALE``) trained
+    at fp32 and at bf16 + torch.compile, ``seeds`` seeds each, every run evaluated the same way; per-seed
+    values and mean +- std per arm."""
     log = ResultLog(log_path)
     arms = {arm: (recipe, [*extra, "train.grid_every=0"]) for arm, (recipe, extra) in PRECISION_ARMS.items()}
     run_arms(arms, runs, log, "precision", seeds=seeds, n=n, progress=progress)
