@@ -63,7 +63,7 @@ def main() -> None:
         print(f"wrote {args.run}/sweep.json and {args.run}/sweep.png")
         return
 
-    from gmmcond.eval.evaluate import METRICS, evaluate_run
+    from gmmcond.eval.evaluate import METRICS, eval_stem, evaluate_run
 
     result = evaluate_run(args.run, n=args.n or 512, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
                           precision=args.precision, evaluator=args.evaluator, sets=args.sets, per_set=args.per_set, tag=args.tag)
@@ -74,7 +74,7 @@ def main() -> None:
     for name, v in rows:
         print(f"{name:<22}{v['value']:>10.4f}{v['real_reference']:>16.4f}")
     print("per attribute:", {k: round(v, 3) for k, v in result["per_attribute"].items()})
-    print(f"wrote {args.run}/{'eval' if args.tag is None else 'eval_' + args.tag}.json")
+    print(f"wrote {args.run}/{eval_stem(args.tag)}.json")
 
 
 if __name__ == "__main__":

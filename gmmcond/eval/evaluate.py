@@ -138,6 +138,11 @@ def _sample(parts, attrs: torch.Tensor, *, sampler, steps: int, cfg_scale: float
     return torch.cat(out)
 
 
+def eval_stem(tag: str | None) -> str:
+    """The file stem an evaluation writes under: ``eval`` (eval.json, eval_worst.png, ...) or ``eval_TAG``."""
+    return "eval" if tag is None else f"eval_{tag}"
+
+
 def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None, sampler=None, cfg_scale: float | None = None,
                  seed: int = 0, batch: int = 64, progress: bool = True, evaluator: str | Path | None = None,
                  precision: str | None = None, sets: int = 6, per_set: int = 48, write: bool = True,
@@ -161,7 +166,7 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
     if n <= 5 or (sets > 0 and per_set <= 5):
         raise ConfigError(f"evaluation needs n and per_set above 5 (the k-NN metrics use k = 5), got n={n}, per_set={per_set}")
     run_dir = Path(run_dir)
-    stem = "eval" if tag is None else f"eval_{tag}"
+    stem = eval_stem(tag)
     run = load_run(run_dir)
     cfg, parts = run.cfg, run.parts
     model, meta, evaluator_path = evaluator_for(cfg["dataset"], evaluator, progress=progress)

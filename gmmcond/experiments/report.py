@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
 
@@ -73,18 +72,16 @@ RECIPE_COLUMNS = (("sec_per_step", "sec/step", 3), ("attr_accuracy", "accuracy",
 def recipe_table(runs: list[Path]) -> str:
     """One row: mean +- std over ``runs`` (seeds of one recipe) of each run's ``eval.json`` and its median
     training step time; the real-vs-real references below it."""
-    from ..data.shapes import SHAPES
     from ..eval.evaluate import eval_summary
     from ..io import read_json, read_metrics
-    from .reproduce import summarise
+    from .reproduce import median_step_time, shape_accuracy, summarise_records
 
     recs = []
     for run in runs:
         ev = read_json(run / "eval.json")
-        timed = [r["sec_per_step"] for r in read_metrics(run / "metrics.jsonl") if "sec_per_step" in r]
-        recs.append({**eval_summary(ev), "sec_per_step": statistics.median(timed[1:] or timed),
-                     "shape_accuracy": statistics.fmean(ev["per_attribute"][s] for s in SHAPES)})
-    stats = {k: summarise([r[k] for r in recs]) for k in recs[0] if all(isinstance(r.get(k), float) for r in recs)}
+        recs.append({**eval_summary(ev), "sec_per_step": median_step_time(read_metrics(run / "metrics.jsonl")),
+                     "shape_accuracy": shape_accuracy(ev["per_attribute"])})
+    stats = summarise_records(recs)
     return f"runs: {', '.join(map(str, runs))}\n\n" + arms_table({"arms": {"default recipe": stats}}, RECIPE_COLUMNS)
 
 

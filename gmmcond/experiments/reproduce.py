@@ -77,6 +77,19 @@ def summarise(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
 
+def median_step_time(rows: list[dict]) -> float:
+    """Median ``sec_per_step`` over a run's logged intervals, leaving out the first (compilation, warm-up)."""
+    timed = [r["sec_per_step"] for r in rows if "sec_per_step" in r]
+    return statistics.median(timed[1:] or timed)
+
+
+def shape_accuracy(per_attribute: dict) -> float:
+    """Mean per-attribute accuracy over circle, square and triangle (an eval.json's ``per_attribute``)."""
+    from ..data.shapes import SHAPES
+
+    return statistics.fmean(per_attribute[s] for s in SHAPES)
+
+
 NGMG_LOSSES = ("bce", "ngmg_surplus", "ngmg_deficit")
 
 
@@ -220,7 +233,7 @@ def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) 
     ev = evaluate_run(run, n=n, progress=False, sampler=cfg["sample"]["sampler"], cfg_scale=cfg["sample"]["cfg_scale"])
     return {"steps": steps, "curve_steps": [r["step"] for r in records], "curve": [r["diffusion"] for r in records],
             "last100": statistics.fmean(r["diffusion"] for r in records if r["step"] > steps - 100),
-            "sec_per_step_median": statistics.median(r["sec_per_step"] for r in (records[1:] or records)),
+            "sec_per_step_median": median_step_time(records),
             **eval_summary(ev)}
 
 
@@ -248,13 +261,17 @@ def summarise_arms(log: "ResultLog", arms, seeds: int) -> dict:
     out = {}
     for arm in arms:
         rs = [r for r in log.records if r["arm"] == arm and r["seed"] < seeds]
-        if not rs:
-            continue
-        keys = [k for k, v in rs[0].items() if isinstance(v, (int, float)) and k not in ("seed", "steps")
-                and all(isinstance(r.get(k), (int, float)) for r in rs)]
-        out[arm] = {**{k: summarise([r[k] for r in rs]) for k in keys},
-                    "per_seed": [{k: v for k, v in r.items() if not isinstance(v, list)} for r in rs]}
+        if rs:
+            out[arm] = summarise_records(rs)
     return out
+
+
+def summarise_records(rs: list[dict]) -> dict:
+    """Mean +- std over records (one per seed) of every number they all share, and the records themselves."""
+    keys = [k for k, v in rs[0].items() if isinstance(v, (int, float)) and k not in ("seed", "steps")
+            and all(isinstance(r.get(k), (int, float)) for r in rs)]
+    return {**{k: summarise([r[k] for r in rs]) for k in keys},
+            "per_seed": [{k: v for k, v in r.items() if not isinstance(v, list)} for r in rs]}
 
 
 def plot_loss_bands(out: Path, log: "ResultLog", arms, seeds: int, title: str) -> None:
@@ -319,7 +336,7 @@ def features_vs_classes(out: Path, runs: Path, log_path: Path, *, seeds: int = 3
     for rec in log.records:
         per = read_json(Path(rec["run"]) / "eval.json")["per_attribute"]
         rec["shared_accuracy"] = statistics.fmean(per[a] for a in shared)
-        rec["shape_accuracy"] = statistics.fmean(per[a] for a in S.SHAPES)
+        rec["shape_accuracy"] = shape_accuracy(per)
     result = {"seeds": seeds, "n": n, "shared_attributes": list(shared), "arms": summarise_arms(log, arms, seeds)}
     grids = []
     for arm in arms:
