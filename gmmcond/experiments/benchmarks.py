@@ -138,15 +138,13 @@ def _plain_step(cfg: dict):
     import k_diffusion as K
 
     from ..modeling.conditioners import GMMAttrs
+    from ..modeling.models import image_v1_config
 
     m = cfg["model"]
     dim = GMMAttrs(11, **{k: v for k, v in cfg["conditioner"].items() if k != "type"}).dim
     torch.manual_seed(0)
-    inner = K.config.make_model(K.config.load_config({"model": {
-        "type": "image_v1", "input_channels": 3, "input_size": [0, 0], "mapping_out": m["mapping_out"],
-        "depths": m["depths"], "channels": m["channels"],
-        "self_attn_depths": list(m["self_attn_depths"] or [False] * len(m["depths"])),
-        "mapping_cond_dim": dim, "unet_cond_dim": 2 if m["coord_channels"] else 0}}))
+    # the recipe's k-diffusion config, built by k-diffusion alone (no coordinate-map wrapper: zeros go in instead)
+    inner = K.config.make_model(image_v1_config(dim, **{k: v for k, v in m.items() if k != "type"}))
     denoiser = K.layers.Denoiser(inner, sigma_data=cfg["denoiser"]["sigma_data"], weighting="karras")
     opt = torch.optim.AdamW(denoiser.parameters(), 1e-4)
 

@@ -28,9 +28,22 @@ def image_v1(
     coord_channels: bool = False,  # Feed x/y coordinate maps through unet_cond, so global conditions can place things.
 ) -> nn.Module:
     """Build k-diffusion's ``image_v1`` U-Net through ``k_diffusion.config.make_model``."""
+    config = image_v1_config(mapping_cond_dim, input_channels=input_channels, mapping_out=mapping_out, depths=depths,
+                             channels=channels, self_attn_depths=self_attn_depths, dropout_rate=dropout_rate,
+                             patch_size=patch_size, skip_stages=skip_stages, augment_wrapper=augment_wrapper,
+                             coord_channels=coord_channels)
+    model = K.config.make_model(config)
+    return CoordChannels(model) if coord_channels else model
+
+
+def image_v1_config(mapping_cond_dim: int, *, input_channels: int, mapping_out: int, depths: Sequence[int],
+                    channels: Sequence[int], self_attn_depths: Sequence[bool] | None, dropout_rate: float,
+                    patch_size: int, skip_stages: int, augment_wrapper: bool, coord_channels: bool) -> dict:
+    """Return k-diffusion's resolved config for :func:`image_v1` (whose defaults apply; a resolved ``model``
+    section has every argument); coordinate maps, when asked for, take the two ``unet_cond`` channels."""
     if len(depths) != len(channels):
         raise ConfigError(f"model.depths ({list(depths)}) and model.channels ({list(channels)}) need the same length")
-    config = K.config.load_config({
+    return K.config.load_config({
         "model": {
             "type": "image_v1",
             "input_channels": input_channels,
@@ -47,8 +60,6 @@ def image_v1(
             "unet_cond_dim": 2 if coord_channels else 0,
         },
     })
-    model = K.config.make_model(config)
-    return CoordChannels(model) if coord_channels else model
 
 
 class CoordChannels(nn.Module):
