@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -16,6 +17,36 @@ import yaml
 
 from .errors import ConfigError
 from .registry import CONDITIONERS, DATASETS, HEADS, LOSSES, MODELS, SAMPLERS, SCHEDULES, Registry, closest
+
+
+class Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's float rule: ``1e-4``, ``3E-4`` and ``1e6`` are floats.
+
+    PyYAML implements YAML 1.1, whose float pattern needs a dot and a signed exponent (``1.0e-4``), so it
+    reads ``lr: 1e-4`` as the string ``'1e-4'``. Everything else (ints, bools, null) keeps the safe rules.
+    """
+
+
+FLOAT_12 = re.compile(r"""^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X)
+Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+                                  for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+Loader.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT_12, list("-+0123456789."))
+# An int is tried before a float only where both resolvers claim the first character; keep ints ints.
+for first, resolvers in Loader.yaml_implicit_resolvers.items():
+    resolvers.sort(key=lambda pair: pair[0] != "tag:yaml.org,2002:int")
+
+
+def yaml_load(text: str, source: str = "<string>") -> Any:
+    """Parse YAML with :class:`Loader`; a syntax error is a ConfigError naming the file, line and column."""
+    try:
+        return yaml.load(text, Loader=Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        raise ConfigError(f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")) from None
 
 
 def recipes_dir() -> Path:
@@ -71,13 +102,13 @@ SECTIONS = {"denoiser": DenoiserConfig, "train": TrainConfig, "sample": SampleCo
 MINIMUMS = {  # dotted key -> smallest valid value
     "train.steps": 1, "train.batch_size": 1, "train.log_every": 1, "train.checkpoint_every": 1, "train.grid_every": 0,
     "train.keep_checkpoints": 1, "train.warmup_steps": 0, "train.num_workers": 0, "train.cpu_threads": 0,
-    "train.lr": 0.0, "sample.steps": 1, "sample.grid_cols": 1,
+    "train.lr": 0.0, "sample.steps": 1, "sample.grid_cols": 1, "sample.cfg_scale": 0.0,
 }
 CHOICES = {"train.precision": ("auto", "fp32", "bf16", "fp16"), "train.lr_decay": ("constant", "cosine")}
 NODES: dict[str, Registry] = {
     "dataset": DATASETS, "model": MODELS, "conditioner": CONDITIONERS, "head": HEADS, "schedule": SCHEDULES,
 }
-TOP_LEVEL = ["name", *NODES, *SECTIONS]
+TOP_LEVEL = ["name", *NODES, *SECTIONS, "history"]  # history: what a resume changed, at which step
 NODE_PATHS = (*NODES, "sample.sampler")  # dotted paths whose value may be a bare registry key
 DEFAULT_NODES = {"conditioner": "gmm_attrs", "head": "none", "schedule": "karras"}
 SAMPLER_FIXED_ARGS = ("model", "x", "sigmas", "extra_args", "callback", "disable", "noise_sampler")
@@ -175,6 +206,9 @@ def resolve(raw: dict) -> dict:
         if key not in raw:
             raise ConfigError(f"{key}: required section missing")
     cfg: dict[str, Any] = {"name": str(raw["name"])}
+    history = raw.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(h, dict) and "step" in h for h in history):
+        raise ConfigError("history: written by resumed runs as a list of {step, changed}; do not edit it by hand")
     for key, registry in NODES.items():
         cfg[key] = resolve_node(key, raw.get(key, DEFAULT_NODES.get(key)), registry)
     for key, schema in SECTIONS.items():
@@ -196,6 +230,8 @@ def resolve(raw: dict) -> dict:
 
     if cfg["denoiser"]["loss"] not in DENOISER_LOSSES:
         raise _unknown_key("denoiser.loss", cfg["denoiser"]["loss"], DENOISER_LOSSES)
+    if history:
+        cfg["history"] = history
     return cfg
 
 
@@ -220,7 +256,7 @@ def apply_override(raw: dict, override: str) -> None:
             raise ConfigError(f"{'.'.join(keys[:depth + 1])}: is {child!r}, not a section; cannot set {path}")
         node[key] = child
         node = child
-    node[keys[-1]] = yaml.safe_load(value)
+    node[keys[-1]] = yaml_load(value, f"override '{override}'")
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
@@ -242,10 +278,7 @@ def recipe_path(name_or_path: str | Path) -> Path:
 def load_config(name_or_path: str | Path, overrides: Iterable[str] = ()) -> dict:
     """Load a recipe by name (``registry/NAME.yaml``) or path, apply dotted overrides, validate it."""
     path = recipe_path(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    raw = yaml_load(path.read_text(), str(path)) or {}
     for override in overrides:
         apply_override(raw, override)
     return resolve(raw)

@@ -43,3 +43,7 @@ class TrainingDiverged(GmmcondError):
 
 class PrecisionError(GmmcondError):
     """The requested precision or compilation cannot run on this machine."""
+
+
+class Interrupted(GmmcondError):
+    """Training was stopped by Ctrl-C (SIGINT) after a checkpoint; ``--resume`` continues it exactly."""

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import socket
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, RunError
 
 EXPORT_FORMAT = "gmmcond-ema-v1"
 
@@ -98,8 +100,9 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(checkpoint_dir(run_dir).glob("step_*.pt"))
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 2) -> Path:
-    """Write ``checkpoints/step_NNNNNNN.pt`` atomically, point ``latest`` at it, prune old ones."""
+def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 2, protect: Path | None = None) -> Path:
+    """Write ``checkpoints/step_NNNNNNN.pt`` atomically, point ``latest`` at it, prune old ones (all but the
+    newest ``keep``, and never ``protect``: the trainer's last checkpoint from before a loss spike)."""
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:07d}.pt"
@@ -110,7 +113,8 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 2) 
     os.replace(tmp, path)
     atomic_write_bytes(folder / "latest", path.name.encode())
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        old.unlink()
+        if protect is None or old.name != Path(protect).name:
+            old.unlink()
     return path
 
 
@@ -159,6 +163,72 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
         raise CheckpointError(f"{path} is not a gmmcond checkpoint (no 'step'/'model' entries)")
     return state
+
+
+# ------------------------------------------------------------------------------------------------ run lock
+
+
+class RunLock:
+    """``RUN/train.lock``: one training at a time per run directory.
+
+    The file holds the owner's pid, host and start time; it is created with O_EXCL, so of two trainings
+    started at once exactly one gets it. A lock left by a process that died (kill -9, a crash) is found
+    stale when its pid is gone on this host and taken over; a lock from another host cannot be checked
+    and is an error that says how to clear it.
+    """
+
+    NAME = "train.lock"
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / self.NAME
+        self.held = False
+
+    def _owner(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # someone else's live process
+            return True
+        return True
+
+    def acquire(self) -> str | None:
+        """Take the lock or raise RunError naming its holder; return a note when a stale lock was taken over."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        note = None
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                pid, host = owner.get("pid"), owner.get("host")
+                if isinstance(pid, int) and host == me["host"] and pid != me["pid"] and not self._alive(pid):
+                    note = f"note: took over {self.path}, left by process {pid} (no longer running)"
+                    self.path.unlink(missing_ok=True)
+                    continue
+                where = f"process {pid} on {host}" if pid else "another process"
+                since = f" since {owner['started']}" if owner.get("started") else ""
+                raise RunError(f"{self.path.parent} is being trained by {where}{since} ({self.path}); wait for it to "
+                               f"finish, train into another --name, or delete {self.path} if that process is gone") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return note
+        raise RunError(f"could not take {self.path}; delete it if no training is running in {self.path.parent}")
+
+    def release(self) -> None:
+        """Remove the lock if this process holds it."""
+        if self.held and self._owner().get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
 
 
 # ------------------------------------------------------------------------------------------ safetensors export

@@ -5,9 +5,18 @@ import argparse
 import json
 import re
 
-import yaml
 
-from gmmcond.cli import fail_cleanly, positive_int
+from gmmcond.cli import fail_cleanly, guidance_scale, positive_int
+
+
+def sampler_node(text: str):
+    """argparse type: a sampler key or a YAML node (YAML 1.2 floats, so renoise: 5e-1 works)."""
+    from gmmcond.config import yaml_load
+
+    try:
+        return yaml_load(text, "--sampler")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def tag_name(text: str) -> str:
@@ -20,11 +29,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run", help="run directory written by launch/train.py")
     parser.add_argument("--n", type=positive_int, help="conditional samples (attribute rows of held-out data)")
-    parser.add_argument("--sampler", type=yaml.safe_load,
+    parser.add_argument("--sampler", type=sampler_node,
                         help='sampler name or node, e.g. dpmpp_2m or "{type: x0_reproject, renoise: 0.5}" (default: the run\'s)')
     parser.add_argument("--tag", type=tag_name, help="write eval_TAG.json (and PNGs) instead of eval.json, e.g. for another sampler")
     parser.add_argument("--steps", type=positive_int)
-    parser.add_argument("--cfg-scale", type=float)
+    parser.add_argument("--cfg-scale", type=guidance_scale, help="guidance scale >= 0 (see launch/sample.py --help)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                         help="sampling autocast (default: the run's training precision where this machine runs it)")

@@ -3,7 +3,7 @@ import argparse
 import re
 from pathlib import Path
 
-from gmmcond.cli import fail_cleanly, positive_int
+from gmmcond.cli import fail_cleanly, guidance_scale, positive_int
 
 
 def main() -> None:
@@ -17,7 +17,10 @@ def main() -> None:
     parser.add_argument("--n", type=positive_int, default=16, help="samples per attribute set")
     parser.add_argument("--sampler", help="SAMPLERS key (default: the run's sample.sampler)")
     parser.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's sample.steps)")
-    parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--cfg-scale", type=guidance_scale,
+                        help="classifier-free guidance scale D_uncond + s (D_cond - D_uncond): 0 ignores the attributes, "
+                             "between 0 and 1 mixes toward the unconditional model, 1 is plain conditional (no "
+                             "guidance), above 1 guides; default: the run's sample.cfg_scale")
     parser.add_argument("--head-scale", type=float, default=0.0,
                         help="guide with the run's bottleneck head toward the attributes (HeadGuidedDenoiser)")
     parser.add_argument("--mode", choices=["latents", "fixed-latent", "x0-strip"], default="latents",

@@ -2,7 +2,7 @@
 import argparse
 from pathlib import Path
 
-from gmmcond.cli import fail_cleanly
+from gmmcond.cli import fail_cleanly, resume_command
 
 
 def main() -> None:
@@ -19,11 +19,15 @@ def main() -> None:
 
     from gmmcond.config import load_config
     from gmmcond.engine.trainer import train
+    from gmmcond.errors import Interrupted
 
     cfg = load_config(args.config, args.overrides)
     if args.name:
         cfg["name"] = args.name
-    train(cfg, Path(args.runs) / cfg["name"], resume=args.resume_from or args.resume or False)
+    try:
+        train(cfg, Path(args.runs) / cfg["name"], resume=args.resume_from or args.resume or False)
+    except Interrupted as exc:
+        raise Interrupted(f"{exc}: {resume_command()}") from None
 
 
 if __name__ == "__main__":

@@ -30,6 +30,22 @@ def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+DECODE_AT_LOAD = 2000  # folders up to this size are decoded once when the dataset is built
+
+
+def read_image(path: Path, size: int, where: str = "") -> torch.Tensor:
+    """Decode an image file to a [3, size, size] tensor in [-1, 1]; a file that does not decode is a
+    DatasetError naming it (and ``where`` it is listed), never a bare PIL traceback."""
+    try:
+        with Image.open(path) as image:
+            return to_tensor(center_crop_resize(image.convert("RGB"), size))
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        listed = f" (listed at {where})" if where else ""
+        raise DatasetError(f"{path}{listed} does not decode as an image ({type(exc).__name__}: {exc}); "
+                           f"replace the file or remove its row") from None
+
+
 def require(path: Path, what: str) -> Path:
     """Return ``path`` if it exists, else raise a DatasetError saying what was expected there."""
     if not path.exists():
@@ -78,8 +94,7 @@ class CelebA(Dataset):
 
     def __getitem__(self, index: int):
         path = require(self.images / self.files[index], "CelebA image")
-        image = center_crop_resize(Image.open(path).convert("RGB"), self.size)
-        return to_tensor(image), self.attrs[index], index
+        return read_image(path, self.size, "list_attr_celeba.txt"), self.attrs[index], index
 
 
 class CIFARUnpickler(pickle.Unpickler):
@@ -183,7 +198,7 @@ class ImageFolderAttrs(Dataset):
         split_col = header.index("split") if "split" in header[1:] else None
         attr_cols = [k for k in range(1, len(header)) if k != split_col]
         self.attr_names = [header[k] for k in attr_cols]
-        files, values, tags = [], [], []
+        files, values, tags, lines = [], [], [], []
         for line, row in enumerate(rows[1:], start=2):
             if len(row) != len(rows[0]):
                 raise DatasetError(f"{csv_path}:{line}: {len(row)} columns, header has {len(rows[0])}")
@@ -200,6 +215,7 @@ class ImageFolderAttrs(Dataset):
                 raise DatasetError(f"{csv_path}:{line}: attribute values must be 0/1 or -1/1, got {row[1:]}")
             files.append(row[0].strip())
             values.append(vals)
+            lines.append(line)
         for group in groups or []:
             for name in group:
                 if name not in self.attr_names:
@@ -211,18 +227,26 @@ class ImageFolderAttrs(Dataset):
         if split != "all":
             test = [t == "test" for t in tags] if tags else [held_out(f, holdout) for f in files]
             picked = [i for i, t in enumerate(test) if t == (split == "test")]
-            files, values = [files[i] for i in picked], [values[i] for i in picked]
+            files, values, lines = [files[i] for i in picked], [values[i] for i in picked], [lines[i] for i in picked]
             if not files:
                 raise DatasetError(f"{csv_path}: the '{split}' split (dataset.holdout={holdout}) holds no images")
         missing = [f for f in files if not (root_path / f).exists()]
+        if missing and not any(f.lower().endswith(IMAGE_SUFFIXES) for f in files):
+            raise DatasetError(f"{csv_path}: the first column ('{header[0]}') must hold the image file names, e.g. "
+                               f"img_001.png; it holds {', '.join(repr(f) for f in files[:3])}, ...")
         if missing:
             raise DatasetError(f"{csv_path}: {len(missing)} listed images are missing from {root_path}, e.g. {missing[0]}")
         self.root, self.size, self.files, self.groups = root_path, size, files, [list(g) for g in groups or []]
+        self.where = [f"{csv_path}:{line}" for line in lines]
         self.attrs = torch.tensor(values, dtype=torch.float32).clamp(min=0)
+        # Small folders are decoded once here, so a bad file is found before training starts, not at step 3.
+        self.cache = ([read_image(root_path / f, size, w) for f, w in zip(files, self.where)]
+                      if len(files) <= DECODE_AT_LOAD else None)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
-        image = center_crop_resize(Image.open(self.root / self.files[index]).convert("RGB"), self.size)
-        return to_tensor(image), self.attrs[index], index
+        if self.cache is not None:
+            return self.cache[index], self.attrs[index], index
+        return read_image(self.root / self.files[index], self.size, self.where[index]), self.attrs[index], index

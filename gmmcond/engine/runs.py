@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import yaml
+import sys
 
-from ..config import resolve
+import torch
+
+from ..config import resolve, yaml_load
 from ..errors import CheckpointError, RunError
 from ..io import export_safetensors, latest_checkpoint, load_checkpoint, load_safetensors, read_json
 from ..modeling.build import Components, build
@@ -67,7 +68,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Loade
     config_file = run_dir / "config.yaml"
     if not config_file.exists():
         raise RunError(f"{config_file} not found: is {run_dir} a run directory written by launch/train.py?")
-    raw = yaml.safe_load(config_file.read_text())
+    raw = yaml_load(config_file.read_text(), str(config_file))
     if raw.get("dataset", {}).get("type") == "shapes" and "variation" not in raw["dataset"]:
         raw["dataset"]["variation"] = 0.0  # written before shapes varied within an attribute set: the old geometry
     cfg = resolve(raw)
@@ -75,8 +76,17 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Loade
     parts = build(cfg, dataset=DatasetInfo(info["attr_names"], info["groups"], info["size"]))
     export = run_dir / "ema.safetensors"
     path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
-    if checkpoint is None and export.exists() and (path is None or load_safetensors(export)[1]["step"] >= _checkpoint_step(path)):
-        tensors, meta = load_safetensors(export)
+    loaded = None
+    if checkpoint is None and export.exists():
+        try:
+            loaded = load_safetensors(export)
+        except CheckpointError as exc:
+            if path is None:
+                raise CheckpointError(f"{exc}; the run has no checkpoint to fall back on: retrain it") from None
+            print(f"note: {export} is unreadable (truncated or corrupt); using the EMA weights of {path} instead "
+                  f"(rewrite the export with: launch/sample.py --run {run_dir} --export {export})", file=sys.stderr)
+    if loaded is not None and (path is None or loaded[1]["step"] >= _checkpoint_step(path)):
+        tensors, meta = loaded
         step, source = meta["step"], export
         inner = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}
         head = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}

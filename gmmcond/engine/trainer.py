@@ -11,7 +11,11 @@ from __future__ import annotations
 import copy
 import math
 import os
+import signal
+import statistics
+import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -26,9 +30,9 @@ from tqdm.auto import tqdm
 
 from ..config import dump_config
 from ..data.attrs import describe, parse_expr
-from ..errors import ConfigError, RunError, TrainingDiverged
-from ..io import (append_metrics, latest_checkpoint, load_checkpoint, previous_checkpoint, read_metrics,
-                  save_checkpoint, truncate_metrics, write_json)
+from ..errors import ConfigError, Interrupted, RunError, TrainingDiverged
+from ..io import (RunLock, append_metrics, latest_checkpoint, list_checkpoints, load_checkpoint, previous_checkpoint,
+                  read_metrics, save_checkpoint, truncate_metrics, write_json)
 from ..modeling.build import Components, build
 from ..sampling.generate import generate
 from ..utils import peak_rss_mb, usable_cores
@@ -155,6 +159,53 @@ def set_rng_state(state: dict | torch.Tensor) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class LossWatch:
+    """Tells which checkpoints were taken before the loss left its recent range.
+
+    A step's loss is healthy when it is finite and at most ``factor`` times the median of the last ``window``
+    healthy losses; an unhealthy stretch starts at its first unhealthy step b. The loss of step c + 1 is
+    computed with the weights of checkpoint c, so checkpoint c is good when that loss was healthy and
+    c + 1 <= b. A sudden NaN after a healthy stretch, with finite weights, does not condemn the checkpoint
+    just before it (the weights are the ones checked). A NaN stop names the newest good checkpoint, not the
+    newest one, which may already hold diverged weights.
+    """
+
+    def __init__(self, factor: float = 10.0, window: int = 50):
+        self.factor, self.recent = factor, deque(maxlen=window)
+        self.bad_since: int | None = None  # first step of the current unhealthy stretch
+        self.pending: set[int] = set()  # checkpoints whose next step has not run yet
+        self.verdict: dict[int, bool] = {}  # checkpoint step -> was the loss right after it healthy?
+
+    def checkpointed(self, step: int) -> None:
+        self.pending.add(step)
+
+    def update(self, step: int, loss: float, weights_finite: bool = False) -> bool:
+        """Record the (global mean) loss of ``step`` (1-based); return whether it is healthy."""
+        ok = math.isfinite(loss) and (not self.recent or loss <= self.factor * statistics.median(self.recent))
+        sudden_nan = not math.isfinite(loss) and self.bad_since is None and weights_finite
+        if step - 1 in self.pending:
+            self.pending.discard(step - 1)
+            self.verdict[step - 1] = ok or sudden_nan
+        if ok:
+            self.recent.append(loss)
+            self.bad_since = None
+        elif self.bad_since is None:
+            self.bad_since = step
+        return ok
+
+    def good(self) -> list[int]:
+        """Checkpoint steps known good, oldest first."""
+        return sorted(c for c, ok in self.verdict.items() if ok and (self.bad_since is None or c + 1 <= self.bad_since))
+
+
+# train.* values a resumed run may change (they apply from the resumed step; config.yaml records the change),
+# and those it may not, with the reason.
+RESUME_REFUSED = {
+    "batch_size": "the data order is a function of (seed, step, batch size), so the continued run would not be this run",
+    "seed": "the data order and the noise streams are functions of the seed; the checkpoint carries the streams",
+}
+
+
 class Trainer:
     """One training run, in small named steps: set-up, restore, step, log, checkpoint, grid, finish."""
 
@@ -175,6 +226,19 @@ class Trainer:
         acc = self.accelerator
         self.main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
         self.device = acc.device
+        self.lock = RunLock(self.run_dir)
+        if self.main:
+            note = self.lock.acquire()
+            if note:
+                acc.print(note)
+        try:
+            self._setup(resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, resume: bool | str) -> None:
+        cfg, acc = self.cfg, self.accelerator
         self._set_threads()
         self.ckpt_path = self._checkpoint_to_resume(resume)
 
@@ -198,6 +262,10 @@ class Trainer:
         self.metrics_file = self.run_dir / "metrics.jsonl"
         self.sums: dict[str, torch.Tensor] = {}
         self.count, self.tic, self.last = 0, time.time(), {}
+        self.watch = LossWatch()
+        if self.ckpt_path is not None:
+            self.watch.checkpointed(self.start)
+        self.stop_requested = False
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _set_threads(self) -> None:
@@ -212,7 +280,13 @@ class Trainer:
                 raise RunError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --name")
             return None
         if resume is True or resume == "latest":
-            return latest_checkpoint(self.run_dir)
+            path = latest_checkpoint(self.run_dir)
+            if path is None:
+                runs = sorted(p.name for p in self.run_dir.parent.glob("*/checkpoints/latest"))
+                runs = sorted({Path(r).parts[0] for r in runs})
+                raise RunError(f"--resume: {self.run_dir} holds no checkpoint to resume (runs with checkpoints in "
+                               f"{self.run_dir.parent}: {', '.join(runs) or 'none'}); check --name, or drop --resume to start it")
+            return path
         if resume == "previous":
             return previous_checkpoint(self.run_dir)
         path = Path(resume)
@@ -228,6 +302,7 @@ class Trainer:
                            f"run's own config ({self.run_dir / 'config.yaml'}) or start a new run")
         if len(state["rng"]) != self.world:
             raise RunError(f"{path} was written by {len(state['rng'])} processes; resume it with as many, not {self.world}")
+        changes = self._resume_changes(state["config"], state["step"], path)
         module.load_state_dict(state["model"])
         self.ema.inner_model.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
@@ -235,6 +310,42 @@ class Trainer:
         self.ema_sched.load_state_dict(state["ema_sched"])
         set_rng_state(state["rng"][self.rank])
         self.start = state["step"]
+        if changes:
+            self._apply_resume_changes(changes)
+
+    def _resume_changes(self, old: dict, step: int, path: Path) -> dict:
+        """The train/sample values this resume changes, as {dotted key: {from, to}}; refused ones raise."""
+        changes = {}
+        for section in ("train", "sample"):
+            for key, value in self.cfg[section].items():
+                before = old[section].get(key, value)
+                if before != value:
+                    changes[f"{section}.{key}"] = {"from": before, "to": value}
+        refused = [k for k in changes if k.startswith("train.") and k[6:] in RESUME_REFUSED]
+        if refused:
+            reasons = "; ".join(f"{k} ({changes[k]['from']} -> {changes[k]['to']}): {RESUME_REFUSED[k[6:]]}" for k in refused)
+            raise RunError(f"cannot change {reasons}. Resume with the run's own values or start a new run from {path}")
+        if self.t["steps"] < step:
+            raise RunError(f"train.steps={self.t['steps']} is before the checkpoint's step {step} ({path}); "
+                           f"resume with train.steps >= {step}")
+        history = list(old.get("history", []))
+        if changes:
+            history.append({"step": step, "changed": changes})
+        if history:
+            self.cfg["history"] = history
+        return changes
+
+    def _apply_resume_changes(self, changes: dict) -> None:
+        """Make the restored optimiser, schedule and EMA follow the new config from the resumed step on."""
+        t = self.t
+        self.sched.base_lrs = [t["lr"] for _ in self.opt.param_groups]
+        for group in self.opt.param_groups:
+            group.update(initial_lr=t["lr"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"])
+            group["lr"] = t["lr"] * lr_lambda(self.cfg)(self.sched.last_epoch)
+        self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
+        self.ema_sched.power, self.ema_sched.max_value = t["ema_power"], t["ema_max"]
+        self.accelerator.print("gmmcond: resumed with changed " + ", ".join(
+            f"{k} {v['from']} -> {v['to']}" for k, v in changes.items()) + f" from step {self.start} (recorded in config.yaml)")
 
     def _prepare_run_dir(self) -> None:
         if not self.main:
@@ -271,14 +382,31 @@ class Trainer:
         return {k: v.detach() for k, v in losses.items()}
 
     def _check_finite(self, loss: torch.Tensor, step: int) -> None:
-        synced = self.accelerator.gather(loss.detach()[None]).mean()
-        if not torch.isfinite(synced):
-            good = latest_checkpoint(self.run_dir)
-            where = (f"the last good checkpoint is {good}; continue from it with --resume (or --resume-from {good})"
-                     if good else "no checkpoint was written yet")
+        """Gather the step's loss (and, on several processes, whether any was interrupted); stop on NaN/inf.
+
+        One host sync per step: the loss must be known finite before the optimiser applies it."""
+        flags = torch.stack([loss.detach().float(), torch.tensor(float(self.stop_requested), device=loss.device)])
+        synced = self.accelerator.gather(flags[None]) if self.world > 1 else flags[None]
+        rows = synced.tolist()
+        value = sum(r[0] for r in rows) / len(rows)
+        self.stop_requested = any(r[1] for r in rows)
+        finite = math.isfinite(value)
+        weights_finite = finite or all(bool(torch.isfinite(p).all()) for p in self.module.parameters())
+        self.watch.update(step + 1, value, weights_finite)
+        if not finite:
+            good = self.good_checkpoint()
+            where = (f"the last good checkpoint (taken before the loss left its range) is {good}; continue from it "
+                     f"with --resume-from {good} and a lower train.lr" if good else
+                     "no checkpoint from before the loss left its range remains; start a new run with a lower train.lr")
             raise TrainingDiverged(
-                f"loss is {synced.item()} at step {step + 1}; training stopped before the optimiser step, and {where}. "
-                f"Lower train.lr (now {self.t['lr']}) or raise train.warmup_steps (now {self.t['warmup_steps']}).")
+                f"loss is {value} at step {step + 1}; training stopped before the optimiser step, and {where} "
+                f"(now {self.t['lr']}) or a larger train.warmup_steps (now {self.t['warmup_steps']}).")
+
+    def good_checkpoint(self) -> Path | None:
+        """The newest checkpoint on disk taken before the loss left its recent range (see :class:`LossWatch`)."""
+        on_disk = {int(p.stem.split("_")[-1]): p for p in list_checkpoints(self.run_dir)}
+        good = [c for c in self.watch.good() if c in on_disk]
+        return on_disk[good[-1]] if good else None
 
     def accumulate(self, losses: dict[str, torch.Tensor]) -> None:
         """Add this step's mean losses to the running sums, on the device (no host sync per step)."""
@@ -304,7 +432,8 @@ class Trainer:
             state = {"step": step, "model": self.unwrapped.state_dict(), "ema": self.ema.inner_model.state_dict(),
                      "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
                      "ema_sched": self.ema_sched.state_dict(), "rng": list(rng), "config": self.cfg}
-            save_checkpoint(self.run_dir, step, state, keep=self.t["keep_checkpoints"])
+            save_checkpoint(self.run_dir, step, state, keep=self.t["keep_checkpoints"], protect=self.good_checkpoint())
+        self.watch.checkpointed(step)
         self.accelerator.wait_for_everyone()
 
     def grid(self, step: int) -> None:
@@ -326,7 +455,37 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
-        """Train from the start (or resumed) step to ``train.steps``; return the last logged metrics."""
+        """Train from the start (or resumed) step to ``train.steps``; return the last logged metrics.
+
+        Ctrl-C (SIGINT) finishes the current step, writes a checkpoint and raises :class:`Interrupted`; a
+        second Ctrl-C stops at once. The run lock is released however the run ends."""
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            return self._run()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            self.lock.release()
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        if self.main:
+            print("\ngmmcond: interrupted; finishing this step and writing a checkpoint (Ctrl-C again to stop at once)",
+                  flush=True)
+
+    def _stop(self, done: int) -> None:
+        """After an interrupt: checkpoint the finished step (unless just written) and raise Interrupted."""
+        latest = latest_checkpoint(self.run_dir) if self.main else None
+        if latest is None or int(latest.stem.split("_")[-1]) != done:
+            self.checkpoint(done)
+        raise Interrupted(f"interrupted after step {done} of {self.t['steps']}; "
+                          f"checkpoint {latest_checkpoint(self.run_dir)}; continue with --resume")
+
+    def _run(self) -> dict:
         t = self.t
         self._prepare_run_dir()
         sampler = StepBatchSampler(len(self.parts.dataset), t["batch_size"], t["seed"], self.start, t["steps"], self.rank, self.world)
@@ -350,6 +509,9 @@ class Trainer:
                 self.checkpoint(done)
             if self.main and ((t["grid_every"] and done % t["grid_every"] == 0) or done == t["steps"]):
                 self.grid(done)
+            if self.stop_requested and done < t["steps"]:
+                bar.close()
+                self._stop(done)
         bar.close()
         self.finish()
         return self.last

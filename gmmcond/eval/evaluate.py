@@ -14,6 +14,7 @@ lie farther from every real image than 99% of real held-out images do.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from ..errors import ConfigError, DatasetError
 
 
 METRICS = ("fd", "kid", "precision", "recall", "density", "coverage")  # each beside its real-vs-real reference
+SMALL_N = 64  # below this the k-NN metrics and KID are noise; evaluate_run warns
 
 
 def stack_items(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,6 +167,11 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
 
     if n <= 5 or (sets > 0 and per_set <= 5):
         raise ConfigError(f"evaluation needs n and per_set above 5 (the k-NN metrics use k = 5), got n={n}, per_set={per_set}")
+    warnings = []
+    if n < SMALL_N:
+        warnings.append(f"n={n} is below {SMALL_N}: precision, recall, density, coverage (k-NN radii) and KID are not "
+                        f"meaningful at this size; use --n {SMALL_N} or more")
+        print(f"warning: {warnings[-1]}", file=sys.stderr)
     run_dir = Path(run_dir)
     stem = eval_stem(tag)
     run = load_run(run_dir)
@@ -204,7 +211,7 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
         "defect_reasons": {r: reasons.count(r) for r in set(reasons) if r != "ok"},
         "real_heldout_defect_rate": sum(r != "ok" for r in real_reasons) / len(real_reasons),
         **{key: {"value": vs_real[key], "real_reference": reference_vs_real[key]} for key in METRICS},
-        "feature_dim": real["features"].shape[1], "feature_cov_min_eigenvalue": eig_min,
+        "feature_dim": real["features"].shape[1], "feature_cov_min_eigenvalue": eig_min, "warnings": warnings,
     }
     if exact_reference and sets > 0 and bool(known.all()):  # per-set diversity needs every attribute fixed
         result["per_set"], diversity = _per_set(parts, eval_set, cond_attrs, model, names, sets, per_set, seed, opts,
