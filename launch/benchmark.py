@@ -5,6 +5,9 @@ of x0_reproject against k-diffusion's euler on the shapes model.
 ``python launch/benchmark.py train``: training step time of plain k-diffusion image_v1 (a) and gmmcond's
 default in fp32 (b), bf16 (c), compiled fp32 (d), compiled bf16 (e), interleaved; FLOPs per step, the
 machine's matmul/conv peaks and peak memory, all in one run; ratios to (a). JSON: runs/benchmark/train.json.
+``python launch/benchmark.py quality``: train the recipe once and evaluate its EMA weights every ``--every``
+steps with the frozen evaluator: conformity, defects, per-set recall / coverage / spread against training
+minutes and steps (runs/benchmark/quality.json, quality.png; resumable).
 """
 import argparse
 import json
@@ -15,10 +18,13 @@ from gmmcond.cli import fail_cleanly
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["samplers", "train"])
+    parser.add_argument("what", choices=["samplers", "train", "quality"])
     parser.add_argument("--out", default="runs/benchmark", help="output folder")
     parser.add_argument("--config", default="shapes", help="recipe whose model is timed")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (train)")
+    parser.add_argument("--every", type=int, default=1000, help="steps between evaluated marks (quality)")
+    parser.add_argument("--n", type=int, default=256, help="evaluation samples per mark (quality)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the recipe (quality), e.g. train.steps=4000")
     args = parser.parse_args()
 
     import torch
@@ -29,6 +35,14 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.what == "quality":
+        cfg = load_config(args.config, args.overrides)
+        result = benchmarks.quality_over_time(cfg, out / f"quality_{cfg['name']}", every=args.every, n=args.n)
+        (out / "quality.json").write_text(json.dumps(result, indent=2))
+        benchmarks.plot_quality(result, out / "quality.png")
+        print(benchmarks.quality_table(result))
+        print(f"wrote {out / 'quality.json'} and {out / 'quality.png'}")
+        return
     if args.what == "train":
         cfg = load_config(args.config)
         result = benchmarks.train_step_time(cfg, rounds=args.rounds)

@@ -76,12 +76,21 @@ def main() -> None:
 
     result = evaluate_run(args.run, n=args.n or 512, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
                           precision=args.precision, evaluator=args.evaluator, sets=args.sets, per_set=args.per_set, tag=args.tag)
-    print(f"attribute accuracy {result['attr_accuracy']:.4f}, all correct {result['all_attributes_correct']:.4f}, "
-          f"defects {result['defect_rate']:.2%} (real held-out images: {result['real_heldout_defect_rate']:.2%})")
+    h = result["headline"]
+    print(f"all attributes correct {h['all_attributes_correct']:.4f}, defects {h['defect_rate']:.2%} "
+          f"(real held-out images: {result['real_heldout_defect_rate']:.2%})")
+    for key, label in (("set_recall", "per-set recall"), ("set_coverage", "per-set coverage")):
+        if key in h:
+            print(f"{label:<22}{h[key]['value']:>10.4f}  real {h[key]['real_reference']:.4f}  "
+                  f"({h[key]['fraction_of_reference']:.2f}x; target >= 0.85x)")
+    if "set_spread_ratio" in h:
+        v = h["set_spread_ratio"]
+        print(f"{'per-set spread ratio':<22}{v['value']:>10.4f}  real {v['real_reference']:.4f}  "
+              f"(target {v['target'][0]} to {v['target'][1]}: {'in' if v['in_band'] else 'OUT OF'} band)")
+    print(f"secondary: mean attribute accuracy {result['attr_accuracy']:.4f}; whole-set metrics:")
     print(f"{'metric':<22}{'samples':>10}{'real reference':>16}")
-    rows = [(k, result[k]) for k in METRICS] + [(f"per set {k}", v) for k, v in result.get("per_set_mean", {}).items()]
-    for name, v in rows:
-        print(f"{name:<22}{v['value']:>10.4f}{v['real_reference']:>16.4f}")
+    for name in METRICS:
+        print(f"{name:<22}{result[name]['value']:>10.4f}{result[name]['real_reference']:>16.4f}")
     print("per attribute:", {k: round(v, 3) for k, v in result["per_attribute"].items()})
     print(f"wrote {args.run}/{eval_stem(args.tag)}.json")
 

@@ -137,3 +137,25 @@ def test_paper_experiments_keep_the_scale_they_were_measured_at():
     cfg = load_config("shapes", list(EXPERIMENT_SCALE))
     assert (cfg["train"]["steps"], cfg["train"]["compile"], cfg["model"]["self_attn_depths"]) == (2000, False, [False] * 3)
     assert load_config("shapes", [*EXPERIMENT_SCALE, "train.steps=1000"])["train"]["steps"] == 1000  # an arm's own wins
+
+
+def test_a_collapsed_sampler_scores_perfect_conformity_but_no_per_set_coverage_or_spread(tiny_cfg, tmp_path, monkeypatch):
+    """One canonical real image per attribute row (no variation at all): the headline per-set numbers must
+    expose it while accuracy and conformity stay perfect."""
+    from gmmcond.engine.trainer import train
+    from gmmcond.eval import evaluate
+
+    run = tmp_path / "run"
+    train(tiny_cfg(), run)
+    held = ShapesDataset(split="test", length=256)
+    canonical = {}
+    for i in range(len(held)):
+        image, attrs, _ = held[i]
+        canonical.setdefault(tuple(attrs.tolist()), image)
+    monkeypatch.setattr(evaluate, "_sample", lambda parts, attrs, **kw: torch.stack([canonical[tuple(a.tolist())] for a in attrs]))
+    result = evaluate.evaluate_run(run, n=128, sets=4, per_set=32, progress=False, write=False)
+    h = result["headline"]
+    assert list(result)[0] == "headline" and list(h)[:2] == ["all_attributes_correct", "defect_rate"]
+    assert h["all_attributes_correct"] >= 0.98 and result["attr_accuracy"] >= 0.995
+    assert h["set_coverage"]["value"] <= 0.3 and h["set_coverage"]["real_reference"] >= 0.8
+    assert h["set_spread_ratio"]["value"] <= 0.1 and not h["set_spread_ratio"]["in_band"]

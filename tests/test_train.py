@@ -191,3 +191,57 @@ def test_sweep_evaluates_each_point_once_and_resumes(tiny_cfg, tmp_path, monkeyp
     again = sweep.sweep(run, **kw)  # a re-run reads the finished points and evaluates nothing
     assert calls == [1.0, 2.0] and again["points"] == first["points"]
     assert (run / "sweep.png").exists() and (run / "sweep.json").exists()
+
+
+def test_foreach_ema_update_is_k_diffusions_bit_for_bit(tiny_cfg):
+    import k_diffusion as K
+
+    from gmmcond.engine.trainer import EMAUpdate, ema_copy
+    from gmmcond.modeling.build import build
+
+    torch.manual_seed(0)
+    model = build(tiny_cfg()).denoiser
+    ours, theirs = ema_copy(model), ema_copy(model)
+    update = EMAUpdate(model, ours)
+    for decay in (0.0, 0.5, 0.9, 0.999):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        update(decay)
+        K.utils.ema_update(model, theirs, decay)
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_the_in_memory_dataset_returns_the_renderers_items_exactly():
+    from gmmcond.data.cache import in_memory
+    from gmmcond.data.shapes import ShapesDataset
+
+    data = ShapesDataset(length=64)
+    cached = in_memory(data, progress=False)
+    assert len(cached) == 64 and cached.images.dtype == torch.uint8
+    images, attrs, index = cached.batch([5, 0, 63, 5])
+    for j, i in enumerate([5, 0, 63, 5]):
+        image, a, k = data[i]
+        assert torch.equal(images[j], image) and torch.equal(attrs[j], a) and index[j] == k
+        assert torch.equal(cached[i][0], image)
+    assert in_memory(ShapesDataset(length=10**9)) is None  # too large to hold: stays on the renderer
+
+
+def test_quality_over_time_evaluates_each_mark_once_and_reads_minutes_from_metrics(tiny_cfg, tmp_path, monkeypatch):
+    from gmmcond.eval import evaluate
+    from gmmcond.experiments import benchmarks
+
+    assert benchmarks.training_minutes([{"step": 10, "sec_per_step": 6.0}, {"step": 20, "sec_per_step": 3.0}]) == {10: 1.0, 20: 1.5}
+    calls = []
+    real = evaluate.evaluate_run
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda *a, **kw: calls.append(kw["checkpoint"].name) or real(*a, **kw))
+    cfg = tiny_cfg("train.steps=4")
+    kw = dict(every=2, n=8, per_set=6, log=lambda *_: None)
+    first = benchmarks.quality_over_time(cfg, tmp_path / "q", **kw)
+    assert [m["step"] for m in first["marks"]] == [2, 4] and calls == ["step_0000002.pt", "step_0000004.pt"]
+    assert all(0 <= m["all_attributes_correct"] <= 1 and m["minutes"] > 0 for m in first["marks"])
+    again = benchmarks.quality_over_time(cfg, tmp_path / "q", **kw)  # read back, nothing retrained or re-evaluated
+    assert len(calls) == 2 and again["marks"] == first["marks"]
+    benchmarks.plot_quality(first, tmp_path / "q.png")
+    assert (tmp_path / "q.png").stat().st_size > 0 and "| 4 |" in benchmarks.quality_table(first)

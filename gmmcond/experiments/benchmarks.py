@@ -309,3 +309,96 @@ def train_table(result: dict) -> str:
     if "speedup_fastest_vs_plain" in result:
         lines.append(f"fastest: {result['fastest']}, speed-up vs plain k-diffusion fp32: {result['speedup_fastest_vs_plain']:.2f}x")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ quality over time
+
+QUALITY_KEYS = ("all_attributes_correct", "defect_rate", "set_recall", "set_coverage", "set_mean_spread_ratio",
+                "attr_accuracy", "fd")
+
+
+def training_minutes(metrics: list[dict]) -> dict[int, float]:
+    """Cumulative training wall time (minutes) at each logged step of a metrics.jsonl: the sum of each log
+    interval's ``sec_per_step`` times its steps (compilation is inside the first interval)."""
+    out, total, last = {}, 0.0, 0
+    for m in metrics:
+        total += m["sec_per_step"] * (m["step"] - last)
+        last = m["step"]
+        out[m["step"]] = total / 60
+    return out
+
+
+def quality_over_time(cfg: dict, run_dir, *, every: int = 1000, n: int = 256, per_set: int = 48, log=print) -> dict:
+    """Train ``cfg`` once (resuming a killed run) keeping a checkpoint every ``every`` steps, then evaluate
+    the EMA weights of each with the frozen evaluator (n samples, 6 attribute sets x ``per_set`` for the
+    per-set metrics). A mark already evaluated at the same (step, n, per_set) is read back, not redone."""
+    from pathlib import Path
+
+    from ..engine.trainer import train
+    from ..eval.evaluate import eval_summary, evaluate_run
+    from ..io import ResultLog, list_checkpoints, read_metrics
+
+    run_dir = Path(run_dir)
+    steps = cfg["train"]["steps"]
+    cfg = dict(cfg, train=dict(cfg["train"], checkpoint_every=every, keep_checkpoints=steps // every + 2))
+    if not (run_dir / "ema.safetensors").exists():
+        train(cfg, run_dir, resume=(run_dir / "checkpoints" / "latest").exists())
+    minutes = training_minutes(read_metrics(run_dir / "metrics.jsonl"))
+    results = ResultLog(run_dir / "quality.jsonl")
+    fields = ("step", "n", "per_set")
+    marks = []
+    for path in list_checkpoints(run_dir):
+        step = int(path.stem.split("_")[-1])
+        if step % every and step != steps:
+            continue
+        record = results.done(fields, step=step, n=n, per_set=per_set)
+        if record is None:
+            log(f"quality: evaluating step {step}")
+            ev = evaluate_run(run_dir, n=n, per_set=per_set, checkpoint=path, tag=f"step{step:07d}", progress=False)
+            record = results.add({"step": step, "n": n, "per_set": per_set, **eval_summary(ev)})
+        marks.append(dict(record, minutes=minutes.get(step)))
+    return {"config": cfg, "every": every, "n": n, "per_set": per_set, "marks": marks,
+            "sec_per_step_median": float(torch.tensor([m["sec_per_step"] for m in read_metrics(run_dir / "metrics.jsonl")][1:]).median())}
+
+
+def plot_quality(result: dict, out) -> None:
+    """Conformity, defects, per-set recall / coverage (as a fraction of their real references) and the
+    spread ratio against training minutes (bottom axis) and steps (top axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import numpy as np
+
+    marks = result["marks"]
+    x, steps = [m["minutes"] for m in marks], [m["step"] for m in marks]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(x, [m["all_attributes_correct"] for m in marks], "o-", label="all attributes correct")
+    axes[0].plot(x, [m["defect_rate"] for m in marks], "s-", label="defects")
+    axes[0].axhline(0.9, ls=":", c="C0"), axes[0].axhline(0.05, ls=":", c="C1")
+    axes[1].plot(x, [m["set_recall"] / m["set_recall_real_reference"] for m in marks], "o-", label="per-set recall / real")
+    axes[1].plot(x, [m["set_coverage"] / m["set_coverage_real_reference"] for m in marks], "s-", label="per-set coverage / real")
+    axes[1].axhline(0.85, ls=":", c="k")
+    axes[2].plot(x, [m["set_mean_spread_ratio"] for m in marks], "o-", label="nuisance spread ratio")
+    axes[2].axhspan(0.85, 1.15, color="g", alpha=0.1, label="target band")
+    for ax in axes:
+        ax.set_xlabel("training minutes (compile included)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        top = ax.secondary_xaxis("top", functions=(lambda v: np.interp(v, x, steps), lambda v: np.interp(v, steps, x)))
+        top.set_xlabel("steps", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def quality_table(result: dict) -> str:
+    """The quality-over-time marks as Markdown."""
+    lines = ["| step | minutes | all attributes correct | defects | per-set recall (real) | per-set coverage (real) | spread ratio | accuracy | FD |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m in result["marks"]:
+        lines.append(f"| {m['step']} | {m['minutes']:.1f} | {m['all_attributes_correct']:.3f} | {m['defect_rate']:.3f} | "
+                     f"{m['set_recall']:.3f} ({m['set_recall_real_reference']:.3f}) | {m['set_coverage']:.3f} "
+                     f"({m['set_coverage_real_reference']:.3f}) | {m['set_mean_spread_ratio']:.3f} | {m['attr_accuracy']:.3f} | {m['fd']:.1f} |")
+    return "\n".join(lines)
