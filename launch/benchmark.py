@@ -8,6 +8,9 @@ machine's matmul/conv peaks and peak memory, all in one run; ratios to (a). JSON
 ``python launch/benchmark.py quality``: train the recipe once and evaluate its EMA weights every ``--every``
 steps with the frozen evaluator: conformity, defects, per-set recall / coverage / spread against training
 minutes and steps (runs/benchmark/quality.json, quality.png; resumable).
+``python launch/benchmark.py profile``: torch.profiler over 20 steps of the real training loop, eager and
+compiled: time per phase (data, forward, loss check, backward, optimiser, EMA), loop overhead, and operator
+time by kind (runs/benchmark/profile.json).
 """
 import argparse
 import json
@@ -18,7 +21,7 @@ from gmmcond.cli import fail_cleanly
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["samplers", "train", "quality"])
+    parser.add_argument("what", choices=["samplers", "train", "quality", "profile"])
     parser.add_argument("--out", default="runs/benchmark", help="output folder")
     parser.add_argument("--config", default="shapes", help="recipe whose model is timed")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (train)")
@@ -42,6 +45,15 @@ def main() -> None:
         benchmarks.plot_quality(result, out / "quality.png")
         print(benchmarks.quality_table(result))
         print(f"wrote {out / 'quality.json'} and {out / 'quality.png'}")
+        return
+    if args.what == "profile":
+        results = []
+        for compiled in (False, True):
+            cfg = load_config(args.config, [*args.overrides, f"train.compile={str(compiled).lower()}"])
+            results.append(benchmarks.profile_training(cfg))
+        (out / "profile.json").write_text(json.dumps(results, indent=2))
+        print(benchmarks.profile_table(results))
+        print(f"wrote {out / 'profile.json'}")
         return
     if args.what == "train":
         cfg = load_config(args.config)

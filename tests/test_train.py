@@ -245,3 +245,13 @@ def test_quality_over_time_evaluates_each_mark_once_and_reads_minutes_from_metri
     assert len(calls) == 2 and again["marks"] == first["marks"]
     benchmarks.plot_quality(first, tmp_path / "q.png")
     assert (tmp_path / "q.png").stat().st_size > 0 and "| 4 |" in benchmarks.quality_table(first)
+
+
+def test_the_step_profile_sees_every_labelled_phase(tiny_cfg):
+    from gmmcond.experiments import benchmarks
+
+    result = benchmarks.profile_training(tiny_cfg(), warmup=2, active=4)
+    assert set(result["phases_ms"]) == set(benchmarks.PHASES)
+    assert all(v > 0 for v in result["phases_ms"].values()), result["phases_ms"]
+    assert result["op_self_ms_by_kind"]["convolutions and matmuls"] > 0
+    assert "| phase: ema |" in benchmarks.profile_table([result])

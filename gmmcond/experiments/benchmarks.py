@@ -402,3 +402,70 @@ def quality_table(result: dict) -> str:
                      f"{m['set_recall']:.3f} ({m['set_recall_real_reference']:.3f}) | {m['set_coverage']:.3f} "
                      f"({m['set_coverage_real_reference']:.3f}) | {m['set_mean_spread_ratio']:.3f} | {m['attr_accuracy']:.3f} | {m['fd']:.1f} |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ step profile
+
+PHASES = ("data", "forward", "loss_check", "backward", "optimizer", "ema")
+OP_GROUPS = (  # first match wins; matched against the lower-cased op name
+    ("convolutions and matmuls", ("conv", "mm", "linear", "matmul", "baddbmm")),
+    ("attention", ("scaled_dot_product", "attention", "softmax")),
+    ("compiled graphs (fused kernels)", ("compiled", "inductor", "triton", "cpp_fused", "graph_")),
+    ("norms and elementwise", ("",)),
+)
+
+
+def profile_training(cfg: dict, *, warmup: int = 5, active: int = 20, log=print) -> dict:
+    """Profile ``active`` steps of the real training loop (after ``warmup`` steps, compilation included there)
+    with torch.profiler: milliseconds per step in each phase the trainer labels (data, forward, loss check,
+    backward, optimiser, EMA), the rest of the wall time as Python / loop overhead, and the operators'
+    self time by kind (convolutions and matmuls, attention, compiled graphs, norms and elementwise)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from ..engine.trainer import train
+
+    steps = warmup + active + 1  # the last step (final checkpoint, grid) falls outside the window
+    cfg = dict(cfg, train=dict(cfg["train"], steps=steps, grid_every=0, checkpoint_every=10 ** 9, log_every=10 ** 9))
+    stamps, captured = {}, []
+    window = schedule(wait=0, warmup=warmup, active=active, repeat=1)
+    with tempfile.TemporaryDirectory() as tmp, profile(activities=[ProfilerActivity.CPU], schedule=window,
+                                                       on_trace_ready=lambda p: captured.append(p.key_averages())) as prof:
+        def on_step(step, _):
+            stamps[step] = time.perf_counter()
+            prof.step()
+
+        train(cfg, f"{tmp}/run", on_step=on_step)
+    wall_ms = (stamps[warmup + active] - stamps[warmup]) / active * 1e3  # the window: the ends of steps W and W + A
+    events = captured[0]
+    phases = {p: 0.0 for p in PHASES}
+    kinds = {k: 0.0 for k, _ in OP_GROUPS}
+    for e in events:
+        if e.key.startswith("gmmcond::"):
+            name = e.key.split("::", 1)[1]
+            if name in phases:
+                phases[name] += e.cpu_time_total / active / 1e3
+            continue
+        if e.key.startswith("ProfilerStep"):
+            continue
+        low = e.key.lower()
+        kind = next(k for k, words in OP_GROUPS if any(w in low for w in words))
+        kinds[kind] += e.self_cpu_time_total / active / 1e3
+    overhead = wall_ms - sum(phases.values())
+    return {"config": cfg["name"], "compile": cfg["train"]["compile"], "precision": cfg["train"]["precision"],
+            "active_steps": active, "wall_ms_per_step": wall_ms, "phases_ms": phases,
+            "python_and_loop_overhead_ms": overhead, "op_self_ms_by_kind": kinds, "threads": torch.get_num_threads()}
+
+
+def profile_table(results: list[dict]) -> str:
+    """Profiles as Markdown: one column per profiled setting."""
+    head = " | ".join(f"{r['config']}, {'compiled' if r['compile'] else 'eager'}, {r['precision']}" for r in results)
+    lines = [f"| ms per step | {head} |", "|---|" + "---|" * len(results)]
+    rows = [("wall time", lambda r: r["wall_ms_per_step"])]
+    rows += [(f"phase: {p}", lambda r, p=p: r["phases_ms"][p]) for p in PHASES]
+    rows += [("Python and loop overhead (wall - phases)", lambda r: r["python_and_loop_overhead_ms"])]
+    rows += [(f"ops, self time: {k}", lambda r, k=k: r["op_self_ms_by_kind"][k]) for k, _ in OP_GROUPS]
+    for label, get in rows:
+        lines.append(f"| {label} | " + " | ".join(f"{get(r):.1f} ({100 * get(r) / r['wall_ms_per_step']:.0f}%)" for r in results) + " |")
+    return "\n".join(lines)
