@@ -99,19 +99,26 @@ def heldout_sets(dataset_cfg: dict):
 def defect_flags(images: torch.Tensor, probs: torch.Tensor, target: torch.Tensor, known: torch.Tensor, names: list[str],
                  groups: list[list[str]], check_image=None, feats: torch.Tensor | None = None,
                  real_feats: torch.Tensor | None = None) -> list[str]:
-    """Return a reason per image ("ok" if none): the dataset's ``check_image`` rule where it has one, else
-    far-from-real; then an unsure evaluator."""
-    conf = group_confidence(probs, names, groups)
+    """Return a reason per image ("ok" if none). Where the dataset has a ``check_image`` rule (shapes: the
+    renderer's), that rule alone decides; an unsure evaluator is reported beside it (:func:`unsure_rate`),
+    not counted as a defect, since it can only fire where a requested attribute is already wrong. Without
+    such a rule: far from every real image, or an unsure evaluator within a mutually exclusive group."""
     if check_image is not None:
         reasons = []
         for img, t, kn in zip(images, target, known):
             check = check_image(img, t if kn.all() else None)  # a class run does not fix the size
             reasons.append(check.reason if check.defect else "ok")
-    else:
-        real_nn = nearest_real_distance(real_feats, real_feats, exclude_self=True)
-        far = nearest_real_distance(feats, real_feats) > torch.quantile(real_nn, 0.99)
-        reasons = ["far from real data" if f else "ok" for f in far.tolist()]
+        return reasons
+    conf = group_confidence(probs, names, groups)
+    real_nn = nearest_real_distance(real_feats, real_feats, exclude_self=True)
+    far = nearest_real_distance(feats, real_feats) > torch.quantile(real_nn, 0.99)
+    reasons = ["far from real data" if f else "ok" for f in far.tolist()]
     return [("unsure evaluator" if r == "ok" and c < 0.5 else r) for r, c in zip(reasons, conf.tolist())]
+
+
+def unsure_rate(probs: torch.Tensor, names: list[str], groups: list[list[str]]) -> float:
+    """The fraction of images whose most likely member of some mutually exclusive group has p < 0.5."""
+    return (group_confidence(probs, names, groups) < 0.5).float().mean().item()
 
 
 def real_sets(test, eval_set, n: int):
@@ -229,6 +236,7 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
         "defect_rate": sum(defects) / len(defects),
         "defect_reasons": {r: reasons.count(r) for r in set(reasons) if r != "ok"},
         "real_heldout_defect_rate": sum(r != "ok" for r in real_reasons) / len(real_reasons),
+        "unsure_rate": unsure_rate(fake["probs"], names, groups),  # beside the defects, not in them (shapes)
         **{key: {"value": vs_real[key], "real_reference": reference_vs_real[key]} for key in METRICS},
         "feature_dim": real["features"].shape[1], "feature_cov_min_eigenvalue": eig_min, "warnings": warnings,
     }
