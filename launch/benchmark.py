@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (train)")
     parser.add_argument("--every", type=int, default=1000, help="steps between evaluated marks (quality)")
     parser.add_argument("--n", type=int, default=256, help="evaluation samples per mark (quality)")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="quality: evaluate the marks a stopped run has so far, without training on")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the recipe (quality), e.g. train.steps=4000")
     args = parser.parse_args()
 
@@ -40,7 +42,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.what == "quality":
         cfg = load_config(args.config, args.overrides)
-        result = benchmarks.quality_over_time(cfg, out / f"quality_{cfg['name']}", every=args.every, n=args.n)
+        result = benchmarks.quality_over_time(cfg, out / f"quality_{cfg['name']}", every=args.every, n=args.n,
+                                              train_first=not args.evaluate_only)
         (out / "quality.json").write_text(json.dumps(result, indent=2))
         benchmarks.plot_quality(result, out / "quality.png")
         print(benchmarks.quality_table(result))

@@ -159,3 +159,24 @@ def test_a_collapsed_sampler_scores_perfect_conformity_but_no_per_set_coverage_o
     assert h["all_attributes_correct"] >= 0.98 and result["attr_accuracy"] >= 0.995
     assert h["set_coverage"]["value"] <= 0.3 and h["set_coverage"]["real_reference"] >= 0.8
     assert h["set_spread_ratio"]["value"] <= 0.1 and not h["set_spread_ratio"]["in_band"]
+
+
+def test_evaluator_weights_are_hashed_and_an_altered_file_is_refused(tmp_path):
+    import pytest
+
+    from gmmcond.errors import GmmcondError
+    from gmmcond.eval.evaluator import FROZEN, load_evaluator, weights_sha256
+    from gmmcond.io import read_safetensors, write_safetensors
+
+    model, meta = load_evaluator(FROZEN)
+    # the committed frozen evaluator: any retraining or replacement changes this, on purpose visibly
+    assert meta["weights_sha256"] == "1481c41ca61c5033c8b17c50b35c2492989d882ba30b7829428a4a561c57ca33"
+    assert weights_sha256(model.state_dict()) == meta["weights_sha256"]
+    tensors, raw = read_safetensors(FROZEN, GmmcondError)
+    altered = dict(tensors)
+    first = sorted(altered)[0]
+    altered[first] = altered[first] + 1e-3
+    path = tmp_path / "altered.safetensors"
+    write_safetensors(path, altered, {**raw, "weights_sha256": meta["weights_sha256"]})
+    with pytest.raises(GmmcondError, match="its weights do not match the sha256 in its metadata"):
+        load_evaluator(path)

@@ -229,6 +229,7 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
     result = {
         "run": str(run_dir), "step": run.step, "n": n, "sampler": sampler, "steps": steps, "cfg_scale": cfg_scale,
         "autocast": precision, "evaluator": str(evaluator_path), "evaluator_hash": meta.get("dataset_hash"),
+        "evaluator_weights_sha256": meta["weights_sha256"],
         "evaluator_heldout": meta["scores"], "reference": reference,
         "attr_accuracy": (correct * known).sum().item() / known.sum().item(),
         "all_attributes_correct": ((correct * known).sum(1) == known.sum(1)).float().mean().item(),

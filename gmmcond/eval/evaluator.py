@@ -151,11 +151,23 @@ def heldout_scores(model: Evaluator, dataset_cfg: dict, n: int = 1024) -> dict:
     return scores
 
 
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over an evaluator's tensors (names, dtypes, shapes and bytes, in name order): what identifies
+    the weights, where ``dataset_hash`` identifies only the data they were trained on."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def save_evaluator(path: Path, model: Evaluator, dataset_cfg: dict, attr_names: list[str], scores: dict) -> None:
     """Write an evaluator as safetensors with its data config, hash, command and held-out scores in the metadata."""
     cfg = training_config(dataset_cfg)
     meta = {"format": "gmmcond-evaluator-v1", "dataset": json.dumps(cfg, sort_keys=True), "dataset_hash": config_hash(cfg),
             "command": TRAIN_COMMAND, "attr_names": json.dumps(attr_names), "scores": json.dumps(scores),
+            "weights_sha256": weights_sha256(model.state_dict()),
             "num_nuisances": str(0 if model.nuisances is None else model.nuisances.out_features)}
     write_safetensors(path, model.state_dict(), meta)
 
@@ -170,6 +182,11 @@ def load_evaluator(path: Path) -> tuple[Evaluator, dict]:
         raise EvaluatorError(f"{path} is not a gmmcond evaluator (format {meta.get('format')!r})")
     for key in ("dataset", "attr_names", "scores"):
         meta[key] = json.loads(meta[key])
+    actual = weights_sha256(state)
+    if meta.get("weights_sha256", actual) != actual:
+        raise EvaluatorError(f"{path}: its weights do not match the sha256 in its metadata ({meta['weights_sha256'][:16]}... "
+                             f"recorded, {actual[:16]}... found); the file was altered: restore it or retrain it")
+    meta["weights_sha256"] = actual
     model = Evaluator(len(meta["attr_names"]), int(meta["num_nuisances"]))
     model.load_state_dict(state)
     return model.eval(), meta

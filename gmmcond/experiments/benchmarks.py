@@ -328,10 +328,12 @@ def training_minutes(metrics: list[dict]) -> dict[int, float]:
     return out
 
 
-def quality_over_time(cfg: dict, run_dir, *, every: int = 1000, n: int = 256, per_set: int = 48, log=print) -> dict:
+def quality_over_time(cfg: dict, run_dir, *, every: int = 1000, n: int = 256, per_set: int = 48, log=print,
+                      train_first: bool = True) -> dict:
     """Train ``cfg`` once (resuming a killed run) keeping a checkpoint every ``every`` steps, then evaluate
     the EMA weights of each with the frozen evaluator (n samples, 6 attribute sets x ``per_set`` for the
-    per-set metrics). A mark already evaluated at the same (step, n, per_set) is read back, not redone."""
+    per-set metrics). A mark already evaluated at the same (step, n, per_set) is read back, not redone.
+    ``train_first=False`` evaluates the marks a stopped run has so far."""
     from pathlib import Path
 
     from ..engine.trainer import train
@@ -341,7 +343,7 @@ def quality_over_time(cfg: dict, run_dir, *, every: int = 1000, n: int = 256, pe
     run_dir = Path(run_dir)
     steps = cfg["train"]["steps"]
     cfg = dict(cfg, train=dict(cfg["train"], checkpoint_every=every, keep_checkpoints=steps // every + 2))
-    if not (run_dir / "ema.safetensors").exists():
+    if train_first and not (run_dir / "ema.safetensors").exists():
         train(cfg, run_dir, resume=(run_dir / "checkpoints" / "latest").exists())
     minutes = training_minutes(read_metrics(run_dir / "metrics.jsonl"))
     results = ResultLog(run_dir / "quality.jsonl")
