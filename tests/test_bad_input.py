@@ -66,7 +66,7 @@ BAD_YAML = "name: x\ntrain:\n  steps: 3\n   lr: 1\n"
     (["train.steps=[1,"], "override 'train.steps=[1,':1:4: not valid YAML"),
     (["--config", "shapes_tinyy"], "no recipe 'shapes_tinyy'"),
     (["--config", "{bad}"], ":4:6: not valid YAML: mapping values are not allowed here"),
-    (["--name", "nothing_here", "--resume"], "holds no checkpoint to resume"),
+    (["--name", "nothing_here", "--resume"], "holds no checkpoint to resume (runs with checkpoints in"),
 ])
 def test_train_config_mistakes_are_one_line(args, fragment, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"

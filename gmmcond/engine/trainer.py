@@ -319,8 +319,7 @@ class Trainer:
         if resume is True or resume == "latest":
             path = latest_checkpoint(self.run_dir)
             if path is None:
-                runs = sorted(p.name for p in self.run_dir.parent.glob("*/checkpoints/latest"))
-                runs = sorted({Path(r).parts[0] for r in runs})
+                runs = sorted(p.parent.parent.name for p in self.run_dir.parent.glob("*/checkpoints/latest"))
                 raise RunError(f"--resume: {self.run_dir} holds no checkpoint to resume (runs with checkpoints in "
                                f"{self.run_dir.parent}: {', '.join(runs) or 'none'}); check --name, or drop --resume to start it")
             return path
@@ -522,8 +521,7 @@ class Trainer:
 
     def _stop(self, done: int) -> None:
         """After an interrupt: checkpoint the finished step (unless just written) and raise Interrupted."""
-        latest = latest_checkpoint(self.run_dir) if self.main else None
-        if latest is None or int(latest.stem.split("_")[-1]) != done:
+        if done % self.t["checkpoint_every"]:  # decided alike on every process (checkpoint() is collective)
             self.checkpoint(done)
         raise Interrupted(f"interrupted after step {done} of {self.t['steps']}; "
                           f"checkpoint {latest_checkpoint(self.run_dir)}; continue with --resume")
@@ -534,9 +532,8 @@ class Trainer:
         sampler = StepBatchSampler(len(self.parts.dataset), t["batch_size"], t["seed"], self.start, t["steps"], self.rank, self.world)
         tic = time.time()
         cached = in_memory(self.parts.dataset, progress=self.main)
-        if cached is not None:
-            self.accelerator.print(f"gmmcond: rendered the {len(cached)} dataset items once in {time.time() - tic:.1f} s")
         if cached is not None:  # the embedded data: rendered once, a batch is one index (the same tensors)
+            self.accelerator.print(f"gmmcond: rendered the {len(cached)} dataset items once in {time.time() - tic:.1f} s")
             loader = map(cached.batch, sampler)
         else:
             loader = DataLoader(self.parts.dataset, batch_sampler=sampler, num_workers=t["num_workers"],
