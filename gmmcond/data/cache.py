@@ -1,6 +1,6 @@
 """The embedded dataset held in memory: every item rendered once, whole batches gathered by one index.
 
-Rendering a 16x16 shape costs about 0.3 ms in PIL, so reading 64 of them per step is 15 to 25% of a
+Rendering a 16x16 shape costs about 0.4 ms in PIL, so reading 64 of them per step was about 20% of a
 default training step on 2 cores; rendered once (20000 items: about 10 s, 15 MB as uint8) a batch is one
 tensor index. Items come back bit for bit as the dataset returns them: images are stored as the uint8
 values they were made from and mapped to [-1, 1] by the same float32 arithmetic (``u / 127.5 - 1``).
