@@ -1,6 +1,6 @@
 """Evaluate a run offline: ``python launch/evaluate.py --run runs/shapes`` (writes RUN/eval.json, RUN/eval_worst.png,
-RUN/eval_diversity.png); ``--sweep`` evaluates samplers x guidance scales (RUN/sweep.json, RUN/sweep.png). ``python launch/evaluate.py --train-evaluator`` retrains the committed evaluator of the
-default shapes data (gmmcond/eval/weights/shapes16.safetensors)."""
+RUN/eval_diversity.png); ``--sweep`` evaluates samplers x guidance scales (RUN/sweep.json, RUN/sweep.png). ``python launch/evaluate.py --train-evaluator`` trains a new evaluator of the
+default shapes data beside the committed one (gmmcond/eval/weights/shapes16_<sha256>.safetensors), never over it."""
 import argparse
 import json
 import re
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="samplers x guidance scales on this run (RUN/sweep.json, RUN/sweep.png); --n defaults to 256")
     parser.add_argument("--train-evaluator", action="store_true",
-                        help="train the evaluator of the default shapes data and write it into the package")
+                        help="train an evaluator of the default shapes data into a new file beside the frozen one")
     args = parser.parse_args()
 
     if args.train_evaluator:
@@ -52,11 +52,18 @@ def main() -> None:
         from gmmcond.eval.evaluator import FROZEN, save_evaluator, train_evaluator
         from gmmcond.registry import DATASETS
 
+        from pathlib import Path
+
+        from gmmcond.eval.evaluator import weights_sha256
+
         dataset = load_config("shapes")["dataset"]
         model, scores = train_evaluator(dataset)
-        save_evaluator(FROZEN, model, dataset, list(DATASETS.build(dataset).attr_names), scores)
+        # a new file beside the frozen one, never over it: evaluations keep citing the weights they used
+        out = FROZEN.with_name(f"{FROZEN.stem}_{weights_sha256(model.state_dict())[:12]}.safetensors")
+        save_evaluator(out, model, dataset, list(DATASETS.build(dataset).attr_names), scores)
         print(json.dumps(scores, indent=2))
-        print(f"wrote {FROZEN}")
+        print(f"wrote {out} (the frozen {FROZEN.name} is unchanged; use it with --evaluator {out}, or replace the "
+              f"frozen file by hand and update the pinned sha256 in tests/test_evaluate.py)")
         return
     if not args.run:
         parser.error("--run is required (or --train-evaluator)")
