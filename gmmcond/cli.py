@@ -7,7 +7,7 @@ import shlex
 import sys
 from typing import Callable
 
-from .errors import GmmcondError, Interrupted
+from .errors import GmmcondError
 
 
 def fail_cleanly(main: Callable[[], None]) -> None:

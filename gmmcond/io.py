@@ -95,6 +95,11 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step a ``step_NNNNNNN.pt`` checkpoint was written at."""
+    return int(Path(path).stem.split("_")[-1])
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Return the run's checkpoints, oldest first."""
     return sorted(checkpoint_dir(run_dir).glob("step_*.pt"))

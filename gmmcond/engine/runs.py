@@ -6,16 +6,15 @@ weights-only. Nothing read from a run directory executes code.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import sys
 
 import torch
 
 from ..config import resolve, yaml_load
 from ..errors import CheckpointError, RunError
-from ..io import export_safetensors, latest_checkpoint, load_checkpoint, load_safetensors, read_json
+from ..io import checkpoint_step, export_safetensors, latest_checkpoint, load_checkpoint, load_safetensors, read_json
 from ..modeling.build import Components, build
 
 HEAD_PREFIX = "head."
@@ -58,10 +57,6 @@ def export_run(path: str | Path, parts: Components, cfg: dict, step: int) -> Non
     export_safetensors(path, sampling_weights(parts), cfg, dataset_info(parts.dataset), step)
 
 
-def _checkpoint_step(path: Path) -> int:
-    return int(path.stem.split("_")[-1])
-
-
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> LoadedRun:
     """Load a run directory's resolved config and its EMA weights (export or checkpoint, whichever is newest)."""
     run_dir = Path(run_dir)
@@ -85,7 +80,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Loade
                 raise CheckpointError(f"{exc}; the run has no checkpoint to fall back on: retrain it") from None
             print(f"note: {export} is unreadable (truncated or corrupt); using the EMA weights of {path} instead "
                   f"(rewrite the export with: launch/sample.py --run {run_dir} --export {export})", file=sys.stderr)
-    if loaded is not None and (path is None or loaded[1]["step"] >= _checkpoint_step(path)):
+    if loaded is not None and (path is None or loaded[1]["step"] >= checkpoint_step(path)):
         tensors, meta = loaded
         step, source = meta["step"], export
         inner = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}

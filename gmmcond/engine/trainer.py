@@ -33,7 +33,7 @@ from ..config import dump_config
 from ..data.attrs import describe, parse_expr
 from ..data.cache import in_memory
 from ..errors import ConfigError, Interrupted, RunError, TrainingDiverged
-from ..io import (RunLock, append_metrics, latest_checkpoint, list_checkpoints, load_checkpoint, previous_checkpoint,
+from ..io import (RunLock, append_metrics, checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint, previous_checkpoint,
                   read_metrics, save_checkpoint, truncate_metrics, write_json)
 from ..modeling.build import Components, build
 from ..sampling.generate import generate
@@ -446,7 +446,7 @@ class Trainer:
 
     def good_checkpoint(self) -> Path | None:
         """The newest checkpoint on disk taken before the loss left its recent range (see :class:`LossWatch`)."""
-        on_disk = {int(p.stem.split("_")[-1]): p for p in list_checkpoints(self.run_dir)}
+        on_disk = {checkpoint_step(p): p for p in list_checkpoints(self.run_dir)}
         good = [c for c in self.watch.good() if c in on_disk]
         return on_disk[good[-1]] if good else None
 

@@ -313,10 +313,6 @@ def train_table(result: dict) -> str:
 
 # ------------------------------------------------------------------------------------------ quality over time
 
-QUALITY_KEYS = ("all_attributes_correct", "defect_rate", "set_recall", "set_coverage", "set_mean_spread_ratio",
-                "attr_accuracy", "fd")
-
-
 def training_minutes(metrics: list[dict]) -> dict[int, float]:
     """Cumulative training wall time (minutes) at each logged step of a metrics.jsonl: the sum of each log
     interval's ``sec_per_step`` times its steps (compilation is inside the first interval)."""
@@ -338,19 +334,21 @@ def quality_over_time(cfg: dict, run_dir, *, every: int = 1000, n: int = 256, pe
 
     from ..engine.trainer import train
     from ..eval.evaluate import eval_summary, evaluate_run
-    from ..io import ResultLog, list_checkpoints, read_metrics
+    from ..io import ResultLog, checkpoint_step, list_checkpoints, read_metrics
+    from .reproduce import median_step_time
 
     run_dir = Path(run_dir)
     steps = cfg["train"]["steps"]
     cfg = dict(cfg, train=dict(cfg["train"], checkpoint_every=every, keep_checkpoints=steps // every + 2))
     if train_first and not (run_dir / "ema.safetensors").exists():
         train(cfg, run_dir, resume=(run_dir / "checkpoints" / "latest").exists())
-    minutes = training_minutes(read_metrics(run_dir / "metrics.jsonl"))
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    minutes = training_minutes(metrics)
     results = ResultLog(run_dir / "quality.jsonl")
     fields = ("step", "n", "per_set")
     marks = []
     for path in list_checkpoints(run_dir):
-        step = int(path.stem.split("_")[-1])
+        step = checkpoint_step(path)
         if step % every and step != steps:
             continue
         record = results.done(fields, step=step, n=n, per_set=per_set)
@@ -360,7 +358,7 @@ def quality_over_time(cfg: dict, run_dir, *, every: int = 1000, n: int = 256, pe
             record = results.add({"step": step, "n": n, "per_set": per_set, **eval_summary(ev)})
         marks.append(dict(record, minutes=minutes.get(step)))
     return {"config": cfg, "every": every, "n": n, "per_set": per_set, "marks": marks,
-            "sec_per_step_median": float(torch.tensor([m["sec_per_step"] for m in read_metrics(run_dir / "metrics.jsonl")][1:]).median())}
+            "sec_per_step_median": median_step_time(metrics)}
 
 
 def plot_quality(result: dict, out) -> None:
@@ -373,6 +371,8 @@ def plot_quality(result: dict, out) -> None:
 
     import numpy as np
 
+    from ..eval.evaluate import SPREAD_BAND
+
     marks = result["marks"]
     x, steps = [m["minutes"] for m in marks], [m["step"] for m in marks]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -383,7 +383,7 @@ def plot_quality(result: dict, out) -> None:
     axes[1].plot(x, [m["set_coverage"] / m["set_coverage_real_reference"] for m in marks], "s-", label="per-set coverage / real")
     axes[1].axhline(0.85, ls=":", c="k")
     axes[2].plot(x, [m["set_mean_spread_ratio"] for m in marks], "o-", label="nuisance spread ratio")
-    axes[2].axhspan(0.85, 1.15, color="g", alpha=0.1, label="target band")
+    axes[2].axhspan(*SPREAD_BAND, color="g", alpha=0.1, label="target band")
     for ax in axes:
         ax.set_xlabel("training minutes (compile included)")
         ax.legend(fontsize=8)
@@ -417,7 +417,7 @@ OP_GROUPS = (  # first match wins; matched against the lower-cased op name
 )
 
 
-def profile_training(cfg: dict, *, warmup: int = 5, active: int = 20, log=print) -> dict:
+def profile_training(cfg: dict, *, warmup: int = 5, active: int = 20) -> dict:
     """Profile ``active`` steps of the real training loop (after ``warmup`` steps, compilation included there)
     with torch.profiler: milliseconds per step in each phase the trainer labels (data, forward, loss check,
     backward, optimiser, EMA), the rest of the wall time as Python / loop overhead, and the operators'
