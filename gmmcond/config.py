@@ -86,6 +86,7 @@ class TrainConfig:
     seed: int = 0  # Seeds the model init and the per-process noise streams.
     precision: str = "auto"  # auto | fp32 | bf16 | fp16: autocast through accelerate; weights stay fp32.
     compile: bool = False  # torch.compile the inner model (compiles once, about a minute on a CPU).
+    log_with: Any = None  # Trackers beside metrics.jsonl through accelerate: tensorboard | wandb | ... or a list.
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Reproduce the paper's experiments at small scale: ``python launch/reproduce.py {density,ngmg-vs-bce,head,features-vs-classes,precision,combinations}``;
+"""Reproduce the paper's experiments at small scale: ``python launch/reproduce.py {density,ngmg-vs-bce,head,features-vs-classes,precision,combinations}``,
+``python launch/reproduce.py editing --run RUN`` (edits of held-out shapes by a trained run);
 ``python launch/reproduce.py report`` prints the markdown tables of every finished experiment.
 
 Each sub-command writes OUT/NAME.json (and OUT/NAME.png where there is a plot; default OUT: runs/reproduce).
@@ -14,11 +15,12 @@ from gmmcond.cli import fail_cleanly
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("experiment", choices=["density", "ngmg-vs-bce", "head", "features-vs-classes", "precision", "combinations", "report"])
+    parser.add_argument("experiment", choices=["density", "ngmg-vs-bce", "head", "features-vs-classes", "precision", "combinations", "editing", "report"])
     parser.add_argument("--out", default="runs/reproduce", help="output folder")
     parser.add_argument("--seeds", type=int, help="seeds (default: ngmg-vs-bce 5, head 3, features-vs-classes 3, precision 2, combinations 2)")
     parser.add_argument("--steps", type=int, help="training steps (default: each experiment's own)")
     parser.add_argument("--n", type=int, help="evaluated samples per run (default 512; head, features-vs-classes, precision)")
+    parser.add_argument("--run", help="editing: the trained run whose edits are measured (the default recipe's)")
     parser.add_argument("--sweep", default="runs/shapes/sweep.json", help="report: the sweep to tabulate")
     parser.add_argument("--recipe-runs", nargs="*", default=[], help="report: evaluated runs of one recipe (seeds), one table row")
     args = parser.parse_args()
@@ -37,7 +39,7 @@ def main() -> None:
     steps = {"steps": args.steps} if args.steps else {}
     if args.seeds:
         steps["seeds"] = args.seeds
-    if args.n and args.experiment in ("head", "features-vs-classes", "precision"):
+    if args.n and args.experiment in ("head", "features-vs-classes", "precision", "editing"):
         steps["n"] = args.n
     if args.experiment == "density":
         result = experiments.density(png, **{k: v for k, v in steps.items() if k == "steps"})
@@ -47,11 +49,23 @@ def main() -> None:
         result = experiments.head(png, out / "runs", out / "head.jsonl", **steps)
     elif args.experiment == "combinations":
         result = experiments.combinations(png, out / "runs", out / "combinations.jsonl", **steps)
+    elif args.experiment == "editing":
+        if not args.run:
+            parser.error("editing needs --run RUN, a run trained on the shapes data (e.g. by launch/train.py --config shapes)")
+        from gmmcond.experiments.editing import editing
+
+        result = editing(Path(args.run), png, out / "editing.jsonl", **steps)
     elif args.experiment == "precision":
         result = experiments.precision(png, out / "runs", out / "precision.jsonl", **steps)
     else:
         result = experiments.features_vs_classes(png, out / "runs", out / "features-vs-classes.jsonl", **steps)
     (out / f"{args.experiment}.json").write_text(json.dumps(result, indent=2))
+    if args.experiment == "editing":
+        from gmmcond.experiments.report import editing_table
+
+        print(editing_table(result))
+        print(f"wrote {png} and {out / 'editing.json'}")
+        return
     summary = {k: {kk: vv for kk, vv in v.items() if not isinstance(vv, list)} if isinstance(v, dict) else v
                for k, v in result.items() if not isinstance(v, list)}
     print(json.dumps(summary, indent=2))

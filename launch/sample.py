@@ -1,4 +1,5 @@
-"""Sample a trained run: ``python launch/sample.py --run runs/shapes --attrs "circle,red,large" --n 16``."""
+"""Sample a trained run: ``python launch/sample.py --run runs/shapes --attrs "circle,red,large" --n 16``;
+edit an image's attributes: ``python launch/sample.py --run runs/shapes --edit shape.png --attrs "square,blue"``."""
 import argparse
 import re
 from pathlib import Path
@@ -14,7 +15,7 @@ def main() -> None:
                              'unspecified (on runs trained with attr_dropout > 0; else absent); repeat for more rows')
     parser.add_argument("--compose", help='composed guidance with per-attribute weights, e.g. "triangle:2,red:-1" '
                                           '(negative pushes away; needs a run trained with attr_dropout > 0)')
-    parser.add_argument("--n", type=positive_int, default=16, help="samples per attribute set")
+    parser.add_argument("--n", type=positive_int, help="samples per attribute set (default 16; with --edit, edits per request, default 4)")
     parser.add_argument("--sampler", help="SAMPLERS key (default: the run's sample.sampler)")
     parser.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's sample.steps)")
     parser.add_argument("--cfg-scale", type=guidance_scale,
@@ -32,6 +33,15 @@ def main() -> None:
                         help="autocast precision for sampling (default: the run's train.precision)")
     parser.add_argument("--out", help="output PNG (default: RUN/samples/sample_<attrs>.png)")
     parser.add_argument("--export", help="also write the EMA weights to this safetensors file")
+    editing = parser.add_argument_group("editing (--edit): each --attrs is an edit request; unlisted attributes keep the image's")
+    editing.add_argument("--edit", metavar="IMAGE", help="image file to edit (cropped and resized to the run's size)")
+    editing.add_argument("--source-attrs", help="the image's own attributes, e.g. \"circle,red,large\" (default: read by the evaluator)")
+    editing.add_argument("--edit-method", choices=["both", "invert", "sdedit"], default="both",
+                      help="invert: DDIM inversion under the source attributes, then regeneration; sdedit: noise, then "
+                           "denoise; both: a row of each")
+    editing.add_argument("--strength", type=float, help="how far into the noise an edit goes, in (0, 1] (default: invert 1, sdedit 0.6)")
+    editing.add_argument("--inversion-iters", type=int, default=3,
+                      help="fixed-point iterations per inversion step (0: plain DDIM inversion; README, Editing)")
     parser.add_argument("--list-attrs", action="store_true", help="print the run's attribute names and exit")
     args = parser.parse_args()
 
@@ -52,6 +62,9 @@ def main() -> None:
     if args.export:
         export_run(Path(args.export), run.parts, run.cfg, run.step)
         print(f"wrote {args.export}")
+    if args.edit:
+        return edit_image(args, run)
+    args.n = args.n or 16
     sets = [args.compose] if args.compose else args.attrs or [""]
     compose = parse_compose(args.compose, names) if args.compose else None
     requests = [parse_expr("" if compose else s, names, run.parts.groups) for s in sets]
@@ -102,6 +115,52 @@ def main() -> None:
     out = Path(args.out) if args.out else Path(args.run) / "samples" / f"{args.mode}_{slug[:80]}.png"
     save_png(captioned_grid(rows, captions), out)
     print(f"wrote {out} ({len(images)} samples, step {run.step}, sampler {sampler if isinstance(sampler, str) else sampler['type']})")
+
+
+def edit_image(args, run) -> None:
+    """--edit: a grid of the image beside its edits, one row per request and method."""
+    import torch
+
+    from gmmcond.data.attrs import describe, parse_attrs, parse_expr
+    from gmmcond.data.local import read_image
+    from gmmcond.engine.precision import autocast, sampling_precision
+    from gmmcond.errors import RunError
+    from gmmcond.sampling.edit import apply_edit, edit_rows, read_attributes
+    from gmmcond.visualize import captioned_grid, save_png
+
+    parts, names = run.parts, run.parts.attr_names
+    if not parts.conditioner.dim:
+        raise RunError(f"--edit needs a run trained with a conditioner; {args.run} is unconditional")
+    if not args.attrs:
+        raise RunError('--edit needs at least one --attrs edit request, e.g. --attrs "square,blue"')
+    image = read_image(Path(args.edit), parts.dataset.size)
+    if args.source_attrs:
+        source = parse_attrs(args.source_attrs, names, parts.groups)
+    else:
+        from gmmcond.eval.evaluator import evaluator_for
+
+        evaluator, meta, _ = evaluator_for(run.cfg["dataset"])
+        if meta["attr_names"] != names:
+            raise RunError(f"the evaluator of this run's data reads {meta['attr_names']}, not the run's attributes; "
+                           f"give the image's attributes with --source-attrs")
+        source = read_attributes(evaluator.predict(image[None])["probs"], names, parts.groups)[0]
+    print(f"source attributes: {describe(source, names)}")
+    targets = [apply_edit(source[None], parse_expr(r, names, parts.groups), names, parts.groups)[0] for r in args.attrs]
+    labels = [describe(t, names) for t in targets]
+    for request, label in zip(args.attrs, labels):
+        print(f"edit '{request}' asks for: {label}")
+    s = run.cfg["sample"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    parts.denoiser.to(device)
+    methods = ("invert", "sdedit") if args.edit_method == "both" else (args.edit_method,)
+    with autocast(device, args.precision or sampling_precision(run.cfg, device)):
+        rows, captions = edit_rows(parts, image, source, targets, labels, methods=methods, n=args.n or 4,
+                                   strength=args.strength, sampler=args.sampler or s["sampler"],
+                                   steps=args.steps or s["steps"], seed=args.seed, iters=args.inversion_iters,
+                                   cfg_scale=s["cfg_scale"] if args.cfg_scale is None else args.cfg_scale)
+    out = Path(args.out) if args.out else Path(args.run) / "samples" / f"edit_{Path(args.edit).stem}.png"
+    save_png(captioned_grid(rows, captions), out)
+    print(f"wrote {out} ({len(rows)} rows, step {run.step})")
 
 
 if __name__ == "__main__":

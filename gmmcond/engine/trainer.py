@@ -24,6 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object
+from PIL import Image
 from torch import nn
 from torch.profiler import record_function
 from torch.utils.data import DataLoader, Sampler
@@ -41,6 +42,7 @@ from ..utils import peak_rss_mb, usable_cores
 from ..visualize import captioned_grid, plot_metrics, save_png
 from .precision import autocast, compile_model, first_compiled_call, resolve_precision
 from .runs import dataset_info, export_run
+from .trackers import flat_config, log_image, logging_dir, tracker_names
 
 
 class StepBatchSampler(Sampler):
@@ -249,13 +251,18 @@ class Trainer:
                  on_step: Callable[[int, dict], None] | None = None, accelerator: Accelerator | None = None):
         self.cfg, self.t, self.run_dir, self.on_step = cfg, cfg["train"], Path(run_dir), on_step
         self.precision = resolve_precision(self.t["precision"], "cuda" if torch.cuda.is_available() else "cpu")
+        trackers = tracker_names(self.t["log_with"])
         if accelerator is None:
             # accelerate keeps one mixed-precision setting per process; a second training in the same process
             # (the experiments train several arms) may need another, so forget the previous run's. The
             # distributed state (PartialState: process group, ranks) is kept.
             AcceleratorState._reset_state()
             # cpu=True on CPU-only machines lets accelerate run torchrun/accelerate-launch processes as MULTI_CPU (gloo)
-            accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=self.precision.accelerate)
+            accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=self.precision.accelerate,
+                                      log_with=trackers or None, project_dir=str(logging_dir(self.run_dir)))
+        elif trackers and not accelerator.log_with:
+            raise ConfigError(f"train.log_with {trackers}: the accelerator passed to the trainer was made without "
+                              f"trackers; build it with Accelerator(log_with=...) or pass none")
         self.accelerator = accelerator
         acc = self.accelerator
         self.main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
@@ -464,6 +471,8 @@ class Trainer:
                      "sec_per_step": (time.time() - self.tic) / self.count, "peak_rss_mb": peak_rss_mb()}
         if self.main:
             append_metrics(self.metrics_file, [self.last])
+        if self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in self.last.items() if k != "step"}, step=done)
         self.sums, self.count, self.tic = {}, 0, time.time()
         return self.last
 
@@ -480,7 +489,11 @@ class Trainer:
 
     def grid(self, step: int) -> None:
         """Write the EMA sample grid and the loss plot (main process)."""
-        write_grid(self.cfg, self.parts, self.ema, self.run_dir / "samples" / f"grid_{step:07d}.png", self.precision.name)
+        path = self.run_dir / "samples" / f"grid_{step:07d}.png"
+        write_grid(self.cfg, self.parts, self.ema, path, self.precision.name)
+        if self.accelerator.trackers:
+            with Image.open(path) as image:
+                log_image(self.accelerator, "samples/grid", image, step)
         plot_metrics(read_metrics(self.metrics_file), self.run_dir / "plots" / "loss.png",
                      keys=[k for k in self.LOGGED_CURVES if k in self.last])
 
@@ -509,6 +522,8 @@ class Trainer:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
+            if self.accelerator.trackers:
+                self.accelerator.end_training()  # flush and close the trackers however the run ended
             self.lock.release()
 
     def _on_sigint(self, signum, frame) -> None:
@@ -529,6 +544,8 @@ class Trainer:
     def _run(self) -> dict:
         t = self.t
         self._prepare_run_dir()
+        if self.accelerator.log_with:  # one tracker run per training process run (a resume starts another)
+            self.accelerator.init_trackers(self.cfg.get("name") or self.run_dir.name, config=flat_config(self.cfg))
         sampler = StepBatchSampler(len(self.parts.dataset), t["batch_size"], t["seed"], self.start, t["steps"], self.rank, self.world)
         tic = time.time()
         cached = in_memory(self.parts.dataset, progress=self.main)

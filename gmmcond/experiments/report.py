@@ -85,6 +85,32 @@ def recipe_table(runs: list[Path]) -> str:
     return f"runs: {', '.join(map(str, runs))}\n\n" + arms_table({"arms": {"default recipe": stats}}, RECIPE_COLUMNS)
 
 
+EDIT_COLUMNS = (("requested_right", "requested right", 3), ("unrequested_kept", "unrequested kept", 3),
+                ("all_right", "all right", 3), ("defects", "defects", 3), ("cx_abs_delta", "|d cx|", 3),
+                ("cy_abs_delta", "|d cy|", 3), ("radius_abs_delta", "|d radius|", 3), ("rotation_abs_delta", "|d rotation|", 3),
+                ("cx_w1", "W1 cx", 3), ("cy_w1", "W1 cy", 3), ("radius_w1", "W1 radius", 3), ("rotation_w1", "W1 rotation", 3))
+
+
+def editing_table(result: dict) -> str:
+    """The edit scores, one row per method and kind, and the inversion's reconstruction error per iteration count."""
+    c = result["config"]
+    lines = [f"{c['n']} held-out shapes per seed, {c['seeds']} seeds (mean +- std), run {c['run']} at step {c['step']}, "
+             f"{c['steps']} steps, cfg {c['cfg_scale']:g}, inversion with {c['iters']} fixed-point iterations; "
+             "nuisance deltas and W1 against the original (the evaluator's regression; rotation as a fraction of the "
+             "symmetry period, only where the shape is kept)", "",
+             "| method / edit | " + " | ".join(h for _, h, _ in EDIT_COLUMNS) + " | most often lost |",
+             "|---|" + "---|" * (len(EDIT_COLUMNS) + 1)]
+    for arm, stats in result["edits"].items():
+        lost = max((k for k in stats if k.startswith("lost_")), key=lambda k: stats[k]["mean"], default=None)
+        worst = f"{lost[5:]} {stats[lost]['mean']:.2f}" if lost and stats[lost]["mean"] > 0 else "-"
+        lines.append(f"| {arm} | " + " | ".join(pm(stats[k], d) if k in stats else "-" for k, _, d in EDIT_COLUMNS)
+                     + f" | {worst} |")
+    lines += ["", "| inversion, attributes unchanged | RMSE | max abs error | PSNR (dB) |", "|---|---|---|---|"]
+    for arm, stats in result["reconstruct"].items():
+        lines.append(f"| {arm} | {pm(stats['rmse'], 4)} | {pm(stats['max_abs'], 3)} | {pm(stats['psnr_db'], 1)} |")
+    return "\n".join(lines)
+
+
 def report(out: Path, sweep_json: Path | None = None, recipe_runs: list[Path] | None = None) -> str:
     """Every table whose JSON exists under ``out`` (and the sweep's and the recipe runs', if given), as one
     markdown string."""
@@ -92,7 +118,7 @@ def report(out: Path, sweep_json: Path | None = None, recipe_runs: list[Path] | 
     if recipe_runs:
         parts.append(f"### the default recipe (`python launch/evaluate.py --run RUN` per seed)\n\n{recipe_table(recipe_runs)}")
     tables = {"ngmg-vs-bce": ngmg_table, "head": arms_table, "features-vs-classes": arms_table, "precision": arms_table,
-              "combinations": lambda r: arms_table(r, COMBINATION_COLUMNS)}
+              "combinations": lambda r: arms_table(r, COMBINATION_COLUMNS), "editing": editing_table}
     for name, fn in tables.items():
         path = out / f"{name}.json"
         if path.exists():

@@ -47,14 +47,31 @@ def generate(
     With ``compose``, the condition is D_null + sum_t w_t (D_t - D_null), term t specifying its attribute
     alone as present (``attrs`` and ``cfg_scale`` are then unused): :class:`ComposedGuidanceDenoiser`.
     """
-    denoiser = model if model is not None else parts.denoiser
-    device = next(parts.denoiser.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     n, size = len(attrs), parts.dataset.size
+    device = next(parts.denoiser.parameters()).device
+    z = parts.conditioner.sample_latents(n, gen) if latents is None and parts.conditioner.dim else latents
+    denoiser, extra_args = conditioned(parts, attrs, z, model=model, cfg_scale=cfg_scale, known=known, compose=compose,
+                                       head_target=head_target)
+    noise = torch.randn(n, 3, size, size, generator=gen).to(device)
+    sigmas = parts.schedule.sigmas(steps).to(device)
+    return sample(sampler, denoiser, noise, sigmas, extra_args=extra_args, callback=callback, generator=gen)
+
+
+def conditioned(parts: Components, attrs: torch.Tensor, z: torch.Tensor | None, *, model: nn.Module | None = None,
+                cfg_scale: float = 1.0, known: torch.Tensor | None = None, compose: list[tuple[int, float]] | None = None,
+                head_target: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
+    """Return the k-diffusion model and its ``extra_args`` for attribute rows ``attrs`` with latents ``z``.
+
+    The model is ``model`` (default the run's denoiser), wrapped for CFG when ``cfg_scale != 1`` or for
+    composed guidance with ``compose``; ``extra_args`` holds the encoded ``mapping_cond`` (and ``head_target``).
+    """
+    denoiser = model if model is not None else parts.denoiser
+    device = next(parts.denoiser.parameters()).device
     extra_args = {}
     cond_module = parts.conditioner
     if cond_module.dim:
-        z = (cond_module.sample_latents(n, gen) if latents is None else latents).to(device)
+        z = z.to(device)
         if compose:
             extra_args["mapping_cond"] = composed_conditions(cond_module, compose, z)
             weights = [w for _, w in compose]
@@ -67,6 +84,4 @@ def generate(
         raise ConfigError("composed guidance needs a conditional run; this one is unconditional")
     if head_target is not None:
         extra_args["head_target"] = head_target.to(device)
-    noise = torch.randn(n, 3, size, size, generator=gen).to(device)
-    sigmas = parts.schedule.sigmas(steps).to(device)
-    return sample(sampler, denoiser, noise, sigmas, extra_args=extra_args, callback=callback, generator=gen)
+    return denoiser, extra_args

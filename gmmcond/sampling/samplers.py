@@ -71,8 +71,9 @@ _register_k_diffusion_samplers()
 
 
 def sample(sampler: dict | str, model, noise: torch.Tensor, sigmas: torch.Tensor, extra_args=None, callback=None,
-           disable=True, generator: torch.Generator | None = None):
-    """Run a SAMPLERS node (a key or ``{type, **options}``) from ``noise * sigmas[0]``.
+           disable=True, generator: torch.Generator | None = None, init: torch.Tensor | None = None):
+    """Run a SAMPLERS node (a key or ``{type, **options}``) from ``init + noise * sigmas[0]`` (init 0 by default;
+    images there start SDEdit from a partly noised image).
 
     With ``generator``, stochastic samplers that take a ``noise_sampler`` draw their fresh noise from it,
     so a seeded call gives the same images every time.
@@ -81,4 +82,5 @@ def sample(sampler: dict | str, model, noise: torch.Tensor, sigmas: torch.Tensor
     fn = SAMPLERS.get(node.pop("type"))
     if generator is not None and "noise_sampler" in inspect.signature(fn).parameters:
         node.setdefault("noise_sampler", lambda s, t: torch.randn(noise.shape, generator=generator).to(noise))
-    return fn(model, noise * sigmas[0], sigmas, extra_args=extra_args, callback=callback, disable=disable, **node)
+    x = noise * sigmas[0] if init is None else init + noise * sigmas[0]
+    return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **node)

@@ -1,0 +1,129 @@
+"""Attribute editing: inversion is the exact inverse of k-diffusion's Euler sampler; SDEdit; edit requests; the CLI."""
+import subprocess
+import sys
+
+import k_diffusion as K
+import pytest
+import torch
+
+from gmmcond.data.attrs import parse_expr
+from gmmcond.data.shapes import ATTR_NAMES, COLOURS, SHAPES
+from gmmcond.errors import ConfigError
+from gmmcond.modeling.build import build
+from gmmcond.sampling import sample
+from gmmcond.sampling.edit import apply_edit, edit_by_inversion, invert_euler, read_attributes, sdedit, start_sigmas
+from gmmcond.sampling.testbed import GaussianMixtureDenoiser
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+NAMES, GROUPS = list(ATTR_NAMES), [list(SHAPES), list(COLOURS)]
+
+
+def test_inversion_then_k_diffusion_euler_returns_the_input_on_the_exact_testbed():
+    bed = GaussianMixtureDenoiser.default(d=2)
+    x0 = bed.sample(64, torch.Generator().manual_seed(0))
+    sigmas = K.sampling.get_sigmas_karras(20, 0.01, 20.0).double()
+    errors = {}
+    for iters in (0, 60):
+        x_t = invert_euler(bed, x0, sigmas, iters=iters)
+        back = K.sampling.sample_euler(bed, x_t, sigmas, disable=True)
+        errors[iters] = (back - x0).abs().max().item()
+    assert errors[60] < 1e-12  # the fixed point solves every Euler step backwards, to float64 precision
+    assert errors[0] > 0.1  # plain DDIM inversion only approximates it
+
+
+@pytest.fixture
+def parts():
+    """The tiny recipe's components with weights moved off their (zero-output) initialisation: a nonlinear model."""
+    from gmmcond.config import load_config
+
+    torch.manual_seed(0)
+    parts = build(load_config("shapes_tiny"))
+    with torch.no_grad():
+        for p in parts.denoiser.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    parts.denoiser.eval()
+    items = [parts.dataset[i] for i in range(4)]
+    return parts, torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
+
+
+def test_inverting_then_regenerating_with_the_same_attributes_reproduces_the_image(parts):
+    parts, x, a = parts
+    again = edit_by_inversion(parts, x, a, a, steps=10, iters=25, cfg_scale=2.0, seed=3)
+    assert (again - x).abs().max().item() < 2e-3  # pixels in [-1, 1]
+    rough = edit_by_inversion(parts, x, a, a, steps=10, iters=0, cfg_scale=2.0, seed=3)
+    assert (rough - x).abs().max().item() > 0.1
+
+
+def test_an_edit_changes_the_output_and_depends_on_the_target(parts):
+    parts, x, a = parts
+    target = apply_edit(a, parse_expr("blue", NAMES, GROUPS), NAMES, GROUPS)
+    same = edit_by_inversion(parts, x, a, a, steps=5, iters=3)
+    edited = edit_by_inversion(parts, x, a, target, steps=5, iters=3)
+    assert (edited - same).abs().max().item() > 1e-3
+
+
+def test_sdedit_starts_from_the_noised_image_at_the_strength(parts):
+    parts, x, a = parts
+    tail = start_sigmas(parts, 10, 0.3, "cpu")
+    assert torch.equal(tail, parts.schedule.sigmas(10)[7:])
+    assert torch.equal(start_sigmas(parts, 10, 1.0, "cpu"), parts.schedule.sigmas(10))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="strength must be in"):
+            start_sigmas(parts, 10, bad, "cpu")
+    weak = sdedit(parts, x, a, strength=0.1, steps=10, seed=1)
+    strong = sdedit(parts, x, a, strength=1.0, steps=10, seed=1)
+    assert (weak - x).abs().mean() < (strong - x).abs().mean()
+    assert torch.equal(sdedit(parts, x, a, strength=0.5, steps=10, seed=1), sdedit(parts, x, a, strength=0.5, steps=10, seed=1))
+
+
+def test_sample_with_a_zero_init_is_sampling_from_noise():
+    bed = GaussianMixtureDenoiser.default(d=2)
+    noise = torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigmas = K.sampling.get_sigmas_karras(5, 0.01, 20.0).double()
+    assert torch.equal(sample("euler", bed, noise, sigmas), sample("euler", bed, noise, sigmas, init=torch.zeros_like(noise)))
+
+
+def test_an_edit_request_changes_only_what_it_names():
+    source = parse_expr("circle,red,large,top", NAMES, GROUPS).values[None]
+    out = apply_edit(source, parse_expr("square,~large,outline", NAMES, GROUPS), NAMES, GROUPS)
+    assert [n for n, v in zip(NAMES, out[0]) if v] == ["square", "red", "top", "outline"]
+    assert torch.equal(apply_edit(source, parse_expr("", NAMES, GROUPS), NAMES, GROUPS), source)
+
+
+def test_read_attributes_picks_one_member_per_group():
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.9, 0.8, 0.1, 0.6, 0.4, 0.5, 0.51, 0.0]])
+    assert [n for n, v in zip(NAMES, read_attributes(probs, NAMES, GROUPS)[0]) if v] == ["circle", "red", "large", "dark_bg"]
+
+
+def test_the_experiment_oracle_renders_exactly_the_requested_target():
+    from gmmcond.experiments.editing import EDIT_KINDS, edit_targets, oracle_params
+    from gmmcond.registry import DATASETS
+
+    test = DATASETS.build({"type": "shapes", "split": "test", "length": 16})
+    attrs = torch.stack([test[i][1] for i in range(16)])
+    for kind in EDIT_KINDS:
+        target = edit_targets(attrs, kind, NAMES)
+        assert ((target != attrs).sum(1) == (2 if kind in ("colour", "shape") else 1)).all()
+        for i in range(16):
+            p = oracle_params(test, i, kind, i)
+            assert torch.equal(torch.from_numpy(p.attrs()), target[i]), (kind, i)
+            assert (p.cx, p.cy, p.radius) == (test.params(i).cx, test.params(i).cy, test.params(i).radius)
+
+
+def test_the_cli_writes_an_edit_grid_and_names_a_bad_request(tiny_cfg, tmp_path):
+    from gmmcond.data.shapes import render
+    from gmmcond.engine.trainer import train
+    from gmmcond.registry import DATASETS
+
+    run = tmp_path / "run"
+    train(tiny_cfg(), run)
+    image = tmp_path / "shape.png"
+    render(DATASETS.build({"type": "shapes", "split": "test"}).params(0), 16).save(image)
+    cmd = [sys.executable, str(ROOT / "launch" / "sample.py"), "--run", str(run), "--edit", str(image), "--n", "2"]
+    ok = subprocess.run(cmd + ["--attrs", "blue", "--source-attrs", "circle,red", "--out", str(tmp_path / "e.png")],
+                        capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    assert "source attributes: circle,red" in ok.stdout and "asks for: circle,blue" in ok.stdout
+    assert (tmp_path / "e.png").exists()
+    bad = subprocess.run(cmd + ["--attrs", "purple", "--source-attrs", "circle,red"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "unknown attribute(s) ['purple']" in bad.stderr
