@@ -41,6 +41,8 @@ def main() -> None:
                                             "data, else one trained on first use and cached)")
     parser.add_argument("--sets", type=int, default=6, help="attribute sets for the per-set diversity metrics (shapes)")
     parser.add_argument("--per-set", type=positive_int, default=48, help="samples (and real redraws) per attribute set")
+    parser.add_argument("--memorisation", type=int, default=256,
+                        help="samples conditioned on training rows for the memorisation check (authenticity); 0 skips it")
     parser.add_argument("--sweep", action="store_true",
                         help="samplers x guidance scales on this run (RUN/sweep.json, RUN/sweep.png); --n defaults to 256")
     parser.add_argument("--train-evaluator", action="store_true",
@@ -82,7 +84,8 @@ def main() -> None:
     from gmmcond.eval.evaluate import METRICS, eval_stem, evaluate_run
 
     result = evaluate_run(args.run, n=args.n or 512, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
-                          precision=args.precision, evaluator=args.evaluator, sets=args.sets, per_set=args.per_set, tag=args.tag)
+                          precision=args.precision, evaluator=args.evaluator, sets=args.sets, per_set=args.per_set, tag=args.tag,
+                          memorisation=args.memorisation)
     h = result["headline"]
     print(f"all attributes correct {h['all_attributes_correct']:.4f}, defects {h['defect_rate']:.2%} "
           f"(real held-out images: {result['real_heldout_defect_rate']:.2%})")
@@ -94,6 +97,10 @@ def main() -> None:
         v = h["set_spread_ratio"]
         print(f"{'per-set spread ratio':<22}{v['value']:>10.4f}  real {v['real_reference']:.4f}  "
               f"(target {v['target'][0]} to {v['target'][1]}: {'in' if v['in_band'] else 'OUT OF'} band)")
+    if "auth_pct" in h:
+        mem = result["memorisation"]
+        print(f"{'authenticity (AuthPct)':<22}{h['auth_pct']['value']:>10.1f}  real {h['auth_pct']['real_reference']:.1f}  "
+              f"(samples on {mem['n']} training rows; {mem['nearest_is_own_training_row']:.1%} nearest their own row)")
     print(f"secondary: mean attribute accuracy {result['attr_accuracy']:.4f}; whole-set metrics:")
     print(f"{'metric':<22}{'samples':>10}{'real reference':>16}")
     for name in METRICS:

@@ -1,4 +1,4 @@
-"""Reproduce the paper's experiments at small scale: ``python launch/reproduce.py {density,ngmg-vs-bce,head,features-vs-classes,precision,combinations}``,
+"""Reproduce the paper's experiments at small scale: ``python launch/reproduce.py {density,ngmg-vs-bce,head,features-vs-classes,precision,combinations,distribution}``,
 ``python launch/reproduce.py editing --run RUN`` (edits of held-out shapes by a trained run);
 ``python launch/reproduce.py report`` prints the markdown tables of every finished experiment.
 
@@ -15,9 +15,10 @@ from gmmcond.cli import fail_cleanly
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("experiment", choices=["density", "ngmg-vs-bce", "head", "features-vs-classes", "precision", "combinations", "editing", "report"])
+    parser.add_argument("experiment", choices=["density", "ngmg-vs-bce", "head", "features-vs-classes", "precision", "combinations", "editing", "distribution", "report"])
     parser.add_argument("--out", default="runs/reproduce", help="output folder")
-    parser.add_argument("--seeds", type=int, help="seeds (default: ngmg-vs-bce 5, head 3, features-vs-classes 3, precision 2, combinations 2)")
+    parser.add_argument("--seeds", type=int, help="seeds (default: ngmg-vs-bce 5, head 3, features-vs-classes 3, precision 2, combinations 2, "
+                             "distribution 3, editing 3)")
     parser.add_argument("--steps", type=int, help="training steps (default: each experiment's own)")
     parser.add_argument("--n", type=int, help="evaluated samples per run (default 512; head, features-vs-classes, precision)")
     parser.add_argument("--run", help="editing: the trained run whose edits are measured (the default recipe's)")
@@ -39,7 +40,7 @@ def main() -> None:
     steps = {"steps": args.steps} if args.steps else {}
     if args.seeds:
         steps["seeds"] = args.seeds
-    if args.n and args.experiment in ("head", "features-vs-classes", "precision", "editing"):
+    if args.n and args.experiment in ("head", "features-vs-classes", "precision", "editing", "distribution"):
         steps["n"] = args.n
     if args.experiment == "density":
         result = experiments.density(png, **{k: v for k, v in steps.items() if k == "steps"})
@@ -55,6 +56,8 @@ def main() -> None:
         from gmmcond.experiments.editing import editing
 
         result = editing(Path(args.run), png, out / "editing.jsonl", **steps)
+    elif args.experiment == "distribution":
+        result = experiments.distribution(png, out / "runs", out / "distribution.jsonl", **steps)
     elif args.experiment == "precision":
         result = experiments.precision(png, out / "runs", out / "precision.jsonl", **steps)
     else:

@@ -113,3 +113,31 @@ def test_attr_dropout_zero_is_eq9_exactly_and_positive_adds_known_bits():
     out = torch.cat([partial(attrs.repeat(500, 1), None) for _ in range(2)])
     hidden = 1 - out[out[:, -1] == 0, 12:15].mean().item()  # among rows not dropped for CFG
     assert abs(hidden - 0.3) < 0.03
+
+
+def test_the_fixed_value_conditioner_is_the_attribute_vector_and_the_dropped_flag():
+    cond = CONDITIONERS.build({"type": "attrs", "cond_dropout": 0.5}, num_attrs=5)
+    attrs = torch.tensor([[1, 0, 1, 0, 0], [0, 1, 0, 0, 1]], dtype=torch.float32)
+    assert cond.dim == 6 and not cond.partial
+    assert torch.equal(cond.eval()(attrs), torch.cat([attrs, torch.zeros(2, 1)], 1))
+    dropped = cond.encode(attrs, drop=torch.tensor([True, False]))
+    assert torch.equal(dropped[0], cond.unconditional(1)[0]) and torch.equal(dropped[1, :5], attrs[1])
+    gen = torch.Generator().manual_seed(0)
+    before = gen.get_state()
+    assert cond.sample_latents(3, gen).shape == (3, 5, 0) and torch.equal(gen.get_state(), before)  # draws nothing
+    torch.manual_seed(0)
+    flags = cond.train()(attrs.repeat(500, 1))[:, -1]
+    assert 0.4 < flags.mean().item() < 0.6  # cond_dropout in training
+    with pytest.raises(Exception, match="specifies every attribute"):
+        cond.encode(attrs, known=torch.zeros_like(attrs))
+
+
+def test_a_fixed_value_run_trains_samples_and_is_checked_for_memorisation(tiny_cfg, tmp_path):
+    from gmmcond.engine.trainer import train
+    from gmmcond.eval.evaluate import evaluate_run
+
+    train(tiny_cfg("conditioner=attrs"), tmp_path / "run")
+    result = evaluate_run(tmp_path / "run", n=8, sets=0, steps=2, progress=False, memorisation=8)
+    mem = result["memorisation"]
+    assert mem["latents"] == "none (no latent)" and mem["n"] == 8 and 0 <= mem["auth_pct"]["value"] <= 100
+    assert result["headline"]["auth_pct"] == mem["auth_pct"] and (tmp_path / "run" / "eval_memorisation.png").exists()

@@ -75,3 +75,23 @@ def test_the_frozen_evaluator_is_for_the_default_recipe_and_decides_real_shapes(
     assert torch.equal(first["features"], second["features"])  # the same images score the same numbers
     cov = torch.cov(model.predict(torch.stack([ShapesDataset(split="test")[i][0] for i in range(512)]))["features"].double().T)
     assert torch.linalg.eigvalsh(cov).min() > 1e-8  # FD is well posed at n = 512 in 64-d features
+
+
+def test_authenticity_is_zero_for_copies_and_matches_a_brute_force_count():
+    from gmmcond.eval.metrics import authenticity
+
+    gen = torch.Generator().manual_seed(0)
+    train = torch.randn(200, 3, 4, 4, generator=gen)
+    copies = train[:50] + 1e-6 * torch.randn(50, 3, 4, 4, generator=gen)
+    assert authenticity(copies, train)["auth_pct"] == 0.0
+    assert authenticity(train[:50] + 100.0, train)["auth_pct"] == 100.0
+    fake = torch.randn(80, 3, 4, 4, generator=gen)
+    res = authenticity(fake, train)
+    t, f = train.flatten(1).double().numpy(), fake.flatten(1).double().numpy()
+    d_tt = np.linalg.norm(t[:, None] - t[None], axis=-1)
+    np.fill_diagonal(d_tt, np.inf)
+    d_ft = np.linalg.norm(f[:, None] - t[None], axis=-1)
+    j = d_ft.argmin(1)
+    expected = 100 * np.mean(d_ft[np.arange(len(f)), j] > d_tt[j].min(1))
+    assert res["auth_pct"] == pytest.approx(expected) and 0 < expected < 100
+    assert np.array_equal(res["nearest_index"].numpy(), j)

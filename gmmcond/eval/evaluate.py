@@ -25,6 +25,8 @@ from ..errors import ConfigError, DatasetError
 
 METRICS = ("fd", "kid", "precision", "recall", "density", "coverage")  # each beside its real-vs-real reference
 SMALL_N = 64  # below this the k-NN metrics and KID are noise; evaluate_run warns
+MEMORISATION_N = 256  # samples conditioned on training rows for the memorisation check
+MEMORISATION_TRAIN_MAX = 20000  # training images searched for nearest neighbours (the first ones)
 SPREAD_BAND = (0.85, 1.15)  # nuisance spread ratio target: two-sided, more variation than the data is not better
 
 
@@ -42,6 +44,8 @@ def headline(result: dict) -> dict:
     if "mean_spread_ratio" in per_set:
         v = per_set["mean_spread_ratio"]
         out["set_spread_ratio"] = {**v, "target": list(SPREAD_BAND), "in_band": SPREAD_BAND[0] <= v["value"] <= SPREAD_BAND[1]}
+    if "memorisation" in result:
+        out["auth_pct"] = result["memorisation"]["auth_pct"]
     return out
 
 
@@ -151,7 +155,7 @@ def requested(test, run_names: list[str], names: list[str], cond_attrs, real_y, 
 
 
 def _sample(parts, attrs: torch.Tensor, *, sampler, steps: int, cfg_scale: float, seed: int, batch: int, precision: str,
-            progress: bool, desc: str) -> torch.Tensor:
+            progress: bool, desc: str, latents: torch.Tensor | None = None) -> torch.Tensor:
     from tqdm.auto import tqdm
 
     from ..engine.precision import autocast
@@ -159,9 +163,11 @@ def _sample(parts, attrs: torch.Tensor, *, sampler, steps: int, cfg_scale: float
 
     device = next(parts.denoiser.parameters()).device
     out = []
+    z = [None] * len(attrs.split(batch)) if latents is None else latents.split(batch)
     for i, chunk in enumerate(tqdm(attrs.split(batch), desc=desc, disable=not progress)):
         with autocast(device, precision):
-            out.append(generate(parts, chunk, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed + i).float())
+            out.append(generate(parts, chunk, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed + i,
+                                latents=z[i]).float())
     return torch.cat(out)
 
 
@@ -173,7 +179,7 @@ def eval_stem(tag: str | None) -> str:
 def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None, sampler=None, cfg_scale: float | None = None,
                  seed: int = 0, batch: int = 64, progress: bool = True, evaluator: str | Path | None = None,
                  precision: str | None = None, sets: int = 6, per_set: int = 48, write: bool = True,
-                 tag: str | None = None, checkpoint: str | Path | None = None) -> dict:
+                 tag: str | None = None, checkpoint: str | Path | None = None, memorisation: int = MEMORISATION_N) -> dict:
     """Evaluate a trained run offline; writes ``eval.json``, ``eval_worst.png`` and ``eval_diversity.png``
     (``eval_TAG.json`` and so on with a ``tag``, so evaluations under other settings sit beside it).
 
@@ -183,6 +189,7 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
         sets, per_set: attribute sets (shapes) sampled ``per_set`` times each, against as many real redraws,
             for the per-set diversity metrics (recall, coverage, nuisance W1 and spread ratio).
         checkpoint: evaluate the EMA weights of this checkpoint instead of the run's newest weights.
+        memorisation: samples conditioned on training rows for the memorisation check (:func:`memorisation_check`); 0 skips it.
     """
     from ..engine.precision import sampling_precision
     from ..engine.runs import load_run
@@ -256,6 +263,10 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
                                                              if col in r["nuisances"]]))}
                   for stat in ("w1", "spread_ratio")}
             for col in NUISANCE_COLUMNS if any(col in r["nuisances"] for r in result["per_set"])}
+    if memorisation:
+        result["memorisation"], copies = memorisation_check(parts, cfg["dataset"], test, memorisation, seed, opts)
+        if write:
+            save_png(captioned_grid(*copies, cell=48), run_dir / f"{stem}_memorisation.png")
     result = {"headline": headline(result), **result}
     if write:
         conf = group_confidence(fake["probs"], names, groups)
@@ -265,6 +276,43 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
         save_png(captioned_grid(rows, caps, cell=64), run_dir / f"{stem}_worst.png")
         write_json(run_dir / f"{stem}.json", result)
     return result
+
+
+def memorisation_check(parts, dataset_cfg: dict, test, m: int, seed: int, opts: dict) -> tuple[dict, tuple[list, list]]:
+    """Do samples copy training images? ``m`` samples are conditioned on the first ``m`` training rows, each with
+    the GMM latent that training paired with that row (``fixed_latents``; under fixed pairing the one channel
+    through which a sample could recall its own training image); the first ``m`` held-out images are the
+    reference. In pixel space, against the first ``MEMORISATION_TRAIN_MAX`` training images: the authenticity
+    percentage (Alaa et al. 2022; a real held-out set scores its own level, copies score 0), the median
+    distance to the nearest training image, and how often that image is the sample's own training row.
+    Returns the numbers and a figure (samples, their nearest training images, their paired training rows)."""
+    from ..data.cache import in_memory
+    from ..registry import DATASETS
+    from .metrics import authenticity
+
+    train = DATASETS.build(dataset_cfg)  # the training split, as the run saw it
+    k = min(len(train), MEMORISATION_TRAIN_MAX)
+    m = min(m, k, len(test))
+    cached = in_memory(train, progress=False)
+    if cached is not None:
+        train_x, train_attrs = cached.batch(list(range(k)))[:2]
+    else:
+        train_x, train_attrs = stack_items(train, k)
+    cond = parts.conditioner
+    index = torch.arange(m)
+    latents = cond.fixed_latents(index) if cond.dim and hasattr(cond, "fixed_latents") else None
+    images = _sample(parts, train_attrs[:m], seed=seed + 104729, desc="memorisation", latents=latents,
+                     **{**opts, "progress": False})
+    fake, real = authenticity(images, train_x), authenticity(stack_items(test, m)[0], train_x)
+    out = {"n": m, "train_images": k, "space": "pixels",
+           "latents": "each training row's paired GMM latent" if latents is not None else "none (no latent)",
+           "auth_pct": {"value": fake["auth_pct"], "real_reference": real["auth_pct"]},
+           "median_nearest_train_distance": {"value": fake["median_distance"], "real_reference": real["median_distance"]},
+           "nearest_is_own_training_row": (fake["nearest_index"] == index).double().mean().item()}
+    show = list(range(min(12, m)))
+    rows = [images[show], train_x[fake["nearest_index"][show]], train_x[show]]
+    return out, (rows, ["samples conditioned on training rows", "their nearest training images",
+                        "the training rows they were conditioned on"])
 
 
 def _per_set(parts, eval_set, cond_attrs, model, names, sets, per_set, seed, opts, columns, matched, fidelity, prdc):
@@ -313,4 +361,8 @@ def eval_summary(ev: dict) -> dict:
         out[k], out[f"{k}_real_reference"] = ev[k]["value"], ev[k]["real_reference"]
     for k, v in ev.get("per_set_mean", {}).items():
         out[f"set_{k}"], out[f"set_{k}_real_reference"] = v["value"], v["real_reference"]
+    if "memorisation" in ev:
+        mem = ev["memorisation"]
+        out["auth_pct"], out["auth_pct_real_reference"] = mem["auth_pct"]["value"], mem["auth_pct"]["real_reference"]
+        out["nearest_is_own_training_row"] = mem["nearest_is_own_training_row"]
     return out

@@ -60,3 +60,36 @@ def nuisance_fidelity(real: np.ndarray, fake: np.ndarray, names) -> dict[str, di
         out[name] = {"w1": float(stats.wasserstein_distance(r, f)),
                      "spread_ratio": float(f.std() / r.std()) if r.std() > 0 else float("nan")}
     return out
+
+
+def nearest(x: torch.Tensor, y: torch.Tensor, chunk: int = 512, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of ``x``'s Euclidean distance to its nearest row of ``y`` and that row's index, in chunks
+    (``exclude[i]``: a row of ``y`` row i of ``x`` may not pick, e.g. itself)."""
+    x, y = x.flatten(1).double(), y.flatten(1).double()
+    dist, index = [], []
+    for start in range(0, len(x), chunk):
+        d = torch.cdist(x[start:start + chunk], y)
+        if exclude is not None:
+            rows = torch.arange(len(d))
+            d[rows, exclude[start:start + chunk]] = float("inf")
+        best = d.min(1)
+        dist.append(best.values)
+        index.append(best.indices)
+    return torch.cat(dist), torch.cat(index)
+
+
+def authenticity(fake: torch.Tensor, train: torch.Tensor) -> dict:
+    """Authenticity (Alaa et al. 2022, "How faithful is your synthetic data?"; dgm-eval's AuthPct): a sample is
+    unauthentic when it lies closer to its nearest training image than that image lies to any other training image.
+
+    Returns ``auth_pct`` (percent authentic), the per-sample nearest training index and distance, and the
+    median distance.
+    """
+    d, j = nearest(fake, train)
+    chosen = torch.unique(j)
+    d_train, _ = nearest(train[chosen], train, exclude=chosen)
+    own = torch.empty(len(train), dtype=torch.float64)
+    own[chosen] = d_train
+    authentic = d > own[j]
+    return {"auth_pct": 100 * authentic.double().mean().item(), "nearest_index": j, "nearest_distance": d,
+            "median_distance": d.median().item()}

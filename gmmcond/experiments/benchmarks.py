@@ -354,7 +354,8 @@ def quality_over_time(cfg: dict, run_dir, *, every: int = 1000, n: int = 256, pe
         record = results.done(fields, step=step, n=n, per_set=per_set)
         if record is None:
             log(f"quality: evaluating step {step}")
-            ev = evaluate_run(run_dir, n=n, per_set=per_set, checkpoint=path, tag=f"step{step:07d}", progress=False)
+            ev = evaluate_run(run_dir, n=n, per_set=per_set, checkpoint=path, tag=f"step{step:07d}", progress=False,
+                              memorisation=0)
             record = results.add({"step": step, "n": n, "per_set": per_set, **eval_summary(ev)})
         marks.append(dict(record, minutes=minutes.get(step)))
     return {"config": cfg, "every": every, "n": n, "per_set": per_set, "marks": marks,

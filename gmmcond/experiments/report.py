@@ -51,6 +51,13 @@ COMBINATION_COLUMNS = (("conformity_seen", "conformity seen", 3), ("conformity_h
                        ("defects_held_out", "defects held-out", 3), ("unspecified_tv_max", "max TV unspecified", 3))
 
 
+DISTRIBUTION_COLUMNS = (("all_attributes_correct", "conformity", 3), ("defect_rate", "defects", 3),
+                        ("set_recall", "per-set recall", 3), ("set_coverage", "per-set coverage", 3),
+                        ("set_mean_spread_ratio", "per-set spread", 3), ("attr_accuracy", "accuracy", 4),
+                        ("auth_pct", "AuthPct", 1), ("nearest_is_own_training_row", "nearest = own row", 3),
+                        ("last100", "loss (last 100)", 4))
+
+
 def sweep_table(result: dict) -> str:
     lines = [f"one run ({result['run']}), n = {result['n']}, {result['sets']} attribute sets x {result['per_set']} for the spread",
              "", "| sampler | cfg | accuracy | defects | recall | coverage | spread ratio |", "|---|---|---|---|---|---|---|"]
@@ -118,7 +125,8 @@ def report(out: Path, sweep_json: Path | None = None, recipe_runs: list[Path] | 
     if recipe_runs:
         parts.append(f"### the default recipe (`python launch/evaluate.py --run RUN` per seed)\n\n{recipe_table(recipe_runs)}")
     tables = {"ngmg-vs-bce": ngmg_table, "head": arms_table, "features-vs-classes": arms_table, "precision": arms_table,
-              "combinations": lambda r: arms_table(r, COMBINATION_COLUMNS), "editing": editing_table}
+              "combinations": lambda r: arms_table(r, COMBINATION_COLUMNS), "editing": editing_table,
+              "distribution": lambda r: arms_table(r, DISTRIBUTION_COLUMNS)}
     for name, fn in tables.items():
         path = out / f"{name}.json"
         if path.exists():

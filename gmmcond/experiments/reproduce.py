@@ -1,6 +1,7 @@
 """The paper's experiments at small scale: each returns numbers (for JSON) and writes a PNG."""
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 from pathlib import Path
@@ -240,14 +241,19 @@ def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) 
 def run_arms(arms: dict[str, tuple[str, list[str]]], runs: Path, log: "ResultLog", prefix: str, *, seeds: int, n: int,
              progress=print) -> None:
     """Train and evaluate every (arm, seed) not yet in ``log``, seed by seed, so each seed's arms land together.
-    ``arms`` maps a name to (recipe, overrides); seed ``s`` adds ``train.seed=s conditioner.seed=s``."""
+    ``arms`` maps a name to (recipe, overrides); seed ``s`` adds ``train.seed=s conditioner.seed=s``. A result
+    is keyed by its arm, seed and full override list (``config``), and its run folder carries a hash of that
+    list, so a rerun with other settings (``--steps``) trains afresh instead of reusing a finished run."""
     for seed in range(seeds):
         for arm, (recipe, overrides) in arms.items():
-            if log.done(("arm", "seed"), arm=arm, seed=seed):
+            full = [*EXPERIMENT_SCALE, *overrides, f"train.seed={seed}", f"conditioner.seed={seed}"]
+            config = f"{recipe}: " + " ".join(full)
+            if log.done(("arm", "seed", "config"), arm=arm, seed=seed, config=config):
                 continue
-            run = runs / f"{prefix}_{arm_slug(arm)}_seed{seed}"
-            rec = train_and_evaluate(recipe, [*overrides, f"train.seed={seed}", f"conditioner.seed={seed}"], run, n=n)
-            log.add({"arm": arm, "seed": seed, "run": str(run), **rec})
+            digest = hashlib.sha256(config.encode()).hexdigest()[:8]
+            run = runs / f"{prefix}_{arm_slug(arm)}_seed{seed}_{digest}"
+            rec = train_and_evaluate(recipe, full[len(EXPERIMENT_SCALE):], run, n=n)
+            log.add({"arm": arm, "seed": seed, "config": config, "run": str(run), **rec})
             progress(f"  {arm} seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items()
                                                             if isinstance(v, float) and "reference" not in k))
 
@@ -256,11 +262,19 @@ def arm_slug(arm: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in arm).strip("_")
 
 
+def arm_records(log: "ResultLog", arms, arm: str, seeds: int) -> list[dict]:
+    """The finished records of ``arm`` for seeds below ``seeds`` under its current settings (``arms[arm]``)."""
+    recipe, overrides = arms[arm]
+    want = {s: f"{recipe}: " + " ".join([*EXPERIMENT_SCALE, *overrides, f"train.seed={s}", f"conditioner.seed={s}"])
+            for s in range(seeds)}
+    return [r for r in log.records if r["arm"] == arm and r["seed"] < seeds and r.get("config") == want[r["seed"]]]
+
+
 def summarise_arms(log: "ResultLog", arms, seeds: int) -> dict:
     """Per arm: mean +- std over seeds of every number all its records share, and the per-seed records."""
     out = {}
     for arm in arms:
-        rs = [r for r in log.records if r["arm"] == arm and r["seed"] < seeds]
+        rs = arm_records(log, arms, arm, seeds)
         if rs:
             out[arm] = summarise_records(rs)
     return out
@@ -278,7 +292,7 @@ def plot_loss_bands(out: Path, log: "ResultLog", arms, seeds: int, title: str) -
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for arm in arms:
-        rs = [r for r in log.records if r["arm"] == arm and r["seed"] < seeds]
+        rs = arm_records(log, arms, arm, seeds)
         if rs:
             plot_band(ax, rs[0]["curve_steps"], [r["curve"] for r in rs], f"{arm} ({len(rs)} seeds)")
     ax.set_xlabel("step")
@@ -308,6 +322,27 @@ def head(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 
     return {"steps": steps, "seeds": seeds, "n": n, "arms": summarise_arms(log, arms, seeds)}
 
 
+DISTRIBUTION_ARMS = {
+    "fixed value (attrs)": ("shapes", ["conditioner=attrs"]),
+    "gmm_attrs, fixed pairing (paper)": ("shapes", ["conditioner.pairing=fixed"]),
+    "gmm_attrs, resample pairing": ("shapes", ["conditioner.pairing=resample"]),
+}
+
+
+def distribution(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 1000, n: int = 256,
+                 progress=print) -> dict:
+    """The paper's central claim (Sec. 3.2, Eqs. 8-9): attributes embedded as a distribution (the GMM latent,
+    with the paper's fixed pairing of one latent per training image, and with a fresh latent each step) against
+    the same attributes as a fixed value (``attrs``); same model, steps and seeds. Conformity, defects, per-set
+    recall / coverage / spread, memorisation (authenticity) and the loss. Resumable per (arm, seed, config)."""
+    log = ResultLog(log_path)
+    base = [f"train.steps={steps}", f"train.checkpoint_every={min(250, steps)}", "train.grid_every=0"]
+    arms = {arm: (recipe, [*base, *extra]) for arm, (recipe, extra) in DISTRIBUTION_ARMS.items()}
+    run_arms(arms, runs, log, "dist", seeds=seeds, n=n, progress=progress)
+    plot_loss_bands(out, log, arms, seeds, f"shapes: fixed value / GMM fixed pairing / GMM resample, {steps} steps")
+    return {"steps": steps, "seeds": seeds, "n": n, "arms": summarise_arms(log, arms, seeds)}
+
+
 CLASS_GRID_ROWS = "[circle_red,square_green,triangle_blue,circle_blue,square_red,triangle_green]"
 COMBINATION_GRID_ROWS = "[circle+red+large,square+green+left+top,triangle+blue+dark_bg,circle+blue+large+dark_bg+outline]"
 FVC_ARMS = {
@@ -333,14 +368,14 @@ def features_vs_classes(out: Path, runs: Path, log_path: Path, *, seeds: int = 3
     arms = {arm: (recipe, [f"train.steps={steps}", *extra]) for arm, (recipe, extra) in FVC_ARMS.items()}
     run_arms(arms, runs, log, "fvc", seeds=seeds, n=n, progress=progress)
     shared = S.SHAPES + S.COLOURS  # what every arm's labels fix: compare accuracy on these alone
-    for rec in log.records:
+    for rec in [r for arm in arms for r in arm_records(log, arms, arm, seeds)]:
         per = read_json(Path(rec["run"]) / "eval.json")["per_attribute"]
         rec["shared_accuracy"] = statistics.fmean(per[a] for a in shared)
         rec["shape_accuracy"] = shape_accuracy(per)
     result = {"seeds": seeds, "n": n, "shared_attributes": list(shared), "arms": summarise_arms(log, arms, seeds)}
     grids = []
     for arm in arms:
-        rec = log.done(("arm", "seed"), arm=arm, seed=0)
+        rec = next((r for r in arm_records(log, arms, arm, seeds) if r["seed"] == 0), None)
         files = sorted((Path(rec["run"]) / "samples").glob("grid_*.png")) if rec else []
         if files:
             grids.append((arm, rec, Image.open(files[-1]).convert("RGB")))

@@ -109,6 +109,61 @@ class GMMAttrs(nn.Module):
         return out
 
 
+@CONDITIONERS.register("attrs")
+class FixedAttrs(nn.Module):
+    """Attributes as a fixed value, the plain k-diffusion way: ``mapping_cond = [A_1, ..., A_K, dropped]``.
+
+    The model's mapping network turns the 0/1 vector into its embedding (its first linear layer gives every
+    present attribute a learned vector), so each attribute row has one condition and the image's variation
+    comes from the noise alone: the baseline against which the GMM latent of :class:`GMMAttrs` is compared
+    (``reproduce.py distribution``). The dropped flag works as in :class:`GMMAttrs` (CFG).
+    """
+
+    partial = False  # every attribute is specified (no attr_dropout)
+
+    def __init__(
+        self,
+        num_attrs: int,  # K, injected from the dataset.
+        *,
+        cond_dropout: float = 0.1,  # Probability of dropping the condition in training (for CFG).
+        seed: int = 0,  # Not used (there is no latent to seed); accepted so experiments seed every conditioner alike.
+    ):
+        super().__init__()
+        if not 0 <= cond_dropout < 1:
+            raise ConfigError(f"conditioner.cond_dropout must be in [0, 1), got {cond_dropout}")
+        self.num_attrs, self.cond_dropout, self.seed = num_attrs, cond_dropout, seed
+        self.dim = num_attrs + 1
+        self.register_buffer("anchor", torch.zeros(()), persistent=False)  # follows .to(device)
+
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Return an empty latent [n, K, 0] (there is none; the generator is not drawn from)."""
+        return self.anchor.new_zeros(n, self.num_attrs, 0)
+
+    def encode(self, attrs: torch.Tensor, z: torch.Tensor | None = None, drop: torch.Tensor | None = None,
+               known: torch.Tensor | None = None) -> torch.Tensor:
+        """Return mapping_cond = [A * kept, dropped] [B, K + 1] (``z`` is ignored; it is empty)."""
+        if attrs.shape[-1] != self.num_attrs:
+            raise ConfigError(f"attrs expects {self.num_attrs} attributes, got attrs of shape {tuple(attrs.shape)}")
+        if known is not None and not bool((known > 0.5).all()):
+            raise ConfigError("the attrs conditioner specifies every attribute (unlisted ones mean absent); use "
+                              "gmm_attrs with conditioner.attr_dropout > 0 to leave some unspecified")
+        attrs = attrs.to(self.anchor)
+        drop = torch.zeros(len(attrs), dtype=torch.bool, device=attrs.device) if drop is None else drop.to(attrs.device)
+        return torch.cat([attrs * (~drop)[:, None].to(attrs), drop[:, None].to(attrs)], 1)
+
+    def forward(self, attrs: torch.Tensor, index: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode attributes; in training mode, drop the condition with probability ``cond_dropout``."""
+        if drop is None and self.training and self.cond_dropout > 0:
+            drop = torch.rand(len(attrs)) < self.cond_dropout
+        return self.encode(attrs, drop=drop)
+
+    def unconditional(self, n: int) -> torch.Tensor:
+        """Return the dropped-condition input (A = 0, flag = 1) for ``n`` samples."""
+        out = self.anchor.new_zeros(n, self.dim)
+        out[:, -1] = 1
+        return out
+
+
 @CONDITIONERS.register("none")
 class NoConditioner(nn.Module):
     """Unconditional training: contributes no mapping_cond (dim 0)."""
