@@ -153,7 +153,7 @@ def test_a_collapsed_sampler_scores_perfect_conformity_but_no_per_set_coverage_o
         image, attrs, _ = held[i]
         canonical.setdefault(tuple(attrs.tolist()), image)
     monkeypatch.setattr(evaluate, "_sample", lambda parts, attrs, **kw: torch.stack([canonical[tuple(a.tolist())] for a in attrs]))
-    result = evaluate.evaluate_run(run, n=128, sets=4, per_set=32, progress=False, write=False)
+    result = evaluate.evaluate_run(run, n=128, sets=4, per_set=32, progress=False, write=False, memorisation=0)
     h = result["headline"]
     assert list(result)[0] == "headline" and list(h)[:2] == ["all_attributes_correct", "defect_rate"]
     assert h["all_attributes_correct"] >= 0.98 and result["attr_accuracy"] >= 0.995

@@ -109,7 +109,7 @@ def editing_table(result: dict) -> str:
              "|---|" + "---|" * (len(EDIT_COLUMNS) + 1)]
     for arm, stats in result["edits"].items():
         lost = max((k for k in stats if k.startswith("lost_")), key=lambda k: stats[k]["mean"], default=None)
-        worst = f"{lost[5:]} {stats[lost]['mean']:.2f}" if lost and stats[lost]["mean"] > 0 else "-"
+        worst = f"{lost[5:]} {stats[lost]['mean']:.3f}" if lost and stats[lost]["mean"] > 0 else "-"
         lines.append(f"| {arm} | " + " | ".join(pm(stats[k], d) if k in stats else "-" for k, _, d in EDIT_COLUMNS)
                      + f" | {worst} |")
     lines += ["", "| inversion, attributes unchanged | RMSE | max abs error | PSNR (dB) |", "|---|---|---|---|"]
