@@ -19,7 +19,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/reproduce", help="output folder")
     parser.add_argument("--seeds", type=int, help="seeds (default: ngmg-vs-bce 5, head 3, features-vs-classes 3, precision 2, combinations 2, "
                              "distribution 3, editing 3)")
-    parser.add_argument("--steps", type=int, help="training steps (default: each experiment's own)")
+    parser.add_argument("--steps", type=int,
+                        help="training steps (default: each experiment's own; editing: sampling steps, default the run's)")
     parser.add_argument("--n", type=int, help="evaluated samples per run (default 512; head, features-vs-classes, precision)")
     parser.add_argument("--run", help="editing: the trained run whose edits are measured (the default recipe's)")
     parser.add_argument("--sweep", default="runs/shapes/sweep.json", help="report: the sweep to tabulate")

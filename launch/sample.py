@@ -15,7 +15,8 @@ def main() -> None:
                              'unspecified (on runs trained with attr_dropout > 0; else absent); repeat for more rows')
     parser.add_argument("--compose", help='composed guidance with per-attribute weights, e.g. "triangle:2,red:-1" '
                                           '(negative pushes away; needs a run trained with attr_dropout > 0)')
-    parser.add_argument("--n", type=positive_int, help="samples per attribute set (default 16; with --edit, edits per request, default 4)")
+    parser.add_argument("--n", type=positive_int,
+                        help="samples per attribute set (default 16; with --edit, edits per request, default 4)")
     parser.add_argument("--sampler", help="SAMPLERS key (default: the run's sample.sampler)")
     parser.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's sample.steps)")
     parser.add_argument("--cfg-scale", type=guidance_scale,
@@ -35,13 +36,15 @@ def main() -> None:
     parser.add_argument("--export", help="also write the EMA weights to this safetensors file")
     editing = parser.add_argument_group("editing (--edit): each --attrs is an edit request; unlisted attributes keep the image's")
     editing.add_argument("--edit", metavar="IMAGE", help="image file to edit (cropped and resized to the run's size)")
-    editing.add_argument("--source-attrs", help="the image's own attributes, e.g. \"circle,red,large\" (default: read by the evaluator)")
+    editing.add_argument("--source-attrs",
+                         help="the image's own attributes, e.g. \"circle,red,large\" (default: read by the evaluator)")
     editing.add_argument("--edit-method", choices=["both", "invert", "sdedit"], default="both",
-                      help="invert: DDIM inversion under the source attributes, then regeneration; sdedit: noise, then "
-                           "denoise; both: a row of each")
-    editing.add_argument("--strength", type=float, help="how far into the noise an edit goes, in (0, 1] (default: invert 1, sdedit 0.6)")
+                         help="invert: DDIM inversion under the source attributes, then regeneration; sdedit: noise, "
+                              "then denoise; both: a row of each")
+    editing.add_argument("--strength", type=float,
+                         help="how far into the noise an edit goes, in (0, 1] (default: invert 1, sdedit 0.6)")
     editing.add_argument("--inversion-iters", type=int, default=3,
-                      help="fixed-point iterations per inversion step (0: plain DDIM inversion; README, Editing)")
+                         help="fixed-point iterations per inversion step (0: plain DDIM inversion; README, Editing)")
     parser.add_argument("--list-attrs", action="store_true", help="print the run's attribute names and exit")
     args = parser.parse_args()
 

@@ -12,9 +12,9 @@ moves no geometry). The frozen evaluator scores every edit:
   not a circle, as a fraction of the shape's symmetry period.
 
 ``oracle`` (the renderer drawing the original's exact geometry with the target attributes) is the floor
-of the measurement (the evaluator's own regression noise), ``generate`` (fresh samples of the target attributes, the run's sampler) is the reference for a method that
-keeps nothing, ``reconstruct`` the inversion with unchanged attributes (its pixel error, and what the
-fixed-point iterations buy).
+of the measurement (the evaluator's own regression noise); ``generate`` (fresh samples of the target
+attributes with the run's sampler) is what a method that keeps nothing scores; ``reconstruct`` is the
+inversion with unchanged attributes (its pixel error, and what the fixed-point iterations buy).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import torch
 from scipy.stats import wasserstein_distance
 
 from ..data.shapes import COLOURS, PERIOD, SHAPES
+from ..errors import RunError
 from ..io import ResultLog
 from ..sampling import generate
 from ..sampling.edit import edit_by_inversion, sdedit
@@ -124,7 +125,8 @@ def editing(run_dir: Path, out: Path, log_path: Path, *, seeds: int = 3, n: int 
     run = load_run(run_dir)
     parts, cfg, names = run.parts, run.cfg, run.parts.attr_names
     if cfg["dataset"]["type"] != "shapes" or cfg["dataset"].get("label_mode", "features") != "features":
-        raise ValueError("the editing experiment needs a run on the shapes data with feature labels (the default recipe)")
+        raise RunError(f"the editing experiment needs a run on the shapes data with feature labels (the default "
+                       f"recipe); {run_dir} has {cfg['dataset']['type']} data")
     evaluator, _, _ = evaluator_for(cfg["dataset"])
     s = cfg["sample"]
     steps = steps or s["steps"]
@@ -136,7 +138,8 @@ def editing(run_dir: Path, out: Path, log_path: Path, *, seeds: int = 3, n: int 
             key = {**base, "seed": seed, "method": "reconstruct", "kind": "none", "iters": iters_r}
             if log.done(KEY, **key):
                 continue
-            rec = edit_by_inversion(parts, images, attrs, attrs, steps=steps, cfg_scale=s["cfg_scale"], seed=seed, iters=iters_r)
+            rec = edit_by_inversion(parts, images, attrs, attrs, steps=steps, cfg_scale=s["cfg_scale"], seed=seed,
+                                    iters=iters_r)
             err = (rec - images).float()
             log.add({**key, "rmse": err.pow(2).mean().sqrt().item(), "max_abs": err.abs().max().item(),
                      "psnr_db": (10 * torch.log10(4 / err.pow(2).mean())).item()})

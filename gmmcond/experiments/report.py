@@ -93,8 +93,8 @@ def recipe_table(runs: list[Path]) -> str:
 
 
 EDIT_COLUMNS = (("requested_right", "requested right", 3), ("unrequested_kept", "unrequested kept", 3),
-                ("all_right", "all right", 3), ("defects", "defects", 3), ("cx_abs_delta", "|d cx|", 3),
-                ("cy_abs_delta", "|d cy|", 3), ("radius_abs_delta", "|d radius|", 3), ("rotation_abs_delta", "|d rotation|", 3),
+                ("all_right", "all right", 3), ("defects", "defects", 3), ("cx_abs_delta", "Δcx", 3),
+                ("cy_abs_delta", "Δcy", 3), ("radius_abs_delta", "Δradius", 3), ("rotation_abs_delta", "Δrotation", 3),
                 ("cx_w1", "W1 cx", 3), ("cy_w1", "W1 cy", 3), ("radius_w1", "W1 radius", 3), ("rotation_w1", "W1 rotation", 3))
 
 
@@ -103,7 +103,8 @@ def editing_table(result: dict) -> str:
     c = result["config"]
     lines = [f"{c['n']} held-out shapes per seed, {c['seeds']} seeds (mean +- std), run {c['run']} at step {c['step']}, "
              f"{c['steps']} steps, cfg {c['cfg_scale']:g}, inversion with {c['iters']} fixed-point iterations; "
-             "nuisance deltas and W1 against the original (the evaluator's regression; rotation as a fraction of the "
+             "Δ: mean per-image |change| of a nuisance from the original, W1: between their distributions "
+             "(the evaluator's regression; rotation as a fraction of the "
              "symmetry period, only where the shape is kept)", "",
              "| method / edit | " + " | ".join(h for _, h, _ in EDIT_COLUMNS) + " | most often lost |",
              "|---|" + "---|" * (len(EDIT_COLUMNS) + 1)]

@@ -92,6 +92,8 @@ def invert_euler(model: nn.Module, x: torch.Tensor, sigmas: torch.Tensor, extra_
     Any k-diffusion model works. Backward step i finds x_i with x_{i+1} = x_i + (s_{i+1} - s_i) (x_i - D(x_i, s_i)) / s_i
     by the fixed-point iteration x_i <- x_{i+1} - (s_{i+1} - s_i) d(x_i, s_i), started from x_i = x_{i+1}.
     """
+    if iters < 0:
+        raise ConfigError(f"inversion iterations must be >= 0, got {iters}")
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     for i in reversed(range(len(sigmas) - 1)):
