@@ -140,4 +140,5 @@ def test_a_fixed_value_run_trains_samples_and_is_checked_for_memorisation(tiny_c
     result = evaluate_run(tmp_path / "run", n=8, sets=0, steps=2, progress=False, memorisation=8)
     mem = result["memorisation"]
     assert mem["latents"] == "none (no latent)" and mem["n"] == 8 and 0 <= mem["auth_pct"]["value"] <= 100
+    assert 0 < mem["own_row_chance"] <= 1
     assert result["headline"]["auth_pct"] == mem["auth_pct"] and (tmp_path / "run" / "eval_memorisation.png").exists()

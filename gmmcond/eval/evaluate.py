@@ -284,7 +284,8 @@ def memorisation_check(parts, dataset_cfg: dict, test, m: int, seed: int, opts: 
     through which a sample could recall its own training image); the first ``m`` held-out images are the
     reference. In pixel space, against the first ``MEMORISATION_TRAIN_MAX`` training images: the authenticity
     percentage (Alaa et al. 2022; a real held-out set scores its own level, copies score 0), the median
-    distance to the nearest training image, and how often that image is the sample's own training row.
+    distance to the nearest training image, and how often that image is the sample's own training row
+    (beside its chance level: one over the number of training images with the same attribute row).
     Returns the numbers and a figure (samples, their nearest training images, their paired training rows)."""
     from ..data.cache import in_memory
     from ..registry import DATASETS
@@ -308,7 +309,9 @@ def memorisation_check(parts, dataset_cfg: dict, test, m: int, seed: int, opts: 
            "latents": "each training row's paired GMM latent" if latents is not None else "none (no latent)",
            "auth_pct": {"value": fake["auth_pct"], "real_reference": real["auth_pct"]},
            "median_nearest_train_distance": {"value": fake["median_distance"], "real_reference": real["median_distance"]},
-           "nearest_is_own_training_row": (fake["nearest_index"] == index).double().mean().item()}
+           "nearest_is_own_training_row": (fake["nearest_index"] == index).double().mean().item(),
+           # what that rate would be if the nearest image were any training image with the same attribute row
+           "own_row_chance": (1 / (train_attrs[:m, None] == train_attrs[None, :k]).all(-1).sum(1).double()).mean().item()}
     show = list(range(min(12, m)))
     rows = [images[show], train_x[fake["nearest_index"][show]], train_x[show]]
     return out, (rows, ["samples conditioned on training rows", "their nearest training images",
