@@ -165,8 +165,8 @@ def grid_rows(cfg: dict, parts: Components, n_rows: int = 6) -> list[str]:
     return [describe(parts.dataset[i][1], parts.attr_names) for i in range(min(n_rows, len(parts.dataset)))]
 
 
-def write_grid(cfg: dict, parts: Components, ema: nn.Module, path: Path, precision: str = "fp32") -> None:
-    """Sample the grid rows with the EMA model and write a captioned PNG."""
+def write_grid(cfg: dict, parts: Components, ema: nn.Module, path: Path, precision: str = "fp32") -> Image.Image:
+    """Sample the grid rows with the EMA model, write a captioned PNG and return it."""
     s = cfg["sample"]
     rows = grid_rows(cfg, parts)
     requests = [parse_expr(r, parts.attr_names, parts.groups) for r in rows]
@@ -175,7 +175,9 @@ def write_grid(cfg: dict, parts: Components, ema: nn.Module, path: Path, precisi
     with autocast(next(ema.parameters()).device, precision):
         images = generate(parts, attrs, sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"], seed=s["seed"],
                           model=ema, known=known if getattr(parts.conditioner, "partial", False) else None)
-    save_png(captioned_grid(list(images.float().split(s["grid_cols"])), rows), path)
+    grid = captioned_grid(list(images.float().split(s["grid_cols"])), rows)
+    save_png(grid, path)
+    return grid
 
 
 def rng_state() -> dict:
@@ -489,11 +491,10 @@ class Trainer:
 
     def grid(self, step: int) -> None:
         """Write the EMA sample grid and the loss plot (main process)."""
-        path = self.run_dir / "samples" / f"grid_{step:07d}.png"
-        write_grid(self.cfg, self.parts, self.ema, path, self.precision.name)
+        image = write_grid(self.cfg, self.parts, self.ema, self.run_dir / "samples" / f"grid_{step:07d}.png",
+                           self.precision.name)
         if self.accelerator.trackers:
-            with Image.open(path) as image:
-                log_image(self.accelerator, "samples/grid", image, step)
+            log_image(self.accelerator, "samples/grid", image, step)
         plot_metrics(read_metrics(self.metrics_file), self.run_dir / "plots" / "loss.png",
                      keys=[k for k in self.LOGGED_CURVES if k in self.last])
 

@@ -287,18 +287,13 @@ def memorisation_check(parts, dataset_cfg: dict, test, m: int, seed: int, opts: 
     distance to the nearest training image, and how often that image is the sample's own training row
     (beside its chance level: one over the number of training images with the same attribute row).
     Returns the numbers and a figure (samples, their nearest training images, their paired training rows)."""
-    from ..data.cache import in_memory
     from ..registry import DATASETS
     from .metrics import authenticity
 
     train = DATASETS.build(dataset_cfg)  # the training split, as the run saw it
     k = min(len(train), MEMORISATION_TRAIN_MAX)
     m = min(m, k, len(test))
-    cached = in_memory(train, progress=False)
-    if cached is not None:
-        train_x, train_attrs = cached.batch(list(range(k)))[:2]
-    else:
-        train_x, train_attrs = stack_items(train, k)
+    train_x, train_attrs = stack_items(train, k)  # the first k only (the in-memory cache would render them all)
     cond = parts.conditioner
     index = torch.arange(m)
     latents = cond.fixed_latents(index) if cond.dim and hasattr(cond, "fixed_latents") else None

@@ -246,8 +246,7 @@ def run_arms(arms: dict[str, tuple[str, list[str]]], runs: Path, log: "ResultLog
     list, so a rerun with other settings (``--steps``) trains afresh instead of reusing a finished run."""
     for seed in range(seeds):
         for arm, (recipe, overrides) in arms.items():
-            full = [*EXPERIMENT_SCALE, *overrides, f"train.seed={seed}", f"conditioner.seed={seed}"]
-            config = f"{recipe}: " + " ".join(full)
+            full, config = arm_config(recipe, overrides, seed)
             if log.done(("arm", "seed", "config"), arm=arm, seed=seed, config=config):
                 continue
             digest = hashlib.sha256(config.encode()).hexdigest()[:8]
@@ -258,15 +257,19 @@ def run_arms(arms: dict[str, tuple[str, list[str]]], runs: Path, log: "ResultLog
                                                             if isinstance(v, float) and "reference" not in k))
 
 
+def arm_config(recipe: str, overrides: list[str], seed: int) -> tuple[list[str], str]:
+    """An arm's full override list at ``seed`` (the experiments' scale first) and the key its result is stored under."""
+    full = [*EXPERIMENT_SCALE, *overrides, f"train.seed={seed}", f"conditioner.seed={seed}"]
+    return full, f"{recipe}: " + " ".join(full)
+
+
 def arm_slug(arm: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in arm).strip("_")
 
 
 def arm_records(log: "ResultLog", arms, arm: str, seeds: int) -> list[dict]:
     """The finished records of ``arm`` for seeds below ``seeds`` under its current settings (``arms[arm]``)."""
-    recipe, overrides = arms[arm]
-    want = {s: f"{recipe}: " + " ".join([*EXPERIMENT_SCALE, *overrides, f"train.seed={s}", f"conditioner.seed={s}"])
-            for s in range(seeds)}
+    want = {s: arm_config(*arms[arm], s)[1] for s in range(seeds)}
     return [r for r in log.records if r["arm"] == arm and r["seed"] < seeds and r.get("config") == want[r["seed"]]]
 
 
@@ -310,16 +313,24 @@ HEAD_ARMS = {"no head": ("shapes", ["head=none"]),
              "head bce": ("shapes", ["head=bottleneck_attrs", "head.loss=bce"])}
 
 
+def loss_arms(arm_table: dict, prefix: str, title: str, out: Path, runs: Path, log_path: Path, *, seeds: int, steps: int,
+              n: int, progress=print) -> dict:
+    """Train and evaluate every arm of ``arm_table`` for ``steps`` steps and ``seeds`` seeds (:func:`run_arms`),
+    plot their diffusion-loss bands, and summarise them."""
+    log = ResultLog(log_path)
+    base = [f"train.steps={steps}", f"train.checkpoint_every={min(250, steps)}", "train.grid_every=0"]
+    arms = {arm: (recipe, [*base, *extra]) for arm, (recipe, extra) in arm_table.items()}
+    run_arms(arms, runs, log, prefix, seeds=seeds, n=n, progress=progress)
+    plot_loss_bands(out, log, arms, seeds, f"{title}, {steps} steps")
+    return {"steps": steps, "seeds": seeds, "n": n, "arms": summarise_arms(log, arms, seeds)}
+
+
 def head(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 1000, n: int = 512, progress=print) -> dict:
     """Paper Fig. 9: the default recipe's model and batch with no head, a head trained with NGMG entropy
     (surplus) and a head trained with BCE; diffusion-loss curves and the evaluation of each arm's samples.
-    Resumable per (arm, seed) through ``log_path``."""
-    log = ResultLog(log_path)
-    base = [f"train.steps={steps}", f"train.checkpoint_every={min(250, steps)}", "train.grid_every=0"]
-    arms = {arm: (recipe, [*base, *extra]) for arm, (recipe, extra) in HEAD_ARMS.items()}
-    run_arms(arms, runs, log, "head", seeds=seeds, n=n, progress=progress)
-    plot_loss_bands(out, log, arms, seeds, f"shapes: no head / NGMG head / BCE head, {steps} steps")
-    return {"steps": steps, "seeds": seeds, "n": n, "arms": summarise_arms(log, arms, seeds)}
+    Resumable per (arm, seed, config) through ``log_path``."""
+    return loss_arms(HEAD_ARMS, "head", "shapes: no head / NGMG head / BCE head", out, runs, log_path, seeds=seeds,
+                     steps=steps, n=n, progress=progress)
 
 
 DISTRIBUTION_ARMS = {
@@ -335,12 +346,8 @@ def distribution(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps
     with the paper's fixed pairing of one latent per training image, and with a fresh latent each step) against
     the same attributes as a fixed value (``attrs``); same model, steps and seeds. Conformity, defects, per-set
     recall / coverage / spread, memorisation (authenticity) and the loss. Resumable per (arm, seed, config)."""
-    log = ResultLog(log_path)
-    base = [f"train.steps={steps}", f"train.checkpoint_every={min(250, steps)}", "train.grid_every=0"]
-    arms = {arm: (recipe, [*base, *extra]) for arm, (recipe, extra) in DISTRIBUTION_ARMS.items()}
-    run_arms(arms, runs, log, "dist", seeds=seeds, n=n, progress=progress)
-    plot_loss_bands(out, log, arms, seeds, f"shapes: fixed value / GMM fixed pairing / GMM resample, {steps} steps")
-    return {"steps": steps, "seeds": seeds, "n": n, "arms": summarise_arms(log, arms, seeds)}
+    return loss_arms(DISTRIBUTION_ARMS, "dist", "shapes: fixed value / GMM fixed pairing / GMM resample", out, runs,
+                     log_path, seeds=seeds, steps=steps, n=n, progress=progress)
 
 
 CLASS_GRID_ROWS = "[circle_red,square_green,triangle_blue,circle_blue,square_red,triangle_green]"

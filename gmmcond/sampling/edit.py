@@ -24,7 +24,7 @@ from ..data.attrs import AttrRequest
 from ..errors import ConfigError
 from ..modeling.build import Components
 from ..registry import SAMPLERS
-from .generate import conditioned
+from .generate import conditioned, draw_latents
 from .samplers import sample
 
 
@@ -63,12 +63,6 @@ def start_sigmas(parts: Components, steps: int, strength: float, device) -> torc
     return sigmas[start:]
 
 
-def _latents(parts: Components, n: int, gen: torch.Generator, latents: torch.Tensor | None):
-    if not parts.conditioner.dim:
-        return None
-    return parts.conditioner.sample_latents(n, gen) if latents is None else latents
-
-
 @torch.no_grad()
 def sdedit(parts: Components, images: torch.Tensor, attrs: torch.Tensor, *, strength: float = 0.6,
            sampler: Any = "euler", steps: int = 30, cfg_scale: float = 1.0, seed: int = 0,
@@ -76,7 +70,7 @@ def sdedit(parts: Components, images: torch.Tensor, attrs: torch.Tensor, *, stre
     """Noise ``images`` [B, 3, H, W] in [-1, 1] to the sigma at ``strength`` and denoise them under ``attrs`` [B, K]."""
     device = next(parts.denoiser.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    z = _latents(parts, len(images), gen, latents)
+    z = draw_latents(parts, len(images), gen, latents)
     denoiser, extra_args = conditioned(parts, attrs, z, model=model, cfg_scale=cfg_scale)
     noise = torch.randn(images.shape, generator=gen).to(device)
     sigmas = start_sigmas(parts, steps, strength, device)
@@ -112,7 +106,7 @@ def invert(parts: Components, images: torch.Tensor, attrs: torch.Tensor, *, step
            model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Invert ``images`` under their attributes ``attrs``; return (x at the start sigma, the GMM latents used)."""
     device = next(parts.denoiser.parameters()).device
-    z = _latents(parts, len(images), torch.Generator().manual_seed(seed), latents)
+    z = draw_latents(parts, len(images), torch.Generator().manual_seed(seed), latents)
     denoiser, extra_args = conditioned(parts, attrs, z, model=model, cfg_scale=cfg_scale)
     sigmas = start_sigmas(parts, steps, strength, device)
     return invert_euler(denoiser, images.to(device), sigmas, extra_args, iters), z

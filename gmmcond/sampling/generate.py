@@ -50,12 +50,19 @@ def generate(
     gen = torch.Generator().manual_seed(seed)
     n, size = len(attrs), parts.dataset.size
     device = next(parts.denoiser.parameters()).device
-    z = parts.conditioner.sample_latents(n, gen) if latents is None and parts.conditioner.dim else latents
+    z = draw_latents(parts, n, gen, latents)
     denoiser, extra_args = conditioned(parts, attrs, z, model=model, cfg_scale=cfg_scale, known=known, compose=compose,
                                        head_target=head_target)
     noise = torch.randn(n, 3, size, size, generator=gen).to(device)
     sigmas = parts.schedule.sigmas(steps).to(device)
     return sample(sampler, denoiser, noise, sigmas, extra_args=extra_args, callback=callback, generator=gen)
+
+
+def draw_latents(parts: Components, n: int, gen: torch.Generator, latents: torch.Tensor | None = None):
+    """``latents`` if given, else ``n`` fresh ones from the conditioner (None for an unconditional run)."""
+    if latents is not None or not parts.conditioner.dim:
+        return latents
+    return parts.conditioner.sample_latents(n, gen)
 
 
 def conditioned(parts: Components, attrs: torch.Tensor, z: torch.Tensor | None, *, model: nn.Module | None = None,
