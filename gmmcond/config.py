@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import yaml
 
 from .errors import ConfigError
-from .registry import CONDITIONERS, DATASETS, HEADS, LOSSES, MODELS, SAMPLERS, SCHEDULES, Registry, closest
+from .registry import CONDITIONERS, DATASETS, DENOISER_LOSSES, HEADS, LOSSES, MODELS, SAMPLERS, SCHEDULES, Registry, closest
 
 
 class Loader(yaml.SafeLoader):
@@ -227,8 +227,6 @@ def resolve(raw: dict) -> dict:
         loss = cfg["head"].get("loss")
         if loss not in LOSSES:
             raise ConfigError(f"head.loss: {LOSSES.unknown_message(loss)}")
-    from .modeling.models import DENOISER_LOSSES
-
     if cfg["denoiser"]["loss"] not in DENOISER_LOSSES:
         raise _unknown_key("denoiser.loss", cfg["denoiser"]["loss"], DENOISER_LOSSES)
     if history:

@@ -4,8 +4,9 @@ A registered object is looked up by its key (``SAMPLERS.get("euler")``) and, for
 with keyword arguments that :mod:`gmmcond.config` has already checked against its signature.
 Contracts of the registered objects:
 
-* ``CONDITIONERS``: ``nn.Module`` called as ``(attrs[B, K] float, index[B] long) -> mapping_cond[B, dim]``
-  with an integer attribute ``.dim``; built with ``num_attrs`` injected from the dataset.
+* ``CONDITIONERS``: a :class:`gmmcond.modeling.conditioners.Conditioner` called as
+  ``(attrs[B, K] float, index[B] long) -> mapping_cond[B, dim]``, with ``.dim``, ``.partial``, ``.pairs_latents``
+  and ``unconditional(n)``; built with ``num_attrs`` injected from the dataset.
 * ``HEADS``: ``nn.Module`` fed by a forward hook on the U-Net bottleneck, returning ``logits[B, K]``.
 * ``LOSSES``: callable ``(logits[B, K], targets[B, K]) -> loss[B]``.
 * ``SAMPLERS``: a function with k-diffusion's sampler signature
@@ -16,6 +17,10 @@ Contracts of the registered objects:
   with ``.attr_names`` and ``.groups`` (mutually exclusive attribute groups).
 * ``MODELS``: a builder returning a k-diffusion inner model, with ``mapping_cond_dim`` injected from the
   conditioner's ``.dim``.
+* ``DENOISER_LOSSES``: a callable ``(inner_model, sigma_data=...) -> k_diffusion.layers.Denoiser`` (its ``loss``
+  is the training objective); picked by ``denoiser.loss``.
+* ``EVAL_PROTOCOLS``: an :class:`gmmcond.data.protocol.EvaluationProtocol` subclass, keyed by the ``DATASETS``
+  key it evaluates; a dataset without one gets the generic protocol.
 """
 from __future__ import annotations
 
@@ -114,3 +119,5 @@ SAMPLERS: Registry[Callable] = Registry("SAMPLERS")
 SCHEDULES: Registry[Callable] = Registry("SCHEDULES")
 DATASETS: Registry[Callable] = Registry("DATASETS")
 MODELS: Registry[Callable] = Registry("MODELS", injected=("mapping_cond_dim",))
+DENOISER_LOSSES: Registry[Callable] = Registry("DENOISER_LOSSES")
+EVAL_PROTOCOLS: Registry[type] = Registry("EVAL_PROTOCOLS")

@@ -21,7 +21,7 @@ from gmmcond.cli import fail_cleanly
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["samplers", "train", "quality", "profile"])
+    parser.add_argument("what", choices=["samplers", "train", "quality", "profile", "probes"])
     parser.add_argument("--out", default="runs/benchmark", help="output folder")
     parser.add_argument("--config", default="shapes", help="recipe whose model is timed")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (train)")
@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=256, help="evaluation samples per mark (quality)")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="quality: evaluate the marks a stopped run has so far, without training on")
+    parser.add_argument("--probes", nargs="*", help="probes: the PROBES names to run (default: all)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the recipe (quality), e.g. train.steps=4000")
     args = parser.parse_args()
 
@@ -48,6 +49,12 @@ def main() -> None:
         benchmarks.plot_quality(result, out / "quality.png")
         print(benchmarks.quality_table(result))
         print(f"wrote {out / 'quality.json'} and {out / 'quality.png'}")
+        return
+    if args.what == "probes":
+        results = benchmarks.recipe_probes(out / "probes", args.probes, n=args.n)
+        (out / "probes.json").write_text(json.dumps(results, indent=2))
+        print(benchmarks.probes_table(results))
+        print(f"wrote {out / 'probes.json'}")
         return
     if args.what == "profile":
         results = []

@@ -51,12 +51,8 @@ def main() -> None:
 
     if args.train_evaluator:
         from gmmcond.config import load_config
-        from gmmcond.eval.evaluator import FROZEN, save_evaluator, train_evaluator
+        from gmmcond.eval.evaluator import FROZEN, save_evaluator, train_evaluator, weights_sha256
         from gmmcond.registry import DATASETS
-
-        from pathlib import Path
-
-        from gmmcond.eval.evaluator import weights_sha256
 
         dataset = load_config("shapes")["dataset"]
         model, scores = train_evaluator(dataset)

@@ -25,6 +25,8 @@ from gmmcond.io import RunLock, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+from gmmcond.cli import fail_cleanly
+from gmmcond.errors import CheckpointError, ConfigError, GmmcondError
 
 
 def run_entry(script: str, *args, capsys) -> tuple[int, str]:
@@ -295,3 +297,34 @@ def test_under_accelerate_launch_quiet_the_only_error_output_is_gmmconds_line(tm
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert lines == ["error: ConfigError: train.stpes: unknown key; did you mean 'steps'? Valid keys: " + ", ".join(
         sorted(load_config("shapes_tiny")["train"]))], proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n", "0"], "argument --n: must be >= 1, got 0"),
+    (["--steps", "-1"], "argument --steps: must be >= 1, got -1"),
+    (["--attrs", "circle,square"], "the group ['circle', 'square', 'triangle'] is mutually exclusive"),
+])
+def test_bad_sample_arguments_are_one_line_errors(tiny_cfg, tmp_path, args, message):
+    run = tmp_path / "run"
+    if not run.exists():
+        train(tiny_cfg(), run)
+    proc = subprocess.run([PY, str(ROOT / "launch" / "sample.py"), "--run", str(run), *args], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_only_gmmcond_errors_become_one_line_messages(capsys):
+    def user_mistake():
+        raise ConfigError("train.stpes: unknown key")
+
+    with pytest.raises(SystemExit) as exit_info:
+        fail_cleanly(user_mistake)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: ConfigError: train.stpes: unknown key\n"
+
+    def bug():
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError, match="a bug"):  # not disguised as the user's mistake
+        fail_cleanly(bug)
+    assert issubclass(ConfigError, GmmcondError) and issubclass(CheckpointError, GmmcondError)

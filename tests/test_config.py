@@ -3,6 +3,9 @@ import yaml
 
 from gmmcond.config import load_config
 from gmmcond.errors import ConfigError
+from gmmcond.config import recipes_dir
+from gmmcond.data.attrs import parse_expr
+from gmmcond.registry import DATASETS
 
 
 def test_default_recipe_resolves_with_every_default():
@@ -82,3 +85,33 @@ def test_required_kwarg_and_yaml_path(tmp_path):
     path.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.checkpoint_every=0", "train.checkpoint_every: must be >= 1, got 0"),
+    ("train.log_every=0", "train.log_every: must be >= 1, got 0"),
+    ("train.steps=-1", "train.steps: must be >= 1, got -1"),
+    ("train.lr=0", "train.lr: must be > 0, got 0.0"),
+    ("train.precision=fp8", "train.precision: must be one of auto, fp32, bf16, fp16, got 'fp8'"),
+])
+def test_out_of_range_settings_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("shapes_tiny", [override])
+
+
+def test_a_dotted_override_expands_a_plain_sampler_key():
+    cfg = load_config("shapes", ["sample.sampler.renoise=0.5"])
+    assert cfg["sample"]["sampler"] == {"type": "x0_reproject", "renoise": 0.5}
+    cfg = load_config("shapes_tiny", ["sample.sampler.s_churn=0.1"])
+    assert cfg["sample"]["sampler"]["type"] == "euler" and cfg["sample"]["sampler"]["s_churn"] == 0.1
+
+
+def test_every_recipe_grid_row_is_a_valid_request():
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        cfg = load_config(path)
+        if cfg["dataset"]["type"] != "shapes":
+            continue  # the others need local data to know their attribute names
+        data = DATASETS.build(dict(cfg["dataset"], length=16))
+        for row in cfg["sample"]["grid_rows"]:
+            parse_expr(row, list(data.attr_names), data.groups)
+    assert load_config("shapes_tiny")["sample"]["grid_rows"] == ["circle,red", "square,blue,large"]

@@ -9,6 +9,8 @@ from gmmcond.errors import DatasetError
 from gmmcond.registry import DATASETS
 from gmmcond.data.local import held_out
 from gmmcond.data.shapes import ATTR_NAMES, CLASS_NAMES, ShapesDataset
+from gmmcond.data.attrs import parse_expr
+from gmmcond.errors import AttributeSpecError
 
 
 def check_item(item, k, size):
@@ -180,3 +182,18 @@ def test_variation_zero_is_the_earlier_geometry_and_one_varies_every_nuisance():
     assert all(abs(abs(p.cx - 0.5) - OFFSET) <= JITTER + 1e-9 and p.angle == 0 and p.fill_shade == 1 for p in fixed)
     varied = np.stack([draw_params(random.Random(i)).nuisances() for i in range(200)])
     assert (varied.std(0) > 0.02).all()  # position, radius, angle, fill and background shade all vary
+
+
+def test_attribute_expressions_and_group_contradictions():
+    names, groups = ["circle", "square", "triangle", "red", "large"], [["circle", "square", "triangle"]]
+    req = parse_expr("triangle, ~red", names, groups)
+    assert req.values.tolist() == [0, 0, 1, 0, 0] and req.known.tolist() == [0, 0, 1, 1, 0]
+    with pytest.raises(AttributeSpecError, match=r"lists \['circle', 'square'\], but the group"):
+        parse_expr("circle,square", names, groups)
+    with pytest.raises(AttributeSpecError, match="negates every member of the group"):
+        parse_expr("~circle,~square,~triangle", names, groups)
+    with pytest.raises(AttributeSpecError, match=r"asks for \['red'\] both present and absent"):
+        parse_expr("red,~red", names, groups)
+    assert parse_expr("~circle", names, groups).known.tolist() == [1, 0, 0, 0, 0]
+    implied = parse_expr("~circle,~square", names, groups)  # the one member left of an exclusive group is present
+    assert implied.values.tolist() == [0, 0, 1, 0, 0] and implied.known.tolist() == [1, 1, 1, 0, 0]

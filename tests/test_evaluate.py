@@ -91,7 +91,7 @@ def test_evaluate_run_on_user_data_uses_confidence_and_nearest_neighbours(tiny_c
     assert not set(test_files) & set(train_files) and len(test_files) + len(train_files) == 24
     result = evaluate_run(tmp_path / "run", n=6, steps=3, progress=False, evaluator=tmp_path / "ev.safetensors")
     assert set(result["per_attribute"]) == {"warm", "cold", "big"}
-    assert 0 <= result["defect_rate"] <= 1 and result["reference"].startswith("the next n held-out images")
+    assert 0 <= result["defect_rate"] <= 1 and result["reference"].startswith("other held-out images with A's attribute rows")
     for key in ("fd", "kid", "precision", "recall", "density", "coverage"):
         assert set(result[key]) == {"value", "real_reference"}
     assert 0 <= result["attr_accuracy"] <= 1 and "nuisance" not in result  # no renderer, no nuisances
@@ -152,7 +152,7 @@ def test_a_collapsed_sampler_scores_perfect_conformity_but_no_per_set_coverage_o
     for i in range(len(held)):
         image, attrs, _ = held[i]
         canonical.setdefault(tuple(attrs.tolist()), image)
-    monkeypatch.setattr(evaluate, "_sample", lambda parts, attrs, **kw: torch.stack([canonical[tuple(a.tolist())] for a in attrs]))
+    monkeypatch.setattr(evaluate, "sample_rows", lambda parts, attrs, **kw: torch.stack([canonical[tuple(a.tolist())] for a in attrs]))
     result = evaluate.evaluate_run(run, n=128, sets=4, per_set=32, progress=False, write=False, memorisation=0)
     h = result["headline"]
     assert list(result)[0] == "headline" and list(h)[:2] == ["all_attributes_correct", "defect_rate"]

@@ -6,6 +6,8 @@ from gmmcond.modeling.heads import BottleneckAttrs, attach, bottleneck
 from gmmcond.sampling.guidance import HeadGuidedDenoiser, head_log_prob
 from gmmcond.modeling.models import image_v1, make_denoiser
 from gmmcond.registry import HEADS
+from gmmcond.engine.trainer import ema_copy
+from gmmcond.modeling.build import build
 
 
 def tiny(augment_wrapper):
@@ -73,3 +75,14 @@ def test_head_guidance_raises_the_head_probability_of_the_target():
     assert head_logp(guided) > head_logp(plain)
     same = HeadGuidedDenoiser(denoiser, head, scale=0.0, target=target)(x, sigma, **kwargs)
     assert torch.allclose(same, plain)
+
+
+def test_the_ema_copy_has_no_head_hook(tiny_cfg):
+    parts = build(tiny_cfg("head=bottleneck_attrs"))
+    hooked = [m for m in parts.denoiser.modules() if m._forward_hooks]
+    assert len(hooked) == 1
+    ema = ema_copy(parts.denoiser)
+    assert not [m for m in ema.modules() if m._forward_hooks]
+    parts.head.features = None
+    ema(torch.randn(1, 3, 16, 16), torch.ones(1), mapping_cond=parts.conditioner.unconditional(1))
+    assert parts.head.features is None  # the EMA forward does not feed the live head

@@ -54,3 +54,15 @@ def test_every_sampler_has_the_common_signature():
     for name in SAMPLERS:
         params = list(inspect.signature(SAMPLERS.get(name)).parameters)
         assert params[:3] == ["model", "x", "sigmas"], name
+
+
+def test_register_as_a_plain_call_registers_the_class():
+    reg = Registry("TEST")
+
+    class MyThing:
+        pass
+
+    assert reg.register(MyThing) is MyThing
+    assert reg.get("MyThing") is MyThing
+    with pytest.raises(TypeError, match="the key must be a string"):
+        reg.register(3)

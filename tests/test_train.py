@@ -255,3 +255,15 @@ def test_the_step_profile_sees_every_labelled_phase(tiny_cfg):
     assert all(v > 0 for v in result["phases_ms"].values()), result["phases_ms"]
     assert result["op_self_ms_by_kind"]["convolutions and matmuls"] > 0
     assert "| phase: ema |" in benchmarks.profile_table([result])
+
+
+def test_resume_previous_after_a_corrupt_latest_checkpoint(tiny_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(), run)  # checkpoints at steps 2 and 3
+    latest = run / "checkpoints" / "step_0000003.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"--resume-from PATH"):
+        train(tiny_cfg("train.steps=4"), run, resume=True)
+    last = train(tiny_cfg("train.steps=4"), run, resume="previous")
+    assert last["step"] == 4
+    assert load_run(run).step == 4

@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 
 from . import shapes  # noqa: F401  (registers the embedded default)
 from ..errors import DatasetError
-from ..registry import DATASETS
+from ..registry import DATASETS, EVAL_PROTOCOLS
+from .protocol import TableProtocol
 from .shapes import to_tensor
 
 
@@ -144,6 +145,7 @@ class CIFAR10(Dataset):
         self.size = 32
         self.data = torch.from_numpy(np.concatenate(data))
         self.labels = torch.tensor(labels)
+        self.attrs = torch.nn.functional.one_hot(self.labels, len(self.attr_names)).float()
 
     @staticmethod
     def _load(path: Path) -> dict:
@@ -159,9 +161,7 @@ class CIFAR10(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int):
-        attrs = torch.zeros(len(self.attr_names))
-        attrs[self.labels[index]] = 1
-        return self.data[index].float() / 127.5 - 1, attrs, index
+        return self.data[index].float() / 127.5 - 1, self.attrs[index], index
 
 
 def held_out(name: str, fraction: float) -> bool:
@@ -250,3 +250,7 @@ class ImageFolderAttrs(Dataset):
         if self.cache is not None:
             return self.cache[index], self.attrs[index], index
         return read_image(self.root / self.files[index], self.size, self.where[index]), self.attrs[index], index
+
+
+for _kind in ("celeba", "cifar10", "imagefolder_attrs"):  # each holds its attribute rows as the tensor .attrs
+    EVAL_PROTOCOLS.register(_kind, TableProtocol)

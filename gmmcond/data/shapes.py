@@ -26,7 +26,8 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from ..errors import DatasetError
-from ..registry import DATASETS
+from ..registry import DATASETS, EVAL_PROTOCOLS
+from .protocol import EvaluationProtocol, Reference
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue")
@@ -54,6 +55,11 @@ BG_SHADE = 30  # background shifts by up to this many levels toward mid-grey
 PERIOD = {"circle": 0.0, "square": math.pi / 2, "triangle": 2 * math.pi / 3}  # rotational symmetry
 EXTENT = {"circle": 1.0, "square": 0.85 * math.sqrt(2), "triangle": 1.0}  # farthest point / radius, any rotation
 NUISANCES = ("cx", "cy", "radius", "angle", "fill_shade", "bg_shade")
+# what the evaluator regresses: the nuisances, the angle as (cos, sin) of its fraction of the symmetry period
+NUISANCE_COLUMNS = ("cx", "cy", "radius", "angle_cos", "angle_sin", "fill_shade", "bg_shade")
+EVALUATOR_ITEMS = 16384  # training images of a shapes evaluator
+# keys a run directory written before they existed does not record, with the values that reproduce it
+LEGACY_DEFAULTS = {"variation": 0.0}  # before shapes varied within an attribute set: the old geometry
 
 
 @dataclass(frozen=True)
@@ -335,16 +341,6 @@ class ShapesDataset(Dataset):
         """Render ``params`` at this dataset's size as a tensor in [-1, 1]."""
         return to_tensor(render(params, self.size))
 
-    def for_evaluation(self) -> tuple["ShapesDataset", "ShapesDataset"]:
-        """The evaluation views of this split (see :func:`gmmcond.eval.evaluate.heldout_sets`): every attribute
-        set (``exclude`` cleared, so held-out combinations are evaluated), in this labelling and in features."""
-        kw = dict(size=self.size, length=self.length, seed=self.seed, split=self.split, variation=self.variation)
-        return ShapesDataset(label_mode=self.label_mode, **kw), ShapesDataset(label_mode="features", **kw)
-
-    def check_image(self, image: torch.Tensor, attrs: torch.Tensor | None = None) -> ShapeCheck:
-        """The renderer's defect rule for one image (``attrs``: the requested 11 features, or None)."""
-        return check_image(image, attrs)
-
     def __len__(self) -> int:
         return self.length
 
@@ -356,3 +352,66 @@ class ShapesDataset(Dataset):
             attrs = torch.zeros(len(self.attr_names))
             attrs[params.class_index() if self.label_mode == "classes" else params.combination_index()] = 1
         return to_tensor(render(params, self.size)), attrs, index
+
+
+@EVAL_PROTOCOLS.register("shapes")
+class ShapesProtocol(EvaluationProtocol):
+    """Evaluating a shapes model: the renderer knows every image exactly, so the reference redraws A's rows
+    with fresh nuisances, the defect rule is the renderer's (:func:`check_image`), and the evaluator also
+    regresses the nuisances. Every attribute set comes back (``exclude`` cleared, so held-out combinations are
+    evaluated), and a run labelled by classes or combinations is scored on the 11 features."""
+
+    can_redraw = True
+    has_defect_rule = True
+    nuisance_columns = NUISANCE_COLUMNS
+
+    @classmethod
+    def views(cls, dataset_cfg: dict) -> tuple[ShapesDataset, ShapesDataset]:
+        test = DATASETS.build(dict(dataset_cfg, split="test"))
+        kw = dict(size=test.size, length=test.length, seed=test.seed, split="test", variation=test.variation)
+        return ShapesDataset(label_mode=test.label_mode, **kw), ShapesDataset(label_mode="features", **kw)
+
+    def rows(self, indices) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.eval_set.params(i).attrs() for i in indices]))
+
+    def requested(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features rows; a class label fixes shape and colour only (``known_features``)."""
+        rows = self.rows(range(n))
+        fixed = self.cond_set.known_features
+        return rows, torch.tensor([float(nm in fixed) for nm in self.attr_names]).expand_as(rows)
+
+    def reference(self, n: int) -> Reference:
+        self.check_size(n)
+        images = torch.stack([self.eval_set.image(self.eval_set.redraw(i)) for i in range(n)])
+        return Reference(images, self.rows(range(n)), "same attribute rows, nuisances redrawn", 1.0)
+
+    def defect(self, image: torch.Tensor, attrs: torch.Tensor | None) -> ShapeCheck:
+        return check_image(image, attrs)
+
+    def set_draws(self, index: int, count: int, stream: int) -> torch.Tensor:
+        return torch.stack([self.eval_set.image(self.eval_set.redraw(index, stream + r)) for r in range(count)])
+
+    def nuisance_valid(self, index: int) -> list[bool]:
+        circle = self.eval_set.params(index).shape == "circle"  # a circle's rotation is undefined
+        return [not (circle and c.startswith("angle")) for c in NUISANCE_COLUMNS]
+
+    @classmethod
+    def training_config(cls, dataset_cfg: dict) -> dict:
+        return dict(sorted({**super().training_config(dataset_cfg), "label_mode": "features",
+                            "length": EVALUATOR_ITEMS}.items()))
+
+    @classmethod
+    def scoring_config(cls, dataset_cfg: dict, n: int) -> dict:
+        return dict(super().scoring_config(dataset_cfg, n), length=n)
+
+    @classmethod
+    def nuisance_targets(cls, dataset: ShapesDataset, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Targets in ``NUISANCE_COLUMNS`` order and a mask (a circle's angle is undefined)."""
+        rows, masks = [], []
+        for i in indices:
+            p = dataset.params(i)
+            v = p.nuisances()  # cx, cy, radius, angle fraction, fill_shade, bg_shade
+            turn = 2 * math.pi * float(v[3])
+            rows.append([v[0], v[1], v[2], math.cos(turn), math.sin(turn), v[4], v[5] / BG_SHADE])
+            masks.append([1, 1, 1, p.shape != "circle", p.shape != "circle", 1, 1])
+        return torch.tensor(rows, dtype=torch.float32), torch.tensor(masks, dtype=torch.float32)

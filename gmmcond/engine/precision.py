@@ -85,8 +85,6 @@ def autocast(device: torch.device | str, precision: str | Precision):
 
 def compile_model(denoiser: nn.Module, log: Callable[[str], None] = print) -> None:
     """Compile the denoiser's inner model in place (``nn.Module.compile``: state-dict keys stay the same)."""
-    if not hasattr(torch, "compile"):
-        raise PrecisionError("train.compile: this torch has no torch.compile; set train.compile=false")
     denoiser.inner_model.compile()
     log("gmmcond: torch.compile on the inner model; the first step compiles it (about a minute on a CPU)")
 

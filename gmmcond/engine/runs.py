@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import resolve, yaml_load
+from ..data import upgrade_dataset_config
 from ..errors import CheckpointError, RunError
 from ..io import checkpoint_step, export_safetensors, latest_checkpoint, load_checkpoint, load_safetensors, read_json
 from ..modeling.build import Components, build
@@ -64,8 +65,8 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Loade
     if not config_file.exists():
         raise RunError(f"{config_file} not found: is {run_dir} a run directory written by launch/train.py?")
     raw = yaml_load(config_file.read_text(), str(config_file))
-    if raw.get("dataset", {}).get("type") == "shapes" and "variation" not in raw["dataset"]:
-        raw["dataset"]["variation"] = 0.0  # written before shapes varied within an attribute set: the old geometry
+    if isinstance(raw.get("dataset"), dict):
+        raw["dataset"] = upgrade_dataset_config(raw["dataset"])
     cfg = resolve(raw)
     info = read_json(run_dir / "dataset.json")
     parts = build(cfg, dataset=DatasetInfo(info["attr_names"], info["groups"], info["size"]))

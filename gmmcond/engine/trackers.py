@@ -16,6 +16,7 @@ from ..errors import ConfigError
 from ..registry import closest
 
 INSTALL = {"tensorboard": "pip install 'gmmcond[tensorboard]'"}
+IMAGE_TRACKERS = ("tensorboard", "wandb", "aim", "clearml", "swanlab")  # accelerate trackers with log_images
 
 
 def tracker_names(log_with) -> list[str]:
@@ -51,7 +52,7 @@ def log_image(accelerator, name: str, image, step: int) -> None:
     """Send one PIL image to every tracker that takes images (tensorboard, wandb, ...); main process only."""
     array = np.asarray(image.convert("RGB"))
     for tracker in accelerator.trackers:
-        if not hasattr(tracker, "log_images"):
+        if tracker.name not in IMAGE_TRACKERS:
             continue
         if tracker.name == "tensorboard":
             tracker.log_images({name: array[None]}, step=step, dataformats="NHWC")

@@ -2,25 +2,41 @@
 
 Samples are conditioned on the attribute rows of a held-out real set A and compared with A in the
 evaluator's features (:mod:`gmmcond.eval.evaluator`); every distance is reported beside its real-vs-real
-reference, a second real set B with the SAME attribute rows (for shapes each row redrawn with fresh
-nuisances; elsewhere the next held-out images, an approximation). Accuracy and defects alone reward
-collapse, so each report pairs them with recall, coverage and, per attribute set, the nuisance spread.
+reference, a second real set B with A's attribute rows (for shapes each row redrawn with fresh nuisances;
+elsewhere other held-out images with the same rows). Accuracy and defects alone reward collapse, so each
+report pairs them with recall, coverage and, per attribute set, the nuisance spread.
 
-Each dataset brings what it knows through one protocol (:func:`heldout_sets`). On ``shapes`` defects are
-the renderer's own rule (:func:`gmmcond.data.shapes.check_image`: plain background, one connected object
-of the requested size class, round second moments, a palette fill), beside the evaluator's confidence.
-For datasets without such a rule, a sample is a defect when the evaluator is unsure within a mutually exclusive group or when its features
-lie farther from every real image than 99% of real held-out images do.
+What a dataset knows comes through its evaluation protocol (:mod:`gmmcond.data.protocol`). On ``shapes``
+defects are the renderer's own rule (:func:`gmmcond.data.shapes.check_image`: plain background, one
+connected object of the requested size class, round second moments, a palette fill), with the evaluator's
+uncertainty reported beside it. For datasets without such a rule, a sample is a defect when the evaluator
+is unsure within a mutually exclusive group or when its features lie farther from every real image than 99%
+of real held-out images do.
+
+:func:`evaluate_run` is a pipeline of named steps: :func:`heldout` (sets A and B, what is asked),
+:func:`sample_rows`, the evaluator's predictions, :func:`score`, :func:`per_set_diversity`,
+:func:`memorisation_check`, and :func:`write_outputs`.
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from ..data.protocol import EvaluationProtocol, Reference, protocol_for, stack_items
+from ..engine.precision import autocast, sampling_precision
+from ..engine.runs import load_run
 from ..errors import ConfigError, DatasetError
+from ..io import write_json
+from ..registry import DATASETS
+from ..sampling.generate import generate
+from ..visualize import captioned_grid, save_png
+from .evaluator import evaluator_for
+from .metrics import authenticity, nuisance_fidelity, prdc, set_metrics
 
 
 METRICS = ("fd", "kid", "precision", "recall", "density", "coverage")  # each beside its real-vs-real reference
@@ -49,19 +65,6 @@ def headline(result: dict) -> dict:
     return out
 
 
-def stack_items(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the first ``n`` images and attributes of a dataset as two tensors."""
-    items = [dataset[i] for i in range(min(n, len(dataset)))]
-    return torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
-
-
-def attribute_scores(probs: torch.Tensor, attrs: torch.Tensor, names: list[str]) -> dict:
-    """Per-attribute accuracy, its mean, and the all-attributes-correct rate."""
-    correct = (probs > 0.5).float() == attrs
-    per = {n: correct[:, k].float().mean().item() for k, n in enumerate(names)}
-    return {"per_attribute": per, "mean_accuracy": correct.float().mean().item(), "all_correct": correct.all(1).float().mean().item()}
-
-
 def group_confidence(probs: torch.Tensor, names: list[str], groups: list[list[str]]) -> torch.Tensor:
     """Return, per image, the lowest over groups of the highest member probability (1 if no groups)."""
     conf = torch.ones(len(probs))
@@ -79,41 +82,20 @@ def nearest_real_distance(feats: torch.Tensor, real: torch.Tensor, exclude_self:
     return d.min(1).values
 
 
-def heldout_sets(dataset_cfg: dict):
-    """Return the held-out split in the run's labelling (its rows condition the samples) and in the evaluator's.
-
-    Every registered dataset takes ``split="test"``. A dataset may adapt further through the evaluation
-    protocol below (shapes: excluded attribute sets come back, labels become the 11 features).
-
-    The evaluation protocol, every method optional:
-        ``for_evaluation() -> (cond_set, eval_set)``: the two views above, row for row;
-        ``check_image(image, attrs) -> verdict with .defect, .reason``: a renderer's defect rule;
-        ``redraw(index, stream) -> params`` and ``image(params)``: the same attribute row with fresh
-        nuisances, for an exact real-vs-real reference and the per-set diversity metrics;
-        ``groups``: mutually exclusive attribute groups;
-        ``known_features``: where the run's labels are not the evaluator's (shapes classes), the evaluator
-        attributes a label fixes; the targets are then the evaluation view's rows.
-    """
-    from ..registry import DATASETS
-
-    test = DATASETS.build(dict(dataset_cfg, split="test"))
-    return test.for_evaluation() if hasattr(test, "for_evaluation") else (test, test)
-
-
-def defect_flags(images: torch.Tensor, probs: torch.Tensor, target: torch.Tensor, known: torch.Tensor, names: list[str],
-                 groups: list[list[str]], check_image=None, feats: torch.Tensor | None = None,
-                 real_feats: torch.Tensor | None = None) -> list[str]:
-    """Return a reason per image ("ok" if none). Where the dataset has a ``check_image`` rule (shapes: the
-    renderer's), that rule alone decides; an unsure evaluator is reported beside it (:func:`unsure_rate`),
-    not counted as a defect, since it can only fire where a requested attribute is already wrong. Without
-    such a rule: far from every real image, or an unsure evaluator within a mutually exclusive group."""
-    if check_image is not None:
+def defect_flags(protocol: EvaluationProtocol, images: torch.Tensor, probs: torch.Tensor, target: torch.Tensor,
+                 known: torch.Tensor, feats: torch.Tensor, real_feats: torch.Tensor) -> list[str]:
+    """Return a reason per image ("ok" if none). Where the protocol has a defect rule (shapes: the renderer's),
+    that rule alone decides; an unsure evaluator is reported beside it (:func:`unsure_rate`), not counted as
+    a defect, since it can only fire where a requested attribute is already wrong. Without such a rule: far
+    from every real image (beyond the 99th percentile of real-to-real nearest distances), or an unsure
+    evaluator within a mutually exclusive group."""
+    if protocol.has_defect_rule:
         reasons = []
         for img, t, kn in zip(images, target, known):
-            check = check_image(img, t if kn.all() else None)  # a class run does not fix the size
+            check = protocol.defect(img, t if kn.all() else None)  # a class run does not fix the size
             reasons.append(check.reason if check.defect else "ok")
         return reasons
-    conf = group_confidence(probs, names, groups)
+    conf = group_confidence(probs, protocol.attr_names, protocol.groups)
     real_nn = nearest_real_distance(real_feats, real_feats, exclude_self=True)
     far = nearest_real_distance(feats, real_feats) > torch.quantile(real_nn, 0.99)
     reasons = ["far from real data" if f else "ok" for f in far.tolist()]
@@ -125,42 +107,32 @@ def unsure_rate(probs: torch.Tensor, names: list[str], groups: list[list[str]]) 
     return (group_confidence(probs, names, groups) < 0.5).float().mean().item()
 
 
-def real_sets(test, eval_set, n: int):
-    """Return set A (the first ``n`` held-out images and the run's attribute rows that condition the samples),
-    the real reference B, A's rows in the evaluator's labels, and a description of B: B has A's rows with
-    fresh nuisances where the dataset can redraw (shapes), else it is the next ``n`` held-out images."""
-    if len(test) < n:
-        raise DatasetError(f"the held-out split has {len(test)} images, fewer than n={n}; lower --n")
-    real_x, cond_attrs = stack_items(test, n)
-    if hasattr(eval_set, "redraw"):
-        ref_x = torch.stack([eval_set.image(eval_set.redraw(i)) for i in range(n)])
-        return real_x, cond_attrs, ref_x, stack_items(eval_set, n)[1], "same attribute rows, nuisances redrawn"
-    if len(test) < 2 * n:
-        raise DatasetError(f"the held-out split has {len(test)} images; the reference needs 2n = {2 * n}; lower --n")
-    ref_x = torch.stack([test[n + i][0] for i in range(n)])
-    return real_x, cond_attrs, ref_x, cond_attrs, "the next n held-out images (attribute rows not matched)"
+@dataclass
+class Heldout:
+    """The real side of an evaluation: set A, what its rows ask for, and the reference B."""
+
+    protocol: EvaluationProtocol
+    real_x: torch.Tensor  # A's images
+    cond_attrs: torch.Tensor  # A's rows in the run's labelling: what conditions the samples
+    target: torch.Tensor  # what each row asks for, in the evaluator's attributes
+    known: torch.Tensor  # which of those the request fixes (1/0)
+    reference: Reference  # B
 
 
-def requested(test, run_names: list[str], names: list[str], cond_attrs, real_y, exact_reference: bool):
-    """What each sample was asked for, in the evaluator's attributes, and which of those the request fixes:
-    the run's row itself, or (a class labelling such as shapes' classes) the same row of the evaluation view,
-    masked to the attributes the label fixes (the dataset's ``known_features``)."""
-    if run_names == names:
-        return cond_attrs, torch.ones_like(cond_attrs)
-    fixed = getattr(test, "known_features", None)
-    if fixed is None or not exact_reference:
-        raise DatasetError(f"the run's attributes {run_names[:4]}... differ from the evaluator's {names[:4]}... "
-                           "and the dataset does not say how they map; pass --evaluator trained on the run's labels")
-    return real_y, torch.tensor([float(nm in fixed) for nm in names]).expand_as(real_y)
+def heldout(dataset_cfg: dict, n: int, evaluator_names: list[str]) -> Heldout:
+    """Step 1: set A (the first ``n`` held-out images), the requests, and the reference B, from the protocol."""
+    protocol = protocol_for(dataset_cfg)
+    if list(evaluator_names) != protocol.attr_names:
+        raise DatasetError(f"the evaluator scores {list(evaluator_names)[:4]}..., the dataset's evaluation attributes are "
+                           f"{protocol.attr_names[:4]}...; pass --evaluator trained on this dataset's labels")
+    real_x, cond_attrs = protocol.set_a(n)
+    target, known = protocol.requested(n)
+    return Heldout(protocol, real_x, cond_attrs, target, known, protocol.reference(n))
 
 
-def _sample(parts, attrs: torch.Tensor, *, sampler, steps: int, cfg_scale: float, seed: int, batch: int, precision: str,
-            progress: bool, desc: str, latents: torch.Tensor | None = None) -> torch.Tensor:
-    from tqdm.auto import tqdm
-
-    from ..engine.precision import autocast
-    from ..sampling.generate import generate
-
+def sample_rows(parts, attrs: torch.Tensor, *, sampler, steps: int, cfg_scale: float, seed: int, batch: int,
+                precision: str, progress: bool, desc: str, latents: torch.Tensor | None = None) -> torch.Tensor:
+    """Step 2: one sample per attribute row, in batches (batch i seeded ``seed + i``), under autocast."""
     device = next(parts.denoiser.parameters()).device
     out = []
     z = [None] * len(attrs.split(batch)) if latents is None else latents.split(batch)
@@ -169,6 +141,31 @@ def _sample(parts, attrs: torch.Tensor, *, sampler, steps: int, cfg_scale: float
             out.append(generate(parts, chunk, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed + i,
                                 latents=z[i]).float())
     return torch.cat(out)
+
+
+def score(sets: Heldout, images: torch.Tensor, fake: dict, real: dict, ref: dict) -> tuple[dict, list[str]]:
+    """Step 4: conformity, per-attribute accuracy, defects (and real images' rate under the same rule),
+    the evaluator's uncertainty, and the whole-set distances beside their real-vs-real references."""
+    protocol, target, known = sets.protocol, sets.target, sets.known
+    correct = ((fake["probs"] > 0.5).float() == target).float()
+    names = protocol.attr_names
+    reasons = defect_flags(protocol, images, fake["probs"], target, known, fake["features"], real["features"])
+    real_reasons = defect_flags(protocol, sets.real_x, real["probs"], sets.reference.rows, torch.ones_like(target),
+                                real["features"], ref["features"])
+    vs_real, reference_vs_real = set_metrics(real["features"], fake["features"]), set_metrics(real["features"], ref["features"])
+    result = {
+        "attr_accuracy": (correct * known).sum().item() / known.sum().item(),
+        "all_attributes_correct": ((correct * known).sum(1) == known.sum(1)).float().mean().item(),
+        "per_attribute": {nm: (correct[:, k][known[:, k] > 0]).mean().item() for k, nm in enumerate(names) if known[:, k].any()},
+        "defect_rate": sum(r != "ok" for r in reasons) / len(reasons),
+        "defect_reasons": {r: reasons.count(r) for r in sorted(set(reasons)) if r != "ok"},
+        "real_heldout_defect_rate": sum(r != "ok" for r in real_reasons) / len(real_reasons),
+        "unsure_rate": unsure_rate(fake["probs"], names, protocol.groups),  # beside the defects, not in them (shapes)
+        **{key: {"value": vs_real[key], "real_reference": reference_vs_real[key]} for key in METRICS},
+        "feature_dim": real["features"].shape[1],
+        "feature_cov_min_eigenvalue": torch.linalg.eigvalsh(torch.cov(real["features"].double().T)).min().item(),
+    }
+    return result, reasons
 
 
 def eval_stem(tag: str | None) -> str:
@@ -180,24 +177,19 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
                  seed: int = 0, batch: int = 64, progress: bool = True, evaluator: str | Path | None = None,
                  precision: str | None = None, sets: int = 6, per_set: int = 48, write: bool = True,
                  tag: str | None = None, checkpoint: str | Path | None = None, memorisation: int = MEMORISATION_N) -> dict:
-    """Evaluate a trained run offline; writes ``eval.json``, ``eval_worst.png`` and ``eval_diversity.png``
-    (``eval_TAG.json`` and so on with a ``tag``, so evaluations under other settings sit beside it).
+    """Evaluate a trained run offline; writes ``eval.json``, ``eval_worst.png``, ``eval_diversity.png`` and
+    ``eval_memorisation.png`` (``eval_TAG.json`` and so on with a ``tag``, so evaluations under other settings
+    sit beside it).
 
     Args:
         n: samples conditioned on the attribute rows of the first ``n`` held-out real images (set A).
         evaluator: an evaluator file to use instead of the default (the frozen one for the default shapes data).
-        sets, per_set: attribute sets (shapes) sampled ``per_set`` times each, against as many real redraws,
-            for the per-set diversity metrics (recall, coverage, nuisance W1 and spread ratio).
+        sets, per_set: attribute sets sampled ``per_set`` times each, against as many real redraws, for the
+            per-set diversity metrics (recall, coverage, nuisance W1 and spread ratio); where the protocol can
+            redraw and every attribute is fixed.
         checkpoint: evaluate the EMA weights of this checkpoint instead of the run's newest weights.
-        memorisation: samples conditioned on training rows for the memorisation check (:func:`memorisation_check`); 0 skips it.
+        memorisation: samples conditioned on training rows for :func:`memorisation_check`; 0 skips it.
     """
-    from ..engine.precision import sampling_precision
-    from ..engine.runs import load_run
-    from ..io import write_json
-    from ..visualize import captioned_grid, save_png
-    from .evaluator import NUISANCE_COLUMNS, evaluator_for, matched_nuisances
-    from .metrics import nuisance_fidelity, prdc, set_metrics
-
     if n <= 5 or (sets > 0 and per_set <= 5):
         raise ConfigError(f"evaluation needs n and per_set above 5 (the k-NN metrics use k = 5), got n={n}, per_set={per_set}")
     warnings = []
@@ -206,79 +198,53 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
                         f"meaningful at this size; use --n {SMALL_N} or more")
         print(f"warning: {warnings[-1]}", file=sys.stderr)
     run_dir = Path(run_dir)
-    stem = eval_stem(tag)
     run = load_run(run_dir, checkpoint=checkpoint)
     cfg, parts = run.cfg, run.parts
     model, meta, evaluator_path = evaluator_for(cfg["dataset"], evaluator, progress=progress)
-    names = list(meta["attr_names"])
     s = cfg["sample"]
     sampler, steps = sampler or s["sampler"], steps or s["steps"]
     cfg_scale = s["cfg_scale"] if cfg_scale is None else cfg_scale
     precision = precision or sampling_precision(cfg, next(parts.denoiser.parameters()).device.type)
     opts = dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale, batch=batch, precision=precision, progress=progress)
 
-    test, eval_set = heldout_sets(cfg["dataset"])
-    real_x, cond_attrs, ref_x, real_y, reference = real_sets(test, eval_set, n)
-    exact_reference = hasattr(eval_set, "redraw")
-    images = _sample(parts, cond_attrs, seed=seed, desc="sample", **opts)
-    real, ref, fake = model.predict(real_x), model.predict(ref_x), model.predict(images)
-    target, known = requested(test, list(parts.attr_names), names, cond_attrs, real_y, exact_reference)
-    correct = ((fake["probs"] > 0.5).float() == target).float()
-    per = {nm: (correct[:, k][known[:, k] > 0]).mean().item() for k, nm in enumerate(names) if known[:, k].any()}
-    groups = [list(g) for g in getattr(eval_set, "groups", [])]
-    check = getattr(eval_set, "check_image", None)
-    reasons = defect_flags(images, fake["probs"], target, known, names, groups, check, fake["features"], real["features"])
-    real_reasons = defect_flags(real_x, real["probs"], real_y, torch.ones_like(real_y), names, groups, check,
-                                real["features"], ref["features"])
-    defects = [r != "ok" for r in reasons]
-    eig_min = torch.linalg.eigvalsh(torch.cov(real["features"].double().T)).min().item()
-    vs_real, reference_vs_real = set_metrics(real["features"], fake["features"]), set_metrics(real["features"], ref["features"])
+    real_side = heldout(cfg["dataset"], n, meta["attr_names"])
+    images = sample_rows(parts, real_side.cond_attrs, seed=seed, desc="sample", **opts)
+    real, ref, fake = (model.predict(x) for x in (real_side.real_x, real_side.reference.images, images))
+    scores, reasons = score(real_side, images, fake, real, ref)
     result = {
         "run": str(run_dir), "step": run.step, "n": n, "sampler": sampler, "steps": steps, "cfg_scale": cfg_scale,
         "autocast": precision, "evaluator": str(evaluator_path), "evaluator_hash": meta.get("dataset_hash"),
-        "evaluator_weights_sha256": meta["weights_sha256"],
-        "evaluator_heldout": meta["scores"], "reference": reference,
-        "attr_accuracy": (correct * known).sum().item() / known.sum().item(),
-        "all_attributes_correct": ((correct * known).sum(1) == known.sum(1)).float().mean().item(),
-        "per_attribute": per,
-        "defect_rate": sum(defects) / len(defects),
-        "defect_reasons": {r: reasons.count(r) for r in set(reasons) if r != "ok"},
-        "real_heldout_defect_rate": sum(r != "ok" for r in real_reasons) / len(real_reasons),
-        "unsure_rate": unsure_rate(fake["probs"], names, groups),  # beside the defects, not in them (shapes)
-        **{key: {"value": vs_real[key], "real_reference": reference_vs_real[key]} for key in METRICS},
-        "feature_dim": real["features"].shape[1], "feature_cov_min_eigenvalue": eig_min, "warnings": warnings,
+        "evaluator_weights_sha256": meta["weights_sha256"], "evaluator_heldout": meta["scores"],
+        "reference": real_side.reference.description, "reference_rows_matched": real_side.reference.rows_matched,
+        **scores, "warnings": warnings,
     }
-    if exact_reference and sets > 0 and bool(known.all()):  # per-set diversity needs every attribute fixed
-        result["per_set"], diversity = _per_set(parts, eval_set, cond_attrs, model, names, sets, per_set, seed, opts,
-                                                NUISANCE_COLUMNS, matched_nuisances, nuisance_fidelity, prdc)
-        if write:
-            save_png(captioned_grid(*diversity, cell=48), run_dir / f"{stem}_diversity.png")
-        result["per_set_mean"] = {
-            key: {"value": float(np.nanmean([r[key] for r in result["per_set"]])),
-                  "real_reference": float(np.nanmean([r["reference"][key] for r in result["per_set"]]))}
-            for key in ("recall", "coverage", "mean_spread_ratio", "mean_nuisance_w1")}
-        result["nuisance"] = {
-            col: {stat: {"value": float(np.nanmean([r["nuisances"][col][stat] for r in result["per_set"] if col in r["nuisances"]])),
-                         "real_reference": float(np.nanmean([r["reference"]["nuisances"][col][stat] for r in result["per_set"]
-                                                             if col in r["nuisances"]]))}
-                  for stat in ("w1", "spread_ratio")}
-            for col in NUISANCE_COLUMNS if any(col in r["nuisances"] for r in result["per_set"])}
+    figures = {}
+    if real_side.protocol.can_redraw and sets > 0 and bool(real_side.known.all()):  # every attribute fixed
+        result["per_set"], figures["diversity"] = per_set_diversity(parts, real_side, model, sets, per_set, seed, opts)
+        result.update(per_set_means(result["per_set"], real_side.protocol.nuisance_columns))
     if memorisation:
-        result["memorisation"], copies = memorisation_check(parts, cfg["dataset"], test, memorisation, seed, opts)
-        if write:
-            save_png(captioned_grid(*copies, cell=48), run_dir / f"{stem}_memorisation.png")
+        result["memorisation"], figures["memorisation"] = memorisation_check(parts, cfg["dataset"], real_side, memorisation,
+                                                                             seed, opts)
     result = {"headline": headline(result), **result}
     if write:
-        conf = group_confidence(fake["probs"], names, groups)
-        order = sorted(range(len(images)), key=lambda i: (not defects[i], conf[i].item()))[:32]
-        rows = [images[order[j:j + 8]] for j in range(0, len(order), 8)]
-        caps = [" | ".join(reasons[i][:14] for i in order[j:j + 8]) for j in range(0, len(order), 8)]
-        save_png(captioned_grid(rows, caps, cell=64), run_dir / f"{stem}_worst.png")
-        write_json(run_dir / f"{stem}.json", result)
+        write_outputs(run_dir, eval_stem(tag), result, images, reasons, fake, real_side.protocol, figures)
     return result
 
 
-def memorisation_check(parts, dataset_cfg: dict, test, m: int, seed: int, opts: dict) -> tuple[dict, tuple[list, list]]:
+def write_outputs(run_dir: Path, stem: str, result: dict, images: torch.Tensor, reasons: list[str], fake: dict,
+                  protocol: EvaluationProtocol, figures: dict) -> None:
+    """Step 6: STEM.json, STEM_worst.png (defects first, then the least confident samples) and each figure."""
+    conf = group_confidence(fake["probs"], protocol.attr_names, protocol.groups)
+    order = sorted(range(len(images)), key=lambda i: (reasons[i] == "ok", conf[i].item()))[:32]
+    rows = [images[order[j:j + 8]] for j in range(0, len(order), 8)]
+    caps = [" | ".join(reasons[i][:14] for i in order[j:j + 8]) for j in range(0, len(order), 8)]
+    save_png(captioned_grid(rows, caps, cell=64), run_dir / f"{stem}_worst.png")
+    for name, (grid_rows, captions) in figures.items():
+        save_png(captioned_grid(grid_rows, captions, cell=48), run_dir / f"{stem}_{name}.png")
+    write_json(run_dir / f"{stem}.json", result)
+
+
+def memorisation_check(parts, dataset_cfg: dict, sets: Heldout, m: int, seed: int, opts: dict) -> tuple[dict, tuple[list, list]]:
     """Do samples copy training images? ``m`` samples are conditioned on the first ``m`` training rows, each with
     the GMM latent that training paired with that row (``fixed_latents``; under fixed pairing the one channel
     through which a sample could recall its own training image); the first ``m`` held-out images are the
@@ -287,19 +253,15 @@ def memorisation_check(parts, dataset_cfg: dict, test, m: int, seed: int, opts: 
     distance to the nearest training image, and how often that image is the sample's own training row
     (beside its chance level: one over the number of training images with the same attribute row).
     Returns the numbers and a figure (samples, their nearest training images, their paired training rows)."""
-    from ..registry import DATASETS
-    from .metrics import authenticity
-
     train = DATASETS.build(dataset_cfg)  # the training split, as the run saw it
     k = min(len(train), MEMORISATION_TRAIN_MAX)
-    m = min(m, k, len(test))
-    train_x, train_attrs = stack_items(train, k)  # the first k only (the in-memory cache would render them all)
-    cond = parts.conditioner
+    m = min(m, k, len(sets.real_x))
+    train_x, train_attrs = stack_items(train, range(k))  # the first k only (the in-memory cache would render them all)
     index = torch.arange(m)
-    latents = cond.fixed_latents(index) if cond.dim and hasattr(cond, "fixed_latents") else None
-    images = _sample(parts, train_attrs[:m], seed=seed + 104729, desc="memorisation", latents=latents,
-                     **{**opts, "progress": False})
-    fake, real = authenticity(images, train_x), authenticity(stack_items(test, m)[0], train_x)
+    latents = parts.conditioner.fixed_latents(index) if parts.conditioner.pairs_latents else None
+    images = sample_rows(parts, train_attrs[:m], seed=seed + 104729, desc="memorisation", latents=latents,
+                         **{**opts, "progress": False})
+    fake, real = authenticity(images, train_x), authenticity(sets.real_x[:m], train_x)
     out = {"n": m, "train_images": k, "space": "pixels",
            "latents": "each training row's paired GMM latent" if latents is not None else "none (no latent)",
            "auth_pct": {"value": fake["auth_pct"], "real_reference": real["auth_pct"]},
@@ -313,42 +275,58 @@ def memorisation_check(parts, dataset_cfg: dict, test, m: int, seed: int, opts: 
                         "the training rows they were conditioned on"])
 
 
-def _per_set(parts, eval_set, cond_attrs, model, names, sets, per_set, seed, opts, columns, matched, fidelity, prdc):
-    """Per attribute set: ``per_set`` samples (fresh latents) against ``per_set`` real redraws, and a second
-    real redraw as the reference; recall/coverage and nuisance W1 / spread ratio of each."""
-    rows_seen, chosen = set(), []
-    for i in range(len(cond_attrs)):
-        key = tuple(cond_attrs[i].tolist())
-        if key not in rows_seen:
-            rows_seen.add(key)
+def distinct_rows(attrs: torch.Tensor, count: int) -> list[int]:
+    """The indices of the first ``count`` distinct rows of ``attrs``."""
+    seen, chosen = set(), []
+    for i in range(len(attrs)):
+        key = tuple(attrs[i].tolist())
+        if key not in seen:
+            seen.add(key)
             chosen.append(i)
-        if len(chosen) == sets:
-            break
-    out, grid_rows, captions = [], [], []
-    for j, i in enumerate(chosen):
-        params = eval_set.params(i)
-        label = ",".join(nm for nm, v in zip(names, eval_set[i][1].tolist()) if v > 0.5)
-        real_x = torch.stack([eval_set.image(eval_set.redraw(i, 100 + r)) for r in range(per_set)])
-        ref_x = torch.stack([eval_set.image(eval_set.redraw(i, 1000 + r)) for r in range(per_set)])
-        attrs = cond_attrs[i].expand(per_set, -1).clone()
-        fake_x = _sample(parts, attrs, seed=seed + 7919 * (j + 1), desc=f"set {j + 1}/{len(chosen)}", **{**opts, "progress": False})
-        real, ref, fake = model.predict(real_x), model.predict(ref_x), model.predict(fake_x)
-        shape_names = [params.shape] * per_set
-        r_n, f_n, ref_n = (matched(x["nuisances"], shape_names) for x in (real, fake, ref))
-        valid = [c for c in range(len(columns)) if not np.isnan(r_n[:, c]).any()]
-        cols = [columns[c] for c in valid]
+            if len(chosen) == count:
+                break
+    return chosen
 
-        def summary(other_feats, other_n):
-            fid = fidelity(r_n[:, valid], other_n[:, valid], cols)
-            pr = prdc(real["features"], other_feats)
+
+def per_set_diversity(parts, sets: Heldout, model, count: int, per_set: int, seed: int, opts: dict) -> tuple[list, tuple]:
+    """Step 5: per attribute set (the first ``count`` distinct rows of A), ``per_set`` samples (fresh latents)
+    against ``per_set`` real draws, and a second real draw as the reference: recall, coverage, precision and
+    the nuisance W1 / spread ratio of each. Returns the rows and a figure (samples above real images)."""
+    protocol, names = sets.protocol, sets.protocol.attr_names
+    out, grid_rows, captions = [], [], []
+    for j, i in enumerate(distinct_rows(sets.cond_attrs, count)):
+        label = ",".join(nm for nm, v in zip(names, sets.target[i].tolist()) if v > 0.5)
+        real_x, ref_x = protocol.set_draws(i, per_set, 100), protocol.set_draws(i, per_set, 1000)
+        attrs = sets.cond_attrs[i].expand(per_set, -1).clone()
+        fake_x = sample_rows(parts, attrs, seed=seed + 7919 * (j + 1), desc=f"set {j + 1}", **{**opts, "progress": False})
+        real, ref, fake = model.predict(real_x), model.predict(ref_x), model.predict(fake_x)
+        valid = [c for c, ok in enumerate(protocol.nuisance_valid(i)) if ok]
+        cols = [protocol.nuisance_columns[c] for c in valid]
+
+        def summary(other: dict) -> dict:
+            fid = nuisance_fidelity(real["nuisances"][:, valid].numpy(), other["nuisances"][:, valid].numpy(), cols)
+            pr = prdc(real["features"], other["features"])
             return {"recall": pr["recall"], "coverage": pr["coverage"], "precision": pr["precision"],
                     "nuisances": fid, "mean_spread_ratio": float(np.mean([v["spread_ratio"] for v in fid.values()])),
                     "mean_nuisance_w1": float(np.mean([v["w1"] for v in fid.values()]))}
 
-        out.append({"attrs": label, **summary(fake["features"], f_n), "reference": summary(ref["features"], ref_n)})
+        out.append({"attrs": label, **summary(fake), "reference": summary(ref)})
         grid_rows += [fake_x[:8], real_x[:8]]
         captions += [f"samples: {label}", "real, same attributes"]
     return out, (grid_rows, captions)
+
+
+def per_set_means(rows: list[dict], columns) -> dict:
+    """The per-set numbers averaged over sets (``per_set_mean``) and per nuisance column (``nuisance``)."""
+    mean = {key: {"value": float(np.nanmean([r[key] for r in rows])),
+                  "real_reference": float(np.nanmean([r["reference"][key] for r in rows]))}
+            for key in ("recall", "coverage", "mean_spread_ratio", "mean_nuisance_w1")}
+    nuisance = {col: {stat: {"value": float(np.nanmean([r["nuisances"][col][stat] for r in rows if col in r["nuisances"]])),
+                             "real_reference": float(np.nanmean([r["reference"]["nuisances"][col][stat] for r in rows
+                                                                 if col in r["nuisances"]]))}
+                      for stat in ("w1", "spread_ratio")}
+                for col in columns if any(col in r["nuisances"] for r in rows)}
+    return {"per_set_mean": mean, "nuisance": nuisance}
 
 
 def eval_summary(ev: dict) -> dict:

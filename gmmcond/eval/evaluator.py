@@ -13,26 +13,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 
-import numpy as np
+import sys
+
 import torch
 from torch import nn
 from tqdm.auto import trange
 
-from ..data import shapes as S
-from ..errors import GmmcondError
+from ..data.protocol import protocol_class, stack_items
+from ..errors import GmmcondError, RunError
 from ..io import read_safetensors, write_safetensors
 from ..registry import DATASETS
+from ..sampling.edit import read_attributes
 
 FROZEN = Path(__file__).resolve().parent / "weights" / "shapes16.safetensors"
 TRAIN_COMMAND = "python launch/evaluate.py --train-evaluator"
 FEATURES = 64  # feature dimension: full-rank covariance over a few hundred images, so FD is well posed
-TRAIN_ITEMS = 16384
-# regressed nuisances of shapes; the angle as (cos, sin) of its fraction of the shape's symmetry period
-NUISANCE_COLUMNS = ("cx", "cy", "radius", "angle_cos", "angle_sin", "fill_shade", "bg_shade")
+TRAIN_ITEMS = 16384  # training images read (at most)
+TRAIN_STEPS = 3000
 
 
 class EvaluatorError(GmmcondError):
@@ -74,25 +74,9 @@ class Evaluator(nn.Module):
         return {k: torch.cat(v) if v else None for k, v in out.items()}
 
 
-def nuisance_targets(params: list[S.ShapeParams]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return regression targets in ``NUISANCE_COLUMNS`` order and a mask (the angle of a circle is undefined)."""
-    rows, masks = [], []
-    for p in params:
-        v = p.nuisances()  # cx, cy, radius, angle fraction, fill_shade, bg_shade
-        turn = 2 * math.pi * float(v[3])
-        rows.append([v[0], v[1], v[2], math.cos(turn), math.sin(turn), v[4], v[5] / S.BG_SHADE])
-        masks.append([1, 1, 1, p.shape != "circle", p.shape != "circle", 1, 1])
-    return torch.tensor(rows, dtype=torch.float32), torch.tensor(masks, dtype=torch.float32)
-
-
 def training_config(dataset_cfg: dict) -> dict:
-    """The data an evaluator for ``dataset_cfg`` learns from: its train split, all attributes, nothing excluded."""
-    cfg = {k: v for k, v in dataset_cfg.items() if k not in ("exclude",)}
-    cfg["split"] = "train"
-    if cfg["type"] == "shapes":
-        cfg["label_mode"] = "features"
-        cfg["length"] = TRAIN_ITEMS
-    return dict(sorted(cfg.items()))
+    """The data an evaluator for ``dataset_cfg`` learns from (its evaluation protocol's ``training_config``)."""
+    return protocol_class(dataset_cfg).training_config(dataset_cfg)
 
 
 def config_hash(cfg: dict) -> str:
@@ -100,18 +84,16 @@ def config_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _data(cfg: dict, n: int, offset: int = 0):
+def _data(cfg: dict, n: int):
     dataset = DATASETS.build(cfg)
-    idx = range(offset, min(offset + n, len(dataset)))
-    items = [dataset[i] for i in idx]
-    x, y = torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
-    nuis = mask = None
-    if cfg["type"] == "shapes":
-        nuis, mask = nuisance_targets([dataset.params(i) for i in idx])
+    idx = range(min(n, len(dataset)))
+    x, y = stack_items(dataset, idx)
+    targets = protocol_class(cfg).nuisance_targets(dataset, idx)
+    nuis, mask = targets if targets is not None else (None, None)
     return dataset, x, y, nuis, mask
 
 
-def train_evaluator(dataset_cfg: dict, *, steps: int = 3000, batch: int = 128, lr: float = 2e-3, seed: int = 0,
+def train_evaluator(dataset_cfg: dict, *, steps: int = TRAIN_STEPS, batch: int = 128, lr: float = 2e-3, seed: int = 0,
                     progress: bool = True) -> tuple[Evaluator, dict]:
     """Train an evaluator on the train split of ``dataset_cfg``; return it and its held-out scores."""
     cfg = training_config(dataset_cfg)
@@ -138,16 +120,14 @@ def train_evaluator(dataset_cfg: dict, *, steps: int = 3000, batch: int = 128, l
 
 def heldout_scores(model: Evaluator, dataset_cfg: dict, n: int = 1024) -> dict:
     """Score an evaluator on held-out real images: attribute accuracy and nuisance RMSE."""
-    cfg = dict(training_config(dataset_cfg), split="test")
-    if cfg["type"] == "shapes":
-        cfg["length"] = n
+    cfg = protocol_class(dataset_cfg).scoring_config(dataset_cfg, n)
     _, x, y, nuis, mask = _data(cfg, n)
     out = model.predict(x)
     correct = ((out["probs"] > 0.5).float() == y).float()
     scores = {"heldout_accuracy": correct.mean().item(), "heldout_all_correct": correct.all(1).float().mean().item(), "n": len(x)}
     if nuis is not None:
         err = ((out["nuisances"] - nuis) ** 2 * mask).sum(0) / mask.sum(0)
-        scores["heldout_nuisance_rmse"] = dict(zip(NUISANCE_COLUMNS, err.sqrt().tolist()))
+        scores["heldout_nuisance_rmse"] = dict(zip(protocol_class(dataset_cfg).nuisance_columns, err.sqrt().tolist()))
     return scores
 
 
@@ -202,11 +182,16 @@ def evaluator_for(dataset_cfg: dict, path: str | Path | None = None, *, progress
     else one cached under the data config's hash (trained now if missing)."""
     cfg = training_config(dataset_cfg)
     if path is None:
-        if FROZEN.exists() and load_evaluator(FROZEN)[1]["dataset"] == cfg:
+        frozen = load_evaluator(FROZEN)[1]["dataset"] if FROZEN.exists() else None
+        if frozen == cfg:
             path = FROZEN
         else:
             path = cache_dir() / f"{cfg['type']}_{config_hash(cfg)}.safetensors"
             if not path.exists():
+                differs = sorted(k for k in {*cfg, *(frozen or {})} if (frozen or {}).get(k) != cfg.get(k))
+                print(f"gmmcond: no frozen evaluator for this data (it differs from the frozen one's in "
+                      f"{', '.join(differs)}): training one now ({TRAIN_STEPS} steps, a few minutes on a CPU), "
+                      f"cached at {path}; --evaluator PATH pins one", file=sys.stderr)
                 model, scores = train_evaluator(dataset_cfg, progress=progress)
                 names = list(DATASETS.build(cfg).attr_names)
                 save_evaluator(path, model, dataset_cfg, names, scores)
@@ -214,9 +199,11 @@ def evaluator_for(dataset_cfg: dict, path: str | Path | None = None, *, progress
     return model, meta, Path(path)
 
 
-def matched_nuisances(pred: torch.Tensor, shape_names: list[str]) -> np.ndarray:
-    """Regressed nuisances as an array, the angle columns NaN for circles (undefined there)."""
-    arr = pred.numpy().copy()
-    circles = np.array([s == "circle" for s in shape_names])
-    arr[circles, 3:5] = np.nan
-    return arr
+def attribute_reader(dataset_cfg: dict, names: list[str], groups: list[list[str]]):
+    """A function image[3, H, W] -> its attributes (0/1 over ``names``, one member per group) as the evaluator of
+    ``dataset_cfg`` reads them; an evaluator of other attributes is a RunError that says to name them instead."""
+    evaluator, meta, _ = evaluator_for(dataset_cfg)
+    if list(meta["attr_names"]) != list(names):
+        raise RunError(f"the evaluator of this run's data reads {meta['attr_names']}, not the run's attributes; "
+                       f"give the image's attributes with --source-attrs")
+    return lambda image: read_attributes(evaluator.predict(image[None])["probs"], names, groups)[0]

@@ -407,6 +407,63 @@ def quality_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------ recipe probes
+
+# Overrides on the default recipe that keep its training minutes (same step cost and steps, or batch x steps
+# constant): what learns more per minute. Each trains once with quality_over_time (two marks); the default
+# itself is `benchmark.py quality`.
+PROBES = {
+    "lr 4e-3": ["train.lr=4e-3"],
+    "lr 1e-3": ["train.lr=1e-3"],
+    "soft-min-snr weighting": ["denoiser.loss=soft_min_snr"],
+    "sigma density loc -0.6": ["schedule.loc=-0.6"],
+    "batch 32 x 12000 steps": ["train.batch_size=32", "train.steps=12000", "train.warmup_steps=200"],
+}
+
+
+def probe_dir(out, name: str, overrides: list[str]):
+    """The run folder of one probe: its name and a hash of its overrides (other overrides, another folder)."""
+    import hashlib
+    from pathlib import Path
+
+    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    return Path(out) / f"probe_{slug}_{hashlib.sha256(' '.join(overrides).encode()).hexdigest()[:8]}"
+
+
+def recipe_probes(out, names=None, *, n: int = 256, log=print) -> dict:
+    """Train and evaluate each probe (:data:`PROBES`, or ``names`` of them) in turn; resumable (a finished
+    probe is read back, a killed one resumes). Returns per probe its overrides, marks and step time."""
+    from ..config import load_config
+    from ..errors import ConfigError
+
+    unknown = [name for name in names or () if name not in PROBES]
+    if unknown:
+        raise ConfigError(f"unknown probe(s) {unknown}; PROBES has: {', '.join(repr(p) for p in PROBES)}")
+    results = {}
+    for name in names or PROBES:
+        overrides = PROBES[name]
+        cfg = load_config("shapes", overrides)
+        every = cfg["train"]["steps"] // 2
+        log(f"probe '{name}': {' '.join(overrides) or '(the default recipe)'}")
+        res = quality_over_time(cfg, probe_dir(out, name, overrides), every=every, n=n, log=log)
+        results[name] = {"overrides": overrides, "marks": res["marks"], "sec_per_step_median": res["sec_per_step_median"]}
+    return results
+
+
+def probes_table(results: dict) -> str:
+    """One row per probe at its last mark: minutes and the headline metrics."""
+    lines = ["| probe | overrides | steps | minutes | sec/step | conformity | defects | per-set recall / real | "
+             "per-set coverage / real | spread | accuracy |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        m = r["marks"][-1]
+        lines.append(f"| {name} | `{' '.join(r['overrides']) or '-'}` | {m['step']} | {m['minutes']:.1f} | "
+                     f"{r['sec_per_step_median']:.3f} | {m['all_attributes_correct']:.3f} | {m['defect_rate']:.3f} | "
+                     f"{m['set_recall'] / m['set_recall_real_reference']:.2f} | "
+                     f"{m['set_coverage'] / m['set_coverage_real_reference']:.2f} | {m['set_mean_spread_ratio']:.3f} | "
+                     f"{m['attr_accuracy']:.3f} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------ step profile
 
 PHASES = ("data", "forward", "loss_check", "backward", "optimizer", "ema")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from scipy.stats import wasserstein_distance
 
-from ..data.shapes import COLOURS, PERIOD, SHAPES
+from ..data.shapes import COLOURS, NUISANCE_COLUMNS, PERIOD, SHAPES, check_image
 from ..errors import RunError
 from ..io import ResultLog
 from ..sampling import generate
@@ -37,7 +37,7 @@ EDIT_KINDS = ("colour", "shape", "feature")
 EDIT_METHODS = {"invert": ("invert", 1.0), "sdedit 0.5": ("sdedit", 0.5),
                 "sdedit 0.7": ("sdedit", 0.7), "generate": ("generate", None), "oracle": ("oracle", None)}
 RECONSTRUCT_ITERS = (0, 3)
-NUISANCE_COLUMNS = {"cx": 0, "cy": 1, "radius": 2}  # in the evaluator's NUISANCE_COLUMNS
+KEPT_NUISANCES = {c: NUISANCE_COLUMNS.index(c) for c in ("cx", "cy", "radius")}  # columns of the evaluator's regression
 KEY = ("run", "step", "seed", "n", "method", "kind", "steps", "cfg_scale", "iters")
 
 
@@ -95,7 +95,7 @@ def edit_scores(evaluator, check_image, names: list[str], original: torch.Tensor
         if unchanged.any():
             out[f"lost_{name}"] = (read[unchanged, k] != source[unchanged, k]).float().mean().item()
     no, ne = po["nuisances"], pe["nuisances"]
-    for name, col in NUISANCE_COLUMNS.items():
+    for name, col in KEPT_NUISANCES.items():
         out[f"{name}_abs_delta"] = (ne[:, col] - no[:, col]).abs().mean().item()
         out[f"{name}_w1"] = float(wasserstein_distance(ne[:, col].numpy(), no[:, col].numpy()))
     shapes = [names.index(s) for s in SHAPES]
@@ -154,7 +154,7 @@ def editing(run_dir: Path, out: Path, log_path: Path, *, seeds: int = 3, n: int 
                     edited = torch.stack([test.image(oracle_params(test, seed * n + i, kind, i)) for i in range(n)])
                 else:
                     edited = edit_with(parts, cfg, how, strength, images, attrs, target, steps=steps, seed=seed, iters=iters)
-                scores = edit_scores(evaluator, test.check_image, names, images, edited.float(), attrs, target)
+                scores = edit_scores(evaluator, check_image, names, images, edited.float(), attrs, target)
                 log.add({**key, **scores})
                 progress(f"seed {seed} {method} {kind}: requested {scores['requested_right']:.3f} "
                          f"kept {scores['unrequested_kept']:.3f} |dcx| {scores['cx_abs_delta']:.3f}")

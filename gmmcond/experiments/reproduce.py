@@ -144,11 +144,11 @@ def ngmg_vs_bce(out: Path, log_path: Path, *, seeds: int = 5, lrs=(3e-4, 1e-3, 3
     learning rates, on the shapes attributes as they are ("balanced") and with ``rare_attr`` present in
     ``rare_fraction`` of the training images ("rare"). Resumable: finished runs are read from ``log_path``."""
     from ..data.shapes import ShapesDataset
-    from ..eval.evaluate import stack_items
+    from ..data.protocol import stack_items
 
     train_set, test_set = ShapesDataset(size=size, length=4096), ShapesDataset(size=size, length=512, split="test")
-    xs, ys = stack_items(train_set, len(train_set))
-    xt, yt = stack_items(test_set, len(test_set))
+    xs, ys = stack_items(train_set, range(len(train_set)))
+    xt, yt = stack_items(test_set, range(len(test_set)))
     rare_col = list(train_set.attr_names).index(rare_attr)
     log = ResultLog(log_path)
     fields = ("setting", "lr", "loss", "seed")
@@ -239,11 +239,13 @@ def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) 
 
 
 def run_arms(arms: dict[str, tuple[str, list[str]]], runs: Path, log: "ResultLog", prefix: str, *, seeds: int, n: int,
-             progress=print) -> None:
+             progress=print, evaluate=None) -> None:
     """Train and evaluate every (arm, seed) not yet in ``log``, seed by seed, so each seed's arms land together.
     ``arms`` maps a name to (recipe, overrides); seed ``s`` adds ``train.seed=s conditioner.seed=s``. A result
     is keyed by its arm, seed and full override list (``config``), and its run folder carries a hash of that
-    list, so a rerun with other settings (``--steps``) trains afresh instead of reusing a finished run."""
+    list, so a rerun with other settings (``--steps``) trains afresh instead of reusing a finished run.
+    ``evaluate(arm, seed, recipe, overrides, run, n) -> record`` replaces :func:`train_and_evaluate` (and must
+    train too, e.g. through :func:`train_once`)."""
     for seed in range(seeds):
         for arm, (recipe, overrides) in arms.items():
             full, config = arm_config(recipe, overrides, seed)
@@ -251,7 +253,8 @@ def run_arms(arms: dict[str, tuple[str, list[str]]], runs: Path, log: "ResultLog
                 continue
             digest = hashlib.sha256(config.encode()).hexdigest()[:8]
             run = runs / f"{prefix}_{arm_slug(arm)}_seed{seed}_{digest}"
-            rec = train_and_evaluate(recipe, full[len(EXPERIMENT_SCALE):], run, n=n)
+            own = full[len(EXPERIMENT_SCALE):]
+            rec = evaluate(arm, seed, recipe, own, run, n) if evaluate else train_and_evaluate(recipe, own, run, n=n)
             log.add({"arm": arm, "seed": seed, "config": config, "run": str(run), **rec})
             progress(f"  {arm} seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items()
                                                             if isinstance(v, float) and "reference" not in k))
@@ -441,11 +444,22 @@ def _combination_requests(test, names, shape: str, colour: str, mode: str, per: 
     return one, None, [(names.index(shape), 2.0), (names.index(colour), 2.0)]
 
 
-def combinations(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, steps: int = 2000, per: int = 64,
-                 progress=print) -> dict:
-    """Attribute combinations never seen in training (red triangle, green circle, blue square): conformity (the
-    requested shape and colour both right) and defects on seen vs held-out combinations, per arm and seed; for the
-    partial arms also the total-variation distance of each unspecified attribute's frequency from the data's."""
+def combination_arms(steps: int) -> dict[str, tuple[str, list[str]]]:
+    """The combination experiment's arms as (recipe, overrides): held-out combinations excluded from training."""
+    exclude = "[" + ",".join(f'"{c}"' for c in HELD_OUT_COMBINATIONS) + "]"
+    arms = {}
+    for arm, (recipe, label_mode, _) in COMBINATION_ARMS.items():
+        extra = ["sample.grid_rows=[circle_red,triangle_red]"] if label_mode == "classes" else []
+        arms[arm] = (recipe, [f"dataset.exclude={exclude}", f"dataset.label_mode={label_mode}", f"train.steps={steps}",
+                              "train.grid_every=0", *extra])
+    return arms
+
+
+def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], run: Path, per: int, *, out: Path) -> dict:
+    """Train one arm (:func:`train_once`), then ask it for ``per`` images of each of the 9 shape-colour combinations:
+    conformity (the requested shape and colour both right) and defects (the renderer's rule) on seen and on
+    held-out combinations; for the partial arms also how far each unspecified feature's frequency is from the
+    data's (0.5). Seed 0 writes a grid of the held-out combinations."""
     from ..data import shapes as S
     from ..engine.runs import load_run
     from ..eval.evaluator import evaluator_for
@@ -453,56 +467,54 @@ def combinations(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, steps
     from ..sampling.generate import generate
     from ..visualize import captioned_grid, save_png
 
-    log = ResultLog(log_path)
-    exclude = "[" + ",".join(f'"{c}"' for c in HELD_OUT_COMBINATIONS) + "]"
+    cfg = train_once(recipe, overrides, run)
+    mode = COMBINATION_ARMS[arm][2]
     test = DATASETS.build({"type": "shapes", "size": 16, "split": "test", "length": 4096})
-    combos = [(sh, co) for sh in S.SHAPES for co in S.COLOURS]
     held = {tuple(c.split(",")) for c in HELD_OUT_COMBINATIONS}
-    features = list(S.FEATURES)
-    for arm, (recipe, label_mode, mode) in COMBINATION_ARMS.items():
-        for seed in range(seeds):
-            if log.done(("arm", "seed"), arm=arm, seed=seed):
-                continue
-            extra = ["sample.grid_rows=[circle_red,triangle_red]"] if label_mode == "classes" else []
-            run = runs / f"comb_{recipe}_{label_mode}_seed{seed}"
-            cfg = train_once(recipe, [f"dataset.exclude={exclude}", f"dataset.label_mode={label_mode}", f"train.steps={steps}",
-                                      f"train.seed={seed}", f"conditioner.seed={seed}", "train.grid_every=0", *extra], run)
-            loaded = load_run(run)
-            model = evaluator_for(cfg["dataset"], progress=False)[0]
-            names = loaded.parts.attr_names
-            stats, grid = {"seen": [], "held_out": []}, []
-            tv = {f: [] for f in features}
-            for k, (sh, co) in enumerate(combos):
-                attrs, known, compose = _combination_requests(test, names, sh, co, mode, per)
-                images = generate(loaded.parts, attrs, sampler=cfg["sample"]["sampler"], steps=cfg["sample"]["steps"],
-                                  cfg_scale=cfg["sample"]["cfg_scale"], seed=1000 * seed + k, known=known, compose=compose).float()
-                probs = model.predict(images)["probs"]
-                ok = (probs[:, list(S.ATTR_NAMES).index(sh)] > 0.5) & (probs[:, list(S.ATTR_NAMES).index(co)] > 0.5)
-                defects = [S.check_image(img).defect for img in images]
-                stats["held_out" if (sh, co) in held else "seen"].append((ok.float().mean().item(), sum(defects) / len(defects)))
-                if mode in ("partial", "composed"):  # unspecified features: data frequency given shape and colour is 0.5
-                    for f in features:
-                        tv[f].append(abs((probs[:, list(S.ATTR_NAMES).index(f)] > 0.5).float().mean().item() - 0.5))
-                if (sh, co) in held:
-                    grid.append((images[:8], f"{arm}: {sh},{co} (never seen)"))
-            rec = {"arm": arm, "seed": seed, "steps": steps, "per": per}
-            for split, vals in stats.items():
-                rec[f"conformity_{split}"] = statistics.fmean(v[0] for v in vals)
-                rec[f"defects_{split}"] = statistics.fmean(v[1] for v in vals)
-            rec["conformity_ratio"] = rec["conformity_held_out"] / max(rec["conformity_seen"], 1e-9)
-            if tv[features[0]]:
-                rec["unspecified_tv"] = {f: statistics.fmean(v) for f, v in tv.items()}
-                rec["unspecified_tv_max"] = max(rec["unspecified_tv"].values())
-            log.add(rec)
-            if seed == 0:
-                save_png(captioned_grid([g[0] for g in grid], [g[1] for g in grid]),
-                         out.with_name(f"combinations_{arm.replace(' ', '_').replace('+', 'and')}.png"))
-            progress(f"  {arm} seed {seed}: conformity seen {rec['conformity_seen']:.3f}, held-out {rec['conformity_held_out']:.3f}")
-    result = {"held_out": list(HELD_OUT_COMBINATIONS), "seeds": seeds, "steps": steps, "per": per, "arms": {}}
-    for arm in COMBINATION_ARMS:
-        rs = [r for r in log.records if r["arm"] == arm and r["seed"] < seeds]
-        if rs:
-            keys = ["conformity_seen", "conformity_held_out", "conformity_ratio", "defects_seen", "defects_held_out"]
-            keys += ["unspecified_tv_max"] if "unspecified_tv_max" in rs[0] else []
-            result["arms"][arm] = {**{k: summarise([r[k] for r in rs]) for k in keys}, "per_seed": rs}
-    return result
+    loaded = load_run(run)
+    model = evaluator_for(cfg["dataset"], progress=False)[0]
+    names, col, s = loaded.parts.attr_names, list(S.ATTR_NAMES).index, cfg["sample"]
+    stats, grid, tv = {"seen": [], "held_out": []}, [], {f: [] for f in S.FEATURES}
+    for k, (sh, co) in enumerate((sh, co) for sh in S.SHAPES for co in S.COLOURS):
+        attrs, known, compose = _combination_requests(test, names, sh, co, mode, per)
+        images = generate(loaded.parts, attrs, sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"],
+                          seed=1000 * seed + k, known=known, compose=compose).float()
+        probs = model.predict(images)["probs"]
+        ok = (probs[:, col(sh)] > 0.5) & (probs[:, col(co)] > 0.5)
+        defects = [S.check_image(img).defect for img in images]
+        stats["held_out" if (sh, co) in held else "seen"].append((ok.float().mean().item(), sum(defects) / len(defects)))
+        if mode in ("partial", "composed"):  # unspecified features: data frequency given shape and colour is 0.5
+            for f in S.FEATURES:
+                tv[f].append(abs((probs[:, col(f)] > 0.5).float().mean().item() - 0.5))
+        if (sh, co) in held:
+            grid.append((images[:8], f"{arm}: {sh},{co} (never seen)"))
+    rec = {"per": per, "steps": latest_step(run)}
+    for split, vals in stats.items():
+        rec[f"conformity_{split}"] = statistics.fmean(v[0] for v in vals)
+        rec[f"defects_{split}"] = statistics.fmean(v[1] for v in vals)
+    rec["conformity_ratio"] = rec["conformity_held_out"] / max(rec["conformity_seen"], 1e-9)
+    if tv[S.FEATURES[0]]:
+        rec["unspecified_tv"] = {f: statistics.fmean(v) for f, v in tv.items()}
+        rec["unspecified_tv_max"] = max(rec["unspecified_tv"].values())
+    if seed == 0:
+        save_png(captioned_grid([g[0] for g in grid], [g[1] for g in grid]),
+                 out.with_name(f"combinations_{arm.replace(' ', '_').replace('+', 'and')}.png"))
+    return rec
+
+
+def latest_step(run: Path) -> int:
+    """The last step a run trained (from its metrics.jsonl): what an experiment records, not the steps asked for."""
+    return read_metrics(run / "metrics.jsonl")[-1]["step"]
+
+
+def combinations(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, steps: int = 2000, per: int = 64,
+                 progress=print) -> dict:
+    """Attribute combinations never seen in training (red triangle, green circle, blue square): conformity and
+    defects on seen vs held-out combinations per arm and seed (:func:`combination_scores`), through
+    :func:`run_arms` (resumable, keyed by the full arm config)."""
+    log = ResultLog(log_path)
+    arms = combination_arms(steps)
+    run_arms(arms, runs, log, "comb", seeds=seeds, n=per, progress=progress,
+             evaluate=lambda *args: combination_scores(*args, out=out))
+    return {"held_out": list(HELD_OUT_COMBINATIONS), "seeds": seeds, "steps": steps, "per": per,
+            "arms": summarise_arms(log, arms, seeds)}

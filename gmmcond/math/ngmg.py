@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from .gmm import normal_pdf, w1_expansion
 from ..errors import ConfigError
-from ..registry import LOSSES
 
 
 def kernel_matrix(means: torch.Tensor, sigma: float, *, keep_diagonal: bool = False, normalise: bool = False) -> torch.Tensor:
@@ -125,7 +124,6 @@ def binary_kernel(sigma: float = 1.0) -> torch.Tensor:
     return kernel_matrix(torch.tensor([0.0, 1.0], dtype=torch.float64), sigma)
 
 
-@LOSSES.register("ngmg_entropy")
 def ngmg_entropy(logits: torch.Tensor, targets: torch.Tensor, sigma: float = 1.0, form: str = "surplus") -> torch.Tensor:
     """NGMG entropy (Eq. 18) for K binary attributes; returns the per-sample loss [B].
 
@@ -161,7 +159,6 @@ def ngmg_entropy_categorical(logits: torch.Tensor, targets: torch.Tensor, means:
     return -(w.to(log_p) * log_p).sum(-1)
 
 
-@LOSSES.register("bce")
 def bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy summed over attributes; per-sample loss [B]."""
     return F.binary_cross_entropy_with_logits(logits, targets.to(logits), reduction="none").sum(-1)

@@ -10,8 +10,38 @@ from ..errors import ConfigError
 from ..registry import CONDITIONERS
 
 
+class Conditioner(nn.Module):
+    """What every registered conditioner shares: ``dim`` (0: no mapping_cond), the dropped-condition flag as
+    the last of those dims, condition dropout in training, and two capabilities the rest of gmmcond asks
+    about (here, nowhere else): ``partial`` (attributes may be left unspecified through a known mask) and
+    ``pairs_latents`` (``fixed_latents(index)`` returns the latent paired with each training index)."""
+
+    dim = 0
+    partial = False
+    pairs_latents = False
+
+    def __init__(self, num_attrs: int, cond_dropout: float = 0.0):
+        super().__init__()
+        if not 0 <= cond_dropout < 1:
+            raise ConfigError(f"conditioner.cond_dropout must be in [0, 1), got {cond_dropout}")
+        self.num_attrs, self.cond_dropout = num_attrs, cond_dropout
+        self.register_buffer("anchor", torch.zeros(()), persistent=False)  # follows .to(device)
+
+    def training_drop(self, n: int) -> torch.Tensor | None:
+        """Which of ``n`` conditions to drop: each with probability ``cond_dropout`` in training, else none."""
+        return torch.rand(n) < self.cond_dropout if self.training and self.cond_dropout > 0 else None
+
+    def unconditional(self, n: int) -> torch.Tensor | None:
+        """Return the dropped-condition input (zeros, flag = 1) for ``n`` samples (None without a condition)."""
+        if not self.dim:
+            return None
+        out = self.anchor.new_zeros(n, self.dim)
+        out[:, -1] = 1
+        return out
+
+
 @CONDITIONERS.register("gmm_attrs")
-class GMMAttrs(nn.Module):
+class GMMAttrs(Conditioner):
     """The paper's GMM attribute latent (Lu et al. Eq. 9) plus a dropped-condition flag.
 
     For every attribute k, Z_k in R^N has i.i.d. entries from a 1-D Gaussian mixture; the output is
@@ -32,7 +62,7 @@ class GMMAttrs(nn.Module):
         seed: int = 0,  # Seeds the fixed latent of every dataset index.
         attr_dropout: float = 0.0,  # Probability of hiding each attribute in training ("unspecified"); 0 is Eq. 9 exactly.
     ):
-        super().__init__()
+        super().__init__(num_attrs, cond_dropout)
         if pairing not in ("fixed", "resample"):
             raise ConfigError(f"conditioner.pairing must be 'fixed' or 'resample', got '{pairing}'")
         weights = [1.0 / len(means)] * len(means) if weights is None else list(weights)
@@ -40,17 +70,17 @@ class GMMAttrs(nn.Module):
             raise ConfigError(f"conditioner.weights has {len(weights)} entries but means has {len(means)}")
         if sigma <= 0 or min(weights) < 0 or sum(weights) <= 0:
             raise ConfigError("conditioner.sigma must be > 0 and conditioner.weights non-negative with a positive sum")
-        if not 0 <= cond_dropout < 1:
-            raise ConfigError(f"conditioner.cond_dropout must be in [0, 1), got {cond_dropout}")
         if not 0 <= attr_dropout < 1:
             raise ConfigError(f"conditioner.attr_dropout must be in [0, 1), got {attr_dropout}")
-        self.num_attrs, self.dims_per_attr = num_attrs, dims_per_attr
-        self.sigma, self.pairing, self.cond_dropout, self.seed = float(sigma), pairing, cond_dropout, seed
+        self.dims_per_attr = dims_per_attr
+        self.sigma, self.pairing, self.seed = float(sigma), pairing, seed
         self.register_buffer("means", torch.tensor(means, dtype=torch.float32), persistent=False)
         self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32) / sum(weights), persistent=False)
         self.attr_dropout = attr_dropout
         # with attr_dropout > 0, one "known" bit per attribute sits before the dropped flag
         self.dim = num_attrs * dims_per_attr + (num_attrs if attr_dropout > 0 else 0) + 1
+
+    pairs_latents = True
 
     @property
     def partial(self) -> bool:
@@ -95,22 +125,16 @@ class GMMAttrs(nn.Module):
             z = self.fixed_latents(index).to(self.means.device)
         else:
             z = self.sample_latents(len(attrs))
-        if drop is None and self.training and self.cond_dropout > 0:
-            drop = torch.rand(len(attrs)) < self.cond_dropout
+        if drop is None:
+            drop = self.training_drop(len(attrs))
         known = None
         if self.training and self.partial:
             known = (torch.rand(attrs.shape) >= self.attr_dropout).to(z)
         return self.encode(attrs, z, drop, known)
 
-    def unconditional(self, n: int) -> torch.Tensor:
-        """Return the dropped-condition input (Z = 0, flag = 1) for ``n`` samples."""
-        out = self.means.new_zeros(n, self.dim)
-        out[:, -1] = 1
-        return out
-
 
 @CONDITIONERS.register("attrs")
-class FixedAttrs(nn.Module):
+class FixedAttrs(Conditioner):
     """Attributes as a fixed value, the plain k-diffusion way: ``mapping_cond = [A_1, ..., A_K, dropped]``.
 
     The model's mapping network turns the 0/1 vector into its embedding (its first linear layer gives every
@@ -119,8 +143,6 @@ class FixedAttrs(nn.Module):
     (``reproduce.py distribution``). The dropped flag works as in :class:`GMMAttrs` (CFG).
     """
 
-    partial = False  # every attribute is specified (no attr_dropout)
-
     def __init__(
         self,
         num_attrs: int,  # K, injected from the dataset.
@@ -128,12 +150,9 @@ class FixedAttrs(nn.Module):
         cond_dropout: float = 0.1,  # Probability of dropping the condition in training (for CFG).
         seed: int = 0,  # Not used (there is no latent to seed); accepted so experiments seed every conditioner alike.
     ):
-        super().__init__()
-        if not 0 <= cond_dropout < 1:
-            raise ConfigError(f"conditioner.cond_dropout must be in [0, 1), got {cond_dropout}")
-        self.num_attrs, self.cond_dropout, self.seed = num_attrs, cond_dropout, seed
+        super().__init__(num_attrs, cond_dropout)
+        self.seed = seed
         self.dim = num_attrs + 1
-        self.register_buffer("anchor", torch.zeros(()), persistent=False)  # follows .to(device)
 
     def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Return an empty latent [n, K, 0] (there is none; the generator is not drawn from)."""
@@ -153,31 +172,16 @@ class FixedAttrs(nn.Module):
 
     def forward(self, attrs: torch.Tensor, index: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Encode attributes; in training mode, drop the condition with probability ``cond_dropout``."""
-        if drop is None and self.training and self.cond_dropout > 0:
-            drop = torch.rand(len(attrs)) < self.cond_dropout
-        return self.encode(attrs, drop=drop)
-
-    def unconditional(self, n: int) -> torch.Tensor:
-        """Return the dropped-condition input (A = 0, flag = 1) for ``n`` samples."""
-        out = self.anchor.new_zeros(n, self.dim)
-        out[:, -1] = 1
-        return out
+        return self.encode(attrs, drop=self.training_drop(len(attrs)) if drop is None else drop)
 
 
 @CONDITIONERS.register("none")
-class NoConditioner(nn.Module):
+class NoConditioner(Conditioner):
     """Unconditional training: contributes no mapping_cond (dim 0)."""
 
-    dim = 0
-
     def __init__(self, num_attrs: int):
-        super().__init__()
-        self.num_attrs = num_attrs
+        super().__init__(num_attrs)
 
     def forward(self, attrs: torch.Tensor, index: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> None:
         """Return None: the model is called without mapping_cond."""
-        return None
-
-    def unconditional(self, n: int) -> None:
-        """Return None, as for conditional inputs."""
         return None

@@ -10,13 +10,15 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..math import ngmg  # noqa: F401  (fills LOSSES)
+from ..math.ngmg import bce, ngmg_entropy
 from ..registry import HEADS, LOSSES
 from .models import unwrap_inner
+
+LOSSES.register("ngmg_entropy", ngmg_entropy)  # the paper's NGMG entropy (Eq. 18) on binary attributes
+LOSSES.register("bce", bce)
 
 
 @HEADS.register("none")

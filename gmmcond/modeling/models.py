@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..registry import MODELS
+from ..registry import DENOISER_LOSSES, MODELS
 
 
 @MODELS.register("image_v1")
@@ -84,17 +84,15 @@ class CoordChannels(nn.Module):
         return self.inner_model.param_groups(*args, **kwargs)
 
 
-DENOISER_LOSSES = {
-    "karras": partial(K.layers.Denoiser, weighting="karras"),  # Karras et al. preconditioned x0 loss.
-    "snr": partial(K.layers.Denoiser, weighting="snr"),
-    "soft_min_snr": partial(K.layers.Denoiser, weighting="soft-min-snr"),
-    "eps": K.layers.SimpleLossDenoiser,  # L_simple on the predicted noise, the paper's loss.
-}
+DENOISER_LOSSES.register("karras", partial(K.layers.Denoiser, weighting="karras"))  # Karras et al. preconditioned x0 loss
+DENOISER_LOSSES.register("snr", partial(K.layers.Denoiser, weighting="snr"))
+DENOISER_LOSSES.register("soft_min_snr", partial(K.layers.Denoiser, weighting="soft-min-snr"))
+DENOISER_LOSSES.register("eps", K.layers.SimpleLossDenoiser)  # L_simple on the predicted noise, the paper's loss
 
 
 def make_denoiser(inner_model: nn.Module, *, sigma_data: float = 0.5, loss: str = "karras") -> K.layers.Denoiser:
-    """Wrap an inner model in k-diffusion's Denoiser for the configured loss."""
-    return DENOISER_LOSSES[loss](inner_model, sigma_data=sigma_data)
+    """Wrap an inner model in k-diffusion's Denoiser for the configured loss (a ``DENOISER_LOSSES`` key)."""
+    return DENOISER_LOSSES.get(loss)(inner_model, sigma_data=sigma_data)
 
 
 def unwrap_inner(model: nn.Module) -> nn.Module:

@@ -14,7 +14,7 @@ from .samplers import sample
 
 def composed_conditions(conditioner, terms: list[tuple[int, float]], z: torch.Tensor) -> torch.Tensor:
     """Return the per-term conditions [B, T, dim]: term t specifies attribute ``terms[t][0]`` present, the rest unspecified."""
-    if not getattr(conditioner, "partial", False):
+    if not conditioner.partial:
         raise ConfigError("composed guidance conditions each term on one attribute with the others unspecified, which "
                           "needs a run trained with conditioner.attr_dropout > 0 (e.g. the shapes_compose recipe)")
     b, k = z.shape[0], conditioner.num_attrs
