@@ -87,6 +87,8 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16: autocast through accelerate; weights stay fp32.
     compile: bool = False  # torch.compile the inner model (compiles once, about a minute on a CPU).
     log_with: Any = None  # Trackers beside metrics.jsonl through accelerate: tensorboard | wandb | ... or a list.
+    coind_weight: float = 0.0  # CoInD's independence penalty (needs conditioner.attr_dropout > 0); 0 is off.
+    coind_fraction: float = 0.25  # Share of each batch the penalty is computed on (four extra forwards each).
 
 
 @dataclass
@@ -103,7 +105,7 @@ SECTIONS = {"denoiser": DenoiserConfig, "train": TrainConfig, "sample": SampleCo
 MINIMUMS = {  # dotted key -> smallest valid value
     "train.steps": 1, "train.batch_size": 1, "train.log_every": 1, "train.checkpoint_every": 1, "train.grid_every": 0,
     "train.keep_checkpoints": 1, "train.warmup_steps": 0, "train.num_workers": 0, "train.cpu_threads": 0,
-    "train.lr": 0.0, "sample.steps": 1, "sample.grid_cols": 1, "sample.cfg_scale": 0.0,
+    "train.lr": 0.0, "train.coind_weight": 0.0, "train.coind_fraction": 0.0, "sample.steps": 1, "sample.grid_cols": 1, "sample.cfg_scale": 0.0,
 }
 CHOICES = {"train.precision": ("auto", "fp32", "bf16", "fp16"), "train.lr_decay": ("constant", "cosine")}
 NODES: dict[str, Registry] = {

@@ -80,7 +80,7 @@ def test_eval_mode_never_drops():
 
 
 def test_bad_arguments_are_clear():
-    with pytest.raises(ValueError, match="pairing must be 'fixed' or 'resample'"):
+    with pytest.raises(ValueError, match="pairing must be one of fixed, resample, constant"):
         make(pairing="sometimes")
     with pytest.raises(ValueError, match="weights has 2 entries but means has 3"):
         make(weights=[0.5, 0.5])
@@ -142,3 +142,38 @@ def test_a_fixed_value_run_trains_samples_and_is_checked_for_memorisation(tiny_c
     assert mem["latents"] == "none (no latent)" and mem["n"] == 8 and 0 <= mem["auth_pct"]["value"] <= 100
     assert 0 < mem["own_row_chance"] <= 1
     assert result["headline"]["auth_pct"] == mem["auth_pct"] and (tmp_path / "run" / "eval_memorisation.png").exists()
+
+
+def test_constant_pairing_is_eq9_with_every_latent_entry_the_mixture_mean():
+    cond = make(pairing="constant", weights=[0.2, 0.3, 0.5]).eval()
+    mean = 0.2 * 1 + 0.3 * 2 + 0.5 * 3
+    z = cond.sample_latents(3, torch.Generator().manual_seed(0))
+    assert torch.allclose(z, torch.full((3, 5, 4), mean)) and not cond.pairs_latents
+    attrs = torch.tensor([[1.0, 0, 1, 0, 0]] * 3)
+    out = cond(attrs, torch.arange(3))
+    assert torch.allclose(out[:, :20], (attrs[..., None] * mean).expand(3, 5, 4).flatten(1)) and (out[:, 20] == 0).all()
+    assert cond.dim == make().dim  # same dimension, flag and magnitude as the GMM latent: only the randomness differs
+
+
+def test_attribute_dropout_modes_and_group_hiding():
+    plain = make(attr_dropout=0.3)
+    torch.manual_seed(0)
+    known = plain.training_known(4000)
+    torch.manual_seed(0)
+    assert torch.equal(known, (torch.rand(4000, 5) >= 0.3).float())  # the earlier draw, bit for bit
+    wide = make(attr_dropout=0.3, attr_dropout_mode="per_sample")
+    hidden = 5 - wide.training_known(4000).sum(1)
+    # P(>= 4 of 5 hidden): 5 p^4 (1 - p) + p^5 = 0.031 at p = 0.3; averaged over p ~ U(0, 0.6): 0.078
+    assert abs(((5 - known.sum(1)) >= 4).float().mean() - 0.031) < 0.01
+    assert abs(hidden.mean() / 5 - 0.3) < 0.02 and abs((hidden >= 4).float().mean() - 0.078) < 0.015
+    grouped = make(attr_dropout=0.3, hide_groups=True)
+    grouped.set_groups([[0, 1, 2]])
+    k = grouped.training_known(2000)
+    assert torch.equal(k[:, 0], k[:, 1]) and torch.equal(k[:, 0], k[:, 2]) and abs(1 - k[:, 0].mean() - 0.3) < 0.04
+    assert not torch.equal(k[:, 3], k[:, 4])  # the others stay independent
+    null = make(attr_dropout=0.3).all_unknown(2)
+    assert null.shape == (2, make(attr_dropout=0.3).dim) and (null == 0).all() and make().all_unknown(2) is None
+    with pytest.raises(ValueError, match="attr_dropout must be <= 0.5"):
+        make(attr_dropout=0.6, attr_dropout_mode="per_sample")
+    with pytest.raises(ValueError, match="attr_dropout_mode must be one of per_attribute, per_sample"):
+        make(attr_dropout=0.2, attr_dropout_mode="sometimes")

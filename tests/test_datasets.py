@@ -186,8 +186,8 @@ def test_variation_zero_is_the_earlier_geometry_and_one_varies_every_nuisance():
 
 def test_attribute_expressions_and_group_contradictions():
     names, groups = ["circle", "square", "triangle", "red", "large"], [["circle", "square", "triangle"]]
-    req = parse_expr("triangle, ~red", names, groups)
-    assert req.values.tolist() == [0, 0, 1, 0, 0] and req.known.tolist() == [0, 0, 1, 1, 0]
+    req = parse_expr("triangle, ~red", names, groups)  # a present member specifies its group: circle, square absent
+    assert req.values.tolist() == [0, 0, 1, 0, 0] and req.known.tolist() == [1, 1, 1, 1, 0]
     with pytest.raises(AttributeSpecError, match=r"lists \['circle', 'square'\], but the group"):
         parse_expr("circle,square", names, groups)
     with pytest.raises(AttributeSpecError, match="negates every member of the group"):

@@ -1,8 +1,9 @@
 """Attribute requests by name: ``"triangle,~red,large"`` -> values and a mask of what was specified.
 
 Listed names are present, ``~name`` is absent, and every other attribute is unspecified. A mutually
-exclusive group holds exactly one present member, so negating all members but one names that one:
-``"~circle,~square"`` asks for a triangle (present, not merely unspecified). A request that contradicts a
+exclusive group holds exactly one present member: naming it specifies the whole group (``"triangle"``:
+circle and square absent), and negating all members but one names that one (``"~circle,~square"`` asks
+for a triangle). A request that contradicts a
 group (two shapes at once, or every shape negated) is an error naming the group.
 """
 from __future__ import annotations
@@ -45,6 +46,9 @@ def parse_expr(text: str, attr_names: list[str], groups: list[list[str]] = ()) -
         left = [n for n in group if n not in absent]
         if len(group) > 1 and len(left) == 1 and not listed:  # every other member negated: the one left is present
             present.append(left[0])
+            listed = left
+        if listed:  # one member present: the others are absent, so the group is specified
+            absent.extend(n for n in group if n not in listed and n not in absent)
     values = torch.tensor([float(n in present) for n in attr_names])
     known = torch.tensor([float(n in present or n in absent) for n in attr_names])
     return AttrRequest(values, known, text)

@@ -338,6 +338,8 @@ def head(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 
 
 DISTRIBUTION_ARMS = {
     "fixed value (attrs)": ("shapes", ["conditioner=attrs"]),
+    # the controlled ablation of Eq. 9: every latent entry the mixture's mean, same dims, scale and flag
+    "gmm_attrs, constant latent (fixed value)": ("shapes", ["conditioner.pairing=constant"]),
     "gmm_attrs, fixed pairing (paper)": ("shapes", ["conditioner.pairing=fixed"]),
     "gmm_attrs, resample pairing": ("shapes", ["conditioner.pairing=resample"]),
 }
@@ -347,7 +349,8 @@ def distribution(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps
                  progress=print) -> dict:
     """The paper's central claim (Sec. 3.2, Eqs. 8-9): attributes embedded as a distribution (the GMM latent,
     with the paper's fixed pairing of one latent per training image, and with a fresh latent each step) against
-    the same attributes as a fixed value (``attrs``); same model, steps and seeds. Conformity, defects, per-set
+    the same attributes as a fixed value (``attrs``, and ``gmm_attrs`` with every latent entry the mixture's
+    mean: only the randomness removed); same model, steps and seeds. Conformity, defects, per-set
     recall / coverage / spread, memorisation (authenticity) and the loss. Resumable per (arm, seed, config)."""
     return loss_arms(DISTRIBUTION_ARMS, "dist", "shapes: fixed value / GMM fixed pairing / GMM resample", out, runs,
                      log_path, seeds=seeds, steps=steps, n=n, progress=progress)
@@ -419,16 +422,26 @@ def precision(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, n: int =
 
 
 HELD_OUT_COMBINATIONS = ("triangle,red", "circle,green", "square,blue")
-COMBINATION_ARMS = {  # arm: (recipe, label_mode, how requests are sampled)
-    "features joint": ("shapes", "features", "joint"),
-    "features + attr_dropout joint": ("shapes_compose", "features", "partial"),
-    "features + attr_dropout composed": ("shapes_compose", "features", "composed"),
-    "one-hot shape x colour classes": ("shapes", "classes", "class"),
+COMBINATION_ARMS = {  # arm: (recipe, label_mode, how requests are sampled, extra overrides)
+    "features joint": ("shapes", "features", "joint", []),
+    "features + attr_dropout joint": ("shapes_compose", "features", "partial", []),
+    "features + attr_dropout composed": ("shapes_compose", "features", "composed", []),
+    "one-hot shape x colour classes": ("shapes", "classes", "class", []),
+    # issue: "unspecified" must mean "drawn from the data": conditions with most attributes open must occur in training
+    "features + per-sample dropout, groups hidden whole": (
+        "shapes_compose", "features", "partial", ["conditioner.attr_dropout_mode=per_sample", "conditioner.hide_groups=true"]),
+    "features + per-sample dropout + CoInD": (
+        "shapes_compose", "features", "partial", ["conditioner.attr_dropout_mode=per_sample", "conditioner.hide_groups=true",
+                                                  "train.coind_weight=1.0"]),
 }
+NEGATIONS = {"~circle,~square": "triangle", "~circle,~triangle": "square", "~square,~triangle": "circle",
+             "~red,~green": "blue", "~red,~blue": "green", "~green,~blue": "red"}  # request -> the member it leaves
 
 
 def _combination_requests(test, names, shape: str, colour: str, mode: str, per: int):
     """Return (attrs, known, compose) to ask a model for ``per`` images of one shape-colour combination."""
+    from ..data import shapes as S
+
     picked = [p for p in map(test.params, range(len(test))) if p.shape == shape and p.colour == colour][:per]
     rows = torch.from_numpy(np.stack([p.attrs() for p in picked]))  # the features rows, without rendering
     if mode == "class":
@@ -439,8 +452,10 @@ def _combination_requests(test, names, shape: str, colour: str, mode: str, per: 
         return rows, None, None
     one = torch.zeros(per, len(names))
     one[:, [names.index(shape), names.index(colour)]] = 1
-    if mode == "partial":
-        return one, one.clone(), None
+    if mode == "partial":  # shape and colour named: both groups specified (the others absent), the features open
+        known = torch.zeros(per, len(names))
+        known[:, [names.index(a) for a in (*S.SHAPES, *S.COLOURS)]] = 1
+        return one, known, None
     return one, None, [(names.index(shape), 2.0), (names.index(colour), 2.0)]
 
 
@@ -448,10 +463,10 @@ def combination_arms(steps: int) -> dict[str, tuple[str, list[str]]]:
     """The combination experiment's arms as (recipe, overrides): held-out combinations excluded from training."""
     exclude = "[" + ",".join(f'"{c}"' for c in HELD_OUT_COMBINATIONS) + "]"
     arms = {}
-    for arm, (recipe, label_mode, _) in COMBINATION_ARMS.items():
+    for arm, (recipe, label_mode, _, own) in COMBINATION_ARMS.items():
         extra = ["sample.grid_rows=[circle_red,triangle_red]"] if label_mode == "classes" else []
         arms[arm] = (recipe, [f"dataset.exclude={exclude}", f"dataset.label_mode={label_mode}", f"train.steps={steps}",
-                              "train.grid_every=0", *extra])
+                              "train.grid_every=0", *extra, *own])
     return arms
 
 
@@ -459,10 +474,14 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
     """Train one arm (:func:`train_once`), then ask it for ``per`` images of each of the 9 shape-colour combinations:
     conformity (the requested shape and colour both right) and defects (the renderer's rule) on seen and on
     held-out combinations; for the partial arms also how far each unspecified feature's frequency is from the
-    data's (0.5). Seed 0 writes a grid of the held-out combinations."""
+    data's (0.5), negation (``NEGATIONS``: the member left must be drawn) and CoInD's JSD diagnostic for
+    (triangle, red), never seen together, and (circle, red), seen. Seed 0 writes a grid of the held-out
+    combinations."""
     from ..data import shapes as S
+    from ..data.attrs import parse_expr
     from ..engine.runs import load_run
     from ..eval.evaluator import evaluator_for
+    from ..eval.independence import jsd_diagnostic
     from ..registry import DATASETS
     from ..sampling.generate import generate
     from ..visualize import captioned_grid, save_png
@@ -496,6 +515,18 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
     if tv[S.FEATURES[0]]:
         rec["unspecified_tv"] = {f: statistics.fmean(v) for f, v in tv.items()}
         rec["unspecified_tv_max"] = max(rec["unspecified_tv"].values())
+    if mode == "partial":
+        right = []
+        for k, (text, member) in enumerate(NEGATIONS.items()):
+            request = parse_expr(text, names, loaded.parts.groups)
+            images = generate(loaded.parts, request.values.expand(per, -1), sampler=s["sampler"], steps=s["steps"],
+                              cfg_scale=s["cfg_scale"], seed=1000 * seed + 100 + k, known=request.known.expand(per, -1)).float()
+            right.append((model.predict(images)["probs"][:, col(member)] > 0.5).float().mean().item())
+        rec["negation_conformity"] = statistics.fmean(right)
+        real = torch.stack([test[i][0] for i in range(128)])
+        for pair in (("triangle", "red"), ("circle", "red")):
+            rec[f"jsd_{'_'.join(pair)}"] = jsd_diagnostic(loaded.parts, real, names.index(pair[0]), names.index(pair[1]),
+                                                          seed=seed)["jsd"]
     if seed == 0:
         save_png(captioned_grid([g[0] for g in grid], [g[1] for g in grid]),
                  out.with_name(f"combinations_{arm.replace(' ', '_').replace('+', 'and')}.png"))

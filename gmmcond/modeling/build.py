@@ -30,12 +30,13 @@ def build(cfg: dict, dataset: Any = None) -> Components:
     """Build the components of a resolved config (the dataset too, unless one is given)."""
     if dataset is None:
         dataset = DATASETS.build(cfg["dataset"])
-    attr_names = list(dataset.attr_names)
+    attr_names, groups = list(dataset.attr_names), [list(g) for g in dataset.groups]
     conditioner = CONDITIONERS.build(cfg["conditioner"], num_attrs=len(attr_names))
+    conditioner.set_groups([[attr_names.index(a) for a in g] for g in groups])
     inner = MODELS.build(cfg["model"], mapping_cond_dim=conditioner.dim)
     denoiser = make_denoiser(inner, **cfg["denoiser"])
     head = None
     if cfg["head"]["type"] != "none":
         head = attach(cfg["head"], denoiser, num_attrs=len(attr_names))
     return Components(dataset, conditioner, denoiser, SCHEDULES.build(cfg["schedule"]), head,
-                      attr_names, [list(g) for g in getattr(dataset, "groups", [])])
+                      attr_names, groups)

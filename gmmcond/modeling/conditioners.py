@@ -9,6 +9,9 @@ from torch import nn
 from ..errors import ConfigError
 from ..registry import CONDITIONERS
 
+PAIRINGS = ("fixed", "resample", "constant")
+ATTR_DROPOUT_MODES = ("per_attribute", "per_sample")
+
 
 class Conditioner(nn.Module):
     """What every registered conditioner shares: ``dim`` (0: no mapping_cond), the dropped-condition flag as
@@ -26,6 +29,12 @@ class Conditioner(nn.Module):
             raise ConfigError(f"conditioner.cond_dropout must be in [0, 1), got {cond_dropout}")
         self.num_attrs, self.cond_dropout = num_attrs, cond_dropout
         self.register_buffer("anchor", torch.zeros(()), persistent=False)  # follows .to(device)
+        self.units = [[k] for k in range(num_attrs)]  # attributes hidden together (set_groups)
+
+    def set_groups(self, groups: list[list[int]]) -> None:
+        """Tell the conditioner the mutually exclusive groups (attribute indices); :func:`build` calls it."""
+        grouped = {k for g in groups for k in g}
+        self.units = [list(g) for g in groups] + [[k] for k in range(self.num_attrs) if k not in grouped]
 
     def training_drop(self, n: int) -> torch.Tensor | None:
         """Which of ``n`` conditions to drop: each with probability ``cond_dropout`` in training, else none."""
@@ -57,14 +66,17 @@ class GMMAttrs(Conditioner):
         means: Sequence[float] = (1.0, 2.0, 3.0),  # Component means; away from 0 so presence shifts the mean.
         sigma: float = 0.3,  # Shared component std; the paper asks for mean spacing > sigma.
         weights: Sequence[float] | None = None,  # Component weights pi; None is uniform (the paper).
-        pairing: str = "fixed",  # fixed: one latent per dataset index (the paper); resample: fresh each step.
+        pairing: str = "fixed",  # fixed: one latent per dataset index (the paper); resample: fresh each step;
+        # constant: every entry the mixture's mean, no randomness (the controlled fixed-value ablation of Eq. 9).
         cond_dropout: float = 0.1,  # Probability of dropping the condition in training (for CFG).
         seed: int = 0,  # Seeds the fixed latent of every dataset index.
         attr_dropout: float = 0.0,  # Probability of hiding each attribute in training ("unspecified"); 0 is Eq. 9 exactly.
+        attr_dropout_mode: str = "per_attribute",  # per_attribute: rate attr_dropout; per_sample: rate U(0, 2 attr_dropout).
+        hide_groups: bool = False,  # Hide a mutually exclusive group (all shapes) as one unit, not member by member.
     ):
         super().__init__(num_attrs, cond_dropout)
-        if pairing not in ("fixed", "resample"):
-            raise ConfigError(f"conditioner.pairing must be 'fixed' or 'resample', got '{pairing}'")
+        if pairing not in PAIRINGS:
+            raise ConfigError(f"conditioner.pairing must be one of {', '.join(PAIRINGS)}, got '{pairing}'")
         weights = [1.0 / len(means)] * len(means) if weights is None else list(weights)
         if len(weights) != len(means):
             raise ConfigError(f"conditioner.weights has {len(weights)} entries but means has {len(means)}")
@@ -72,27 +84,50 @@ class GMMAttrs(Conditioner):
             raise ConfigError("conditioner.sigma must be > 0 and conditioner.weights non-negative with a positive sum")
         if not 0 <= attr_dropout < 1:
             raise ConfigError(f"conditioner.attr_dropout must be in [0, 1), got {attr_dropout}")
+        if attr_dropout_mode not in ATTR_DROPOUT_MODES:
+            raise ConfigError(f"conditioner.attr_dropout_mode must be one of {', '.join(ATTR_DROPOUT_MODES)}, "
+                              f"got '{attr_dropout_mode}'")
+        if attr_dropout_mode == "per_sample" and attr_dropout > 0.5:
+            raise ConfigError(f"conditioner.attr_dropout_mode=per_sample draws each sample's rate from U(0, 2 attr_dropout): "
+                              f"attr_dropout must be <= 0.5, got {attr_dropout}")
         self.dims_per_attr = dims_per_attr
         self.sigma, self.pairing, self.seed = float(sigma), pairing, seed
         self.register_buffer("means", torch.tensor(means, dtype=torch.float32), persistent=False)
         self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32) / sum(weights), persistent=False)
-        self.attr_dropout = attr_dropout
+        self.attr_dropout, self.attr_dropout_mode, self.hide_groups = attr_dropout, attr_dropout_mode, hide_groups
         # with attr_dropout > 0, one "known" bit per attribute sits before the dropped flag
         self.dim = num_attrs * dims_per_attr + (num_attrs if attr_dropout > 0 else 0) + 1
 
-    pairs_latents = True
+    @property
+    def pairs_latents(self) -> bool:
+        """Training paired each index with its ``fixed_latents`` (not under ``pairing: constant``)."""
+        return self.pairing != "constant"
 
     @property
     def partial(self) -> bool:
         """Whether attributes can be left unspecified (trained with attr_dropout > 0)."""
         return self.attr_dropout > 0
 
+    def all_unknown(self, n: int) -> torch.Tensor | None:
+        """The condition with every attribute unspecified (CoInD's null); None unless ``partial``."""
+        if not self.partial:
+            return None
+        zeros = self.means.new_zeros(n, self.num_attrs)
+        return self.encode(zeros, self.means.new_zeros(n, self.num_attrs, self.dims_per_attr), known=zeros)
+
     def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw ``n`` fresh latents Z of shape [n, K, N] from the GMM."""
+        """Draw ``n`` fresh latents Z of shape [n, K, N] from the GMM (under ``pairing: constant`` the constant
+        ones, without drawing from ``generator``)."""
+        if self.pairing == "constant":
+            return self.constant_latents(n)
         shape = (n, self.num_attrs, self.dims_per_attr)
         comp = torch.multinomial(self.weights.cpu(), shape[0] * shape[1] * shape[2], True, generator=generator)
         eps = torch.randn(shape, generator=generator)
         return (self.means.cpu()[comp].view(shape) + self.sigma * eps).to(self.means.device)
+
+    def constant_latents(self, n: int) -> torch.Tensor:
+        """Return ``n`` latents with every entry the mixture's mean (``pairing: constant``)."""
+        return (self.weights * self.means).sum().expand(n, self.num_attrs, self.dims_per_attr).clone()
 
     def fixed_latents(self, index: torch.Tensor) -> torch.Tensor:
         """Return the latent paired with each dataset index: the same for an index on every call."""
@@ -121,16 +156,30 @@ class GMMAttrs(Conditioner):
 
     def forward(self, attrs: torch.Tensor, index: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Encode attributes; in training mode, drop the condition with probability ``cond_dropout``."""
-        if self.pairing == "fixed" and index is not None:
+        if self.pairing == "constant":
+            z = self.constant_latents(len(attrs))
+        elif self.pairing == "fixed" and index is not None:
             z = self.fixed_latents(index).to(self.means.device)
         else:
             z = self.sample_latents(len(attrs))
         if drop is None:
             drop = self.training_drop(len(attrs))
-        known = None
-        if self.training and self.partial:
-            known = (torch.rand(attrs.shape) >= self.attr_dropout).to(z)
+        known = self.training_known(len(attrs)).to(z) if self.training and self.partial else None
         return self.encode(attrs, z, drop, known)
+
+    def training_known(self, n: int) -> torch.Tensor:
+        """Which attributes a training condition specifies [n, K]: each hidden with probability ``attr_dropout``
+        (``per_sample``: with a rate drawn per sample from U(0, 2 attr_dropout), so conditions with most attributes
+        unspecified occur as often as nearly complete ones); ``hide_groups`` hides a group's members together."""
+        units = self.units if self.hide_groups else [[k] for k in range(self.num_attrs)]
+        rate = self.attr_dropout if self.attr_dropout_mode == "per_attribute" else 2 * self.attr_dropout * torch.rand(n, 1)
+        shown = torch.rand(n, len(units)) >= rate
+        if not self.hide_groups:
+            return shown.float()
+        known = torch.empty(n, self.num_attrs)
+        for u, members in enumerate(units):
+            known[:, members] = shown[:, u:u + 1].float()
+        return known
 
 
 @CONDITIONERS.register("attrs")
