@@ -38,8 +38,8 @@ def test_typo_in_a_registered_node_checks_the_signature():
     with pytest.raises(ConfigError) as err:
         load_config("shapes", ["conditioner.sigmaa=0.3"])
     assert str(err.value) == (
-        "conditioner.sigmaa: unknown key; did you mean 'sigma'? Valid keys: attr_dropout, cond_dropout, dims_per_attr, means, "
-        "pairing, seed, sigma, weights")
+        "conditioner.sigmaa: unknown key; did you mean 'sigma'? Valid keys: attr_dropout, attr_dropout_mode, cond_dropout, "
+        "dims_per_attr, hide_groups, means, pairing, seed, sigma, weights")
 
 
 def test_unknown_type_lists_registered_keys():
