@@ -23,6 +23,7 @@ def main() -> None:
                         help="training steps (default: each experiment's own; editing: sampling steps, default the run's)")
     parser.add_argument("--n", type=int, help="evaluated samples per run (default 512; head, features-vs-classes, precision)")
     parser.add_argument("--run", help="editing: the trained run whose edits are measured (the default recipe's)")
+    parser.add_argument("--arms", nargs="*", help="combinations: run only these arms (names as in the table)")
     parser.add_argument("--sweep", default="runs/shapes/sweep.json", help="report: the sweep to tabulate")
     parser.add_argument("--recipe-runs", nargs="*", default=[], help="report: evaluated runs of one recipe (seeds), one table row")
     args = parser.parse_args()
@@ -50,7 +51,7 @@ def main() -> None:
     elif args.experiment == "head":
         result = experiments.head(png, out / "runs", out / "head.jsonl", **steps)
     elif args.experiment == "combinations":
-        result = experiments.combinations(png, out / "runs", out / "combinations.jsonl", **steps)
+        result = experiments.combinations(png, out / "runs", out / "combinations.jsonl", arms=args.arms, **steps)
     elif args.experiment == "editing":
         if not args.run:
             parser.error("editing needs --run RUN, a run trained on the shapes data (e.g. by launch/train.py --config shapes)")

@@ -539,12 +539,17 @@ def latest_step(run: Path) -> int:
 
 
 def combinations(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, steps: int = 2000, per: int = 64,
-                 progress=print) -> dict:
+                 arms: list[str] | None = None, progress=print) -> dict:
     """Attribute combinations never seen in training (red triangle, green circle, blue square): conformity and
     defects on seen vs held-out combinations per arm and seed (:func:`combination_scores`), through
-    :func:`run_arms` (resumable, keyed by the full arm config)."""
+    :func:`run_arms` (resumable, keyed by the full arm config); ``arms`` picks some of ``COMBINATION_ARMS``."""
+    from ..errors import ConfigError
+
+    unknown = sorted(set(arms or ()) - set(COMBINATION_ARMS))
+    if unknown:
+        raise ConfigError(f"unknown arm(s) {unknown}; the combination arms are: {', '.join(map(repr, COMBINATION_ARMS))}")
     log = ResultLog(log_path)
-    arms = combination_arms(steps)
+    arms = {a: v for a, v in combination_arms(steps).items() if not arms or a in arms}
     run_arms(arms, runs, log, "comb", seeds=seeds, n=per, progress=progress,
              evaluate=lambda *args: combination_scores(*args, out=out))
     return {"held_out": list(HELD_OUT_COMBINATIONS), "seeds": seeds, "steps": steps, "per": per,
