@@ -136,6 +136,7 @@ def test_paper_experiments_keep_the_scale_they_were_measured_at():
 
     cfg = load_config("shapes", list(EXPERIMENT_SCALE))
     assert (cfg["train"]["steps"], cfg["train"]["compile"], cfg["model"]["self_attn_depths"]) == (2000, False, [False] * 3)
+    assert cfg["denoiser"]["loss"] == "karras" and load_config("shapes")["denoiser"]["loss"] == "soft_min_snr"
     assert load_config("shapes", [*EXPERIMENT_SCALE, "train.steps=1000"])["train"]["steps"] == 1000  # an arm's own wins
 
 
