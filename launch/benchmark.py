@@ -31,7 +31,7 @@ def main() -> None:
                         help="quality: evaluate the marks a stopped run has so far, without training on")
     parser.add_argument("--probes", nargs="*", help="probes: the PROBES names to run (default: all)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the recipe (quality), e.g. train.steps=4000")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may follow the options
 
     import torch
 
