@@ -54,7 +54,7 @@ def sample_sheet(run: LoadedRun, sets: list[str], *, compose: str | None = None,
                 log(f"'{text}': left open (drawn from the data): {', '.join(left)}")
     elif any("~" in text for text in sets):
         log("note: this run was trained with attr_dropout = 0, so every attribute not listed means absent "
-            "(~name changes nothing); train with conditioner.attr_dropout > 0 to leave attributes unspecified")
+            "(~name changes nothing, except that negating every member of a group but one names that one); train with conditioner.attr_dropout > 0 to leave attributes unspecified")
     attrs = torch.stack([r.values for r in requests]).repeat_interleave(n, 0)
     known = torch.stack([r.known for r in requests]).repeat_interleave(n, 0) if partial else None
     model = None
