@@ -102,7 +102,6 @@ class EvaluationProtocol(ABC):
         """Whether ``image`` (asked for ``attrs``, or any attributes if None) is broken: an object with ``.defect``
         (bool) and ``.reason`` ("ok" or a category). Only where ``has_defect_rule``."""
         raise NotImplementedError(f"{type(self).__name__} has no defect rule (has_defect_rule is False)")
-        return None
 
     def set_draws(self, index: int, count: int, stream: int) -> torch.Tensor:
         """``count`` real images with the attributes of held-out row ``index`` (draw stream ``stream``)."""

@@ -354,6 +354,11 @@ class ShapesDataset(Dataset):
         return to_tensor(render(params, self.size)), attrs, index
 
 
+def defined_columns(shape: str) -> list[bool]:
+    """Which of ``NUISANCE_COLUMNS`` a shape defines: all but the angle for a circle (its rotation is undefined)."""
+    return [not (shape == "circle" and c.startswith("angle")) for c in NUISANCE_COLUMNS]
+
+
 @EVAL_PROTOCOLS.register("shapes")
 class ShapesProtocol(EvaluationProtocol):
     """Evaluating a shapes model: the renderer knows every image exactly, so the reference redraws A's rows
@@ -392,8 +397,7 @@ class ShapesProtocol(EvaluationProtocol):
         return torch.stack([self.eval_set.image(self.eval_set.redraw(index, stream + r)) for r in range(count)])
 
     def nuisance_valid(self, index: int) -> list[bool]:
-        circle = self.eval_set.params(index).shape == "circle"  # a circle's rotation is undefined
-        return [not (circle and c.startswith("angle")) for c in NUISANCE_COLUMNS]
+        return defined_columns(self.eval_set.params(index).shape)
 
     @classmethod
     def training_config(cls, dataset_cfg: dict) -> dict:
@@ -413,5 +417,5 @@ class ShapesProtocol(EvaluationProtocol):
             v = p.nuisances()  # cx, cy, radius, angle fraction, fill_shade, bg_shade
             turn = 2 * math.pi * float(v[3])
             rows.append([v[0], v[1], v[2], math.cos(turn), math.sin(turn), v[4], v[5] / BG_SHADE])
-            masks.append([1, 1, 1, p.shape != "circle", p.shape != "circle", 1, 1])
+            masks.append(defined_columns(p.shape))
         return torch.tensor(rows, dtype=torch.float32), torch.tensor(masks, dtype=torch.float32)

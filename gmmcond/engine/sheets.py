@@ -19,9 +19,6 @@ from ..sampling.edit import apply_edit, edit_rows
 from .precision import autocast, sampling_precision
 from .runs import LoadedRun
 
-MODES = ("latents", "fixed-latent", "x0-strip")
-
-
 def device_of_choice() -> str:
     """CUDA where present, else the CPU."""
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,7 +51,8 @@ def sample_sheet(run: LoadedRun, sets: list[str], *, compose: str | None = None,
                 log(f"'{text}': left open (drawn from the data): {', '.join(left)}")
     elif any("~" in text for text in sets):
         log("note: this run was trained with attr_dropout = 0, so every attribute not listed means absent "
-            "(~name changes nothing, except that negating every member of a group but one names that one); train with conditioner.attr_dropout > 0 to leave attributes unspecified")
+            "(~name changes nothing, except that negating every member of a group but one names that one); train with "
+            "conditioner.attr_dropout > 0 to leave attributes unspecified")
     attrs = torch.stack([r.values for r in requests]).repeat_interleave(n, 0)
     known = torch.stack([r.known for r in requests]).repeat_interleave(n, 0) if partial else None
     model = None
@@ -99,8 +97,8 @@ def sheet_name(mode: str, sets: list[str]) -> str:
 
 
 def edit_sheet(run: LoadedRun, image_file: str | Path, edits: list[str], *, source_attrs: str | None = None,
-               read_source: Callable[[torch.Tensor], torch.Tensor] | None = None, method: str = "both", n: int = 4, strength: float | None = None, sampler=None, steps: int | None = None,
-               seed: int = 0, iters: int = 3, cfg_scale: float | None = None, precision: str | None = None,
+               read_source: Callable[[torch.Tensor], torch.Tensor] | None = None, method: str = "both", n: int = 4,
+               strength: float | None = None, sampler=None, steps: int | None = None, seed: int = 0, iters: int = 3, cfg_scale: float | None = None, precision: str | None = None,
                log: Callable[[str], None] = print) -> tuple[list[torch.Tensor], list[str]]:
     """The image beside ``n`` edits per request and method (invert, sdedit or both); returns rows and captions.
     The source attributes are ``source_attrs`` or, where not given, ``read_source(image)`` (launch/sample.py

@@ -117,13 +117,12 @@ class DiffusionTrainer(nn.Module):
         b, k = attrs.shape
         m = max(1, math.ceil(self.coind_fraction * b))
         cond = self.conditioner
-        z = cond.fixed_latents(index[:m]) if cond.pairing == "fixed" else cond.sample_latents(m)
-        z = z.to(images)
+        z = cond.training_latents(m, index[:m]).to(images)
         pick = torch.nn.functional.one_hot(torch.randint(0, k, (m,)), k).to(z)  # attribute i of each sample
         a = attrs[:m].to(z)
         ones = torch.ones_like(a)
         conds = torch.cat([cond.encode(a, z, known=ones - pick), cond.encode(a, z, known=pick),
-                           cond.encode(a, z, known=torch.zeros_like(a)), cond.encode(a, z, known=ones)])
+                           cond.all_unknown(m).to(z), cond.encode(a, z, known=ones)])
         noised = (images[:m] + noise[:m] * sigma[:m, None, None, None]).repeat(4, 1, 1, 1)
         d = self.denoiser(noised, sigma[:m].repeat(4), mapping_cond=conds).float().view(4, m, -1)
         gap = (d[0] + d[1] - d[2] - d[3]).pow(2).mean(-1)

@@ -255,13 +255,14 @@ def memorisation_check(parts, dataset_cfg: dict, sets: Heldout, m: int, seed: in
     Returns the numbers and a figure (samples, their nearest training images, their paired training rows)."""
     train = DATASETS.build(dataset_cfg)  # the training split, as the run saw it
     k = min(len(train), MEMORISATION_TRAIN_MAX)
-    m = min(m, k, len(sets.real_x))
+    m = min(m, k, len(sets.protocol.cond_set))
     train_x, train_attrs = stack_items(train, range(k))  # the first k only (the in-memory cache would render them all)
     index = torch.arange(m)
     latents = parts.conditioner.fixed_latents(index) if parts.conditioner.pairs_latents else None
     images = sample_rows(parts, train_attrs[:m], seed=seed + 104729, desc="memorisation", latents=latents,
                          **{**opts, "progress": False})
-    fake, real = authenticity(images, train_x), authenticity(sets.real_x[:m], train_x)
+    held = sets.real_x[:m] if m <= len(sets.real_x) else sets.protocol.set_a(m)[0]  # set A's first m, as far as it goes
+    fake, real = authenticity(images, train_x), authenticity(held, train_x)
     out = {"n": m, "train_images": k, "space": "pixels",
            "latents": "each training row's paired GMM latent" if latents is not None else "none (no latent)",
            "auth_pct": {"value": fake["auth_pct"], "real_reference": real["auth_pct"]},

@@ -426,8 +426,9 @@ def probe_dir(out, name: str, overrides: list[str]):
     import hashlib
     from pathlib import Path
 
-    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
-    return Path(out) / f"probe_{slug}_{hashlib.sha256(' '.join(overrides).encode()).hexdigest()[:8]}"
+    from .reproduce import arm_slug
+
+    return Path(out) / f"probe_{arm_slug(name)}_{hashlib.sha256(' '.join(overrides).encode()).hexdigest()[:8]}"
 
 
 def recipe_probes(out, names=None, *, n: int = 256, log=print) -> dict:

@@ -440,9 +440,9 @@ NEGATIONS = {"~circle,~square": "triangle", "~circle,~triangle": "square", "~squ
              "~red,~green": "blue", "~red,~blue": "green", "~green,~blue": "red"}  # request -> the member it leaves
 
 
-def _combination_requests(test, names, shape: str, colour: str, mode: str, per: int):
+def _combination_requests(test, names, groups, shape: str, colour: str, mode: str, per: int):
     """Return (attrs, known, compose) to ask a model for ``per`` images of one shape-colour combination."""
-    from ..data import shapes as S
+    from ..data.attrs import parse_expr
 
     picked = [p for p in map(test.params, range(len(test))) if p.shape == shape and p.colour == colour][:per]
     rows = torch.from_numpy(np.stack([p.attrs() for p in picked]))  # the features rows, without rendering
@@ -452,12 +452,10 @@ def _combination_requests(test, names, shape: str, colour: str, mode: str, per: 
         return attrs, None, None
     if mode == "joint":  # every attribute specified: the other five from held-out data with this combination
         return rows, None, None
-    one = torch.zeros(per, len(names))
-    one[:, [names.index(shape), names.index(colour)]] = 1
-    if mode == "partial":  # shape and colour named: both groups specified (the others absent), the features open
-        known = torch.zeros(per, len(names))
-        known[:, [names.index(a) for a in (*S.SHAPES, *S.COLOURS)]] = 1
-        return one, known, None
+    request = parse_expr(f"{shape},{colour}", names, groups)  # as the CLI asks: both groups specified, features open
+    one = request.values.expand(per, -1).clone()
+    if mode == "partial":
+        return one, request.known.expand(per, -1).clone(), None
     return one, None, [(names.index(shape), 2.0), (names.index(colour), 2.0)]
 
 
@@ -497,7 +495,7 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
     names, col, s = loaded.parts.attr_names, list(S.ATTR_NAMES).index, cfg["sample"]
     stats, grid, tv = {"seen": [], "held_out": []}, [], {f: [] for f in S.FEATURES}
     for k, (sh, co) in enumerate((sh, co) for sh in S.SHAPES for co in S.COLOURS):
-        attrs, known, compose = _combination_requests(test, names, sh, co, mode, per)
+        attrs, known, compose = _combination_requests(test, names, loaded.parts.groups, sh, co, mode, per)
         images = generate(loaded.parts, attrs, sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"],
                           seed=1000 * seed + k, known=known, compose=compose).float()
         probs = model.predict(images)["probs"]

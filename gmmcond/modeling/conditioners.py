@@ -154,14 +154,16 @@ class GMMAttrs(Conditioner):
         parts = [feats, known * keep] if self.partial else [feats]
         return torch.cat([*parts, drop[:, None].to(z)], 1)
 
+    def training_latents(self, n: int, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The latents training pairs with ``n`` items: each index's own under ``pairing: fixed`` (when indices are
+        given), else fresh draws (the constant ones under ``pairing: constant``)."""
+        if self.pairing == "fixed" and index is not None:
+            return self.fixed_latents(index).to(self.means.device)
+        return self.sample_latents(n)
+
     def forward(self, attrs: torch.Tensor, index: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Encode attributes; in training mode, drop the condition with probability ``cond_dropout``."""
-        if self.pairing == "constant":
-            z = self.constant_latents(len(attrs))
-        elif self.pairing == "fixed" and index is not None:
-            z = self.fixed_latents(index).to(self.means.device)
-        else:
-            z = self.sample_latents(len(attrs))
+        z = self.training_latents(len(attrs), index)
         if drop is None:
             drop = self.training_drop(len(attrs))
         known = self.training_known(len(attrs)).to(z) if self.training and self.partial else None
