@@ -70,10 +70,13 @@ def main() -> None:
         from gmmcond.eval.sweep import sweep
 
         result = sweep(args.run, n=args.n or 256)
-        print(f"{'sampler':<20}{'cfg':>5}{'accuracy':>10}{'defects':>9}{'recall':>8}{'coverage':>10}{'spread':>8}")
+        nan = float("nan")
+        print(f"{'sampler':<20}{'cfg':>5}{'conformity':>11}{'defects':>9}{'set recall':>11}{'set coverage':>13}"
+              f"{'spread':>8}{'accuracy':>10}")
         for p in result["points"]:
-            print(f"{p['sampler']:<20}{p['cfg_scale']:>5g}{p['attr_accuracy']:>10.4f}{p['defect_rate']:>9.3f}{p['recall']:>8.3f}"
-                  f"{p['coverage']:>10.3f}{p.get('set_mean_spread_ratio', float('nan')):>8.3f}")
+            print(f"{p['sampler']:<20}{p['cfg_scale']:>5g}{p['all_attributes_correct']:>11.4f}{p['defect_rate']:>9.3f}"
+                  f"{p.get('set_recall', nan):>11.3f}{p.get('set_coverage', nan):>13.3f}"
+                  f"{p.get('set_mean_spread_ratio', nan):>8.3f}{p['attr_accuracy']:>10.4f}")
         print(f"wrote {args.run}/sweep.json and {args.run}/sweep.png")
         return
 

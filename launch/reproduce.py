@@ -23,6 +23,10 @@ def main() -> None:
                         help="training steps (default: each experiment's own; editing: sampling steps, default the run's)")
     parser.add_argument("--n", type=int, help="evaluated samples per run (default 512; head, features-vs-classes, precision)")
     parser.add_argument("--run", help="editing: the trained run whose edits are measured (the default recipe's)")
+    parser.add_argument("--scale", default="v1",
+                        help="head, distribution, features-vs-classes, combinations: the recipe scale (gmmcond.experiments."
+                             "reproduce.SCALES): v1, the shapes recipe as the paper experiments first ran (no attention, "
+                             "Karras weighting; the default, so older tables reproduce), or recipe, the default recipe as it is")
     parser.add_argument("--arms", nargs="*", help="combinations: run only these arms (names as in the table)")
     parser.add_argument("--sweep", default="runs/shapes/sweep.json", help="report: the sweep to tabulate")
     parser.add_argument("--recipe-runs", nargs="*", default=[], help="report: evaluated runs of one recipe (seeds), one table row")
@@ -44,6 +48,8 @@ def main() -> None:
         steps["seeds"] = args.seeds
     if args.n and args.experiment in ("head", "features-vs-classes", "precision", "editing", "distribution"):
         steps["n"] = args.n
+    if args.experiment in ("head", "features-vs-classes", "combinations", "distribution"):
+        steps["scale"] = args.scale
     if args.experiment == "density":
         result = experiments.density(png, **{k: v for k, v in steps.items() if k == "steps"})
     elif args.experiment == "ngmg-vs-bce":

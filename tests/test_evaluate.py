@@ -1,10 +1,12 @@
 import random
 
+import pytest
 import torch
 
 from gmmcond.data import shapes as S
 from gmmcond.data.shapes import check_image
 from gmmcond.data.shapes import ShapesDataset
+from gmmcond.errors import ConfigError
 
 
 def render(params, size=16):
@@ -140,6 +142,25 @@ def test_paper_experiments_keep_the_scale_they_were_measured_at():
     assert load_config("shapes", [*EXPERIMENT_SCALE, "train.steps=1000"])["train"]["steps"] == 1000  # an arm's own wins
 
 
+def test_an_experiment_scale_leads_each_arm_and_its_result_key(tmp_path):
+    from gmmcond.config import load_config
+    from gmmcond.experiments.reproduce import EXPERIMENT_SCALE, SCALES, arm_config, combination_arms
+
+    recipe, overrides = combination_arms(500)["features joint"]
+    full, key = arm_config(recipe, overrides, 1)
+    # v1 keys read exactly as before scales existed: results logged then still count
+    assert key == "shapes: " + " ".join([*EXPERIMENT_SCALE, *overrides[len(EXPERIMENT_SCALE):], "train.seed=1",
+                                          "conditioner.seed=1"])
+    assert load_config(recipe, full)["train"]["steps"] == 500
+    recipe, overrides = combination_arms(500, "recipe")["features joint"]
+    cfg = load_config(recipe, arm_config(recipe, overrides, 0)[0])
+    default = load_config("shapes")
+    assert SCALES["recipe"] == () and cfg["denoiser"]["loss"] == default["denoiser"]["loss"]
+    assert cfg["model"]["self_attn_depths"] == default["model"]["self_attn_depths"] and cfg["train"]["steps"] == 500
+    with pytest.raises(ConfigError, match="unknown experiment scale 'v2'; the scales are: v1, recipe"):
+        combination_arms(500, "v2")
+
+
 def test_a_collapsed_sampler_scores_perfect_conformity_but_no_per_set_coverage_or_spread(tiny_cfg, tmp_path, monkeypatch):
     """One canonical real image per attribute row (no variation at all): the headline per-set numbers must
     expose it while accuracy and conformity stay perfect."""
@@ -163,8 +184,6 @@ def test_a_collapsed_sampler_scores_perfect_conformity_but_no_per_set_coverage_o
 
 
 def test_evaluator_weights_are_hashed_and_an_altered_file_is_refused(tmp_path):
-    import pytest
-
     from gmmcond.errors import GmmcondError
     from gmmcond.eval.evaluator import FROZEN, load_evaluator, weights_sha256
     from gmmcond.io import read_safetensors, write_safetensors

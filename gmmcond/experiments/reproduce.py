@@ -205,21 +205,34 @@ def _plot_ngmg_vs_bce(out: Path, records: list[dict], lrs, seeds: int, eval_ever
     plt.close(fig)
 
 
-# The paper experiments ran on the shapes recipe as it was then: 2000 steps, no self-attention, not compiled.
-# The default recipe has since grown (README, "The default recipe"; attention, compile, soft-min-SNR weighting);
-# these overrides come before each arm's
-# own, so every experiment's command still reproduces its table.
-EXPERIMENT_SCALE = ("train.steps=2000", "model.self_attn_depths=[false,false,false]", "train.compile=false",
-                    "denoiser.loss=karras")
+# The scales an experiment runs at: a prefix of every arm's overrides (before the arm's own, which win), and so
+# part of the key its result is stored under; each table's command names its scale and reproduces it.
+SCALES = {
+    # the shapes recipe as the paper experiments first ran on it: 2000 steps, no self-attention, not compiled,
+    # Karras weighting (the tables measured before the recipe grew; README, "The default recipe")
+    "v1": ("train.steps=2000", "model.self_attn_depths=[false,false,false]", "train.compile=false",
+           "denoiser.loss=karras"),
+    # the default recipe as it is now (attention, compile, soft-min-SNR); an experiment's --steps sets the length
+    "recipe": (),
+}
+EXPERIMENT_SCALE = SCALES["v1"]
+
+
+def scale_overrides(scale: str) -> tuple[str, ...]:
+    from ..errors import ConfigError
+
+    if scale not in SCALES:
+        raise ConfigError(f"unknown experiment scale {scale!r}; the scales are: {', '.join(SCALES)}")
+    return SCALES[scale]
 
 
 def train_once(recipe: str, overrides: list[str], run: Path) -> dict:
-    """Train ``recipe`` with ``overrides`` into ``run``, resuming a partial run and skipping a finished one;
-    return the resolved config."""
+    """Train ``recipe`` with ``overrides`` (an arm's full list, scale first) into ``run``, resuming a partial run
+    and skipping a finished one; return the resolved config."""
     from ..config import load_config
     from ..engine.trainer import train
 
-    cfg = load_config(recipe, [*EXPERIMENT_SCALE, *overrides])
+    cfg = load_config(recipe, overrides)
     if not (run / "ema.safetensors").exists():
         train(cfg, run, resume=(run / "checkpoints" / "latest").exists())
     return cfg
@@ -243,7 +256,7 @@ def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) 
 def run_arms(arms: dict[str, tuple[str, list[str]]], runs: Path, log: "ResultLog", prefix: str, *, seeds: int, n: int,
              progress=print, evaluate=None) -> None:
     """Train and evaluate every (arm, seed) not yet in ``log``, seed by seed, so each seed's arms land together.
-    ``arms`` maps a name to (recipe, overrides); seed ``s`` adds ``train.seed=s conditioner.seed=s``. A result
+    ``arms`` maps a name to (recipe, overrides), the overrides led by the experiment's scale (``SCALES``); seed ``s`` adds ``train.seed=s conditioner.seed=s``. A result
     is keyed by its arm, seed and full override list (``config``), and its run folder carries a hash of that
     list, so a rerun with other settings (``--steps``) trains afresh instead of reusing a finished run.
     ``evaluate(arm, seed, recipe, overrides, run, n) -> record`` replaces :func:`train_and_evaluate` (and must
@@ -255,16 +268,15 @@ def run_arms(arms: dict[str, tuple[str, list[str]]], runs: Path, log: "ResultLog
                 continue
             digest = hashlib.sha256(config.encode()).hexdigest()[:8]
             run = runs / f"{prefix}_{arm_slug(arm)}_seed{seed}_{digest}"
-            own = full[len(EXPERIMENT_SCALE):]
-            rec = evaluate(arm, seed, recipe, own, run, n) if evaluate else train_and_evaluate(recipe, own, run, n=n)
+            rec = evaluate(arm, seed, recipe, full, run, n) if evaluate else train_and_evaluate(recipe, full, run, n=n)
             log.add({"arm": arm, "seed": seed, "config": config, "run": str(run), **rec})
             progress(f"  {arm} seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items()
                                                             if isinstance(v, float) and "reference" not in k))
 
 
 def arm_config(recipe: str, overrides: list[str], seed: int) -> tuple[list[str], str]:
-    """An arm's full override list at ``seed`` (the experiments' scale first) and the key its result is stored under."""
-    full = [*EXPERIMENT_SCALE, *overrides, f"train.seed={seed}", f"conditioner.seed={seed}"]
+    """An arm's full override list at ``seed`` and the key its result is stored under."""
+    full = [*overrides, f"train.seed={seed}", f"conditioner.seed={seed}"]
     return full, f"{recipe}: " + " ".join(full)
 
 
@@ -319,23 +331,25 @@ HEAD_ARMS = {"no head": ("shapes", ["head=none"]),
 
 
 def loss_arms(arm_table: dict, prefix: str, title: str, out: Path, runs: Path, log_path: Path, *, seeds: int, steps: int,
-              n: int, progress=print) -> dict:
-    """Train and evaluate every arm of ``arm_table`` for ``steps`` steps and ``seeds`` seeds (:func:`run_arms`),
-    plot their diffusion-loss bands, and summarise them."""
+              n: int, scale: str, progress=print) -> dict:
+    """Train and evaluate every arm of ``arm_table`` at ``scale`` for ``steps`` steps and ``seeds`` seeds
+    (:func:`run_arms`), plot their diffusion-loss bands, and summarise them."""
     log = ResultLog(log_path)
-    base = [f"train.steps={steps}", f"train.checkpoint_every={min(250, steps)}", "train.grid_every=0"]
+    base = [*scale_overrides(scale), f"train.steps={steps}", f"train.checkpoint_every={min(250, steps)}",
+            "train.grid_every=0"]
     arms = {arm: (recipe, [*base, *extra]) for arm, (recipe, extra) in arm_table.items()}
     run_arms(arms, runs, log, prefix, seeds=seeds, n=n, progress=progress)
-    plot_loss_bands(out, log, arms, seeds, f"{title}, {steps} steps")
-    return {"steps": steps, "seeds": seeds, "n": n, "arms": summarise_arms(log, arms, seeds)}
+    plot_loss_bands(out, log, arms, seeds, f"{title}, {steps} steps ({scale} scale)")
+    return {"steps": steps, "seeds": seeds, "n": n, "scale": scale, "arms": summarise_arms(log, arms, seeds)}
 
 
-def head(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 1000, n: int = 512, progress=print) -> dict:
+def head(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 1000, n: int = 512, scale: str = "v1",
+         progress=print) -> dict:
     """Paper Fig. 9: the default recipe's model and batch with no head, a head trained with NGMG entropy
     (surplus) and a head trained with BCE; diffusion-loss curves and the evaluation of each arm's samples.
     Resumable per (arm, seed, config) through ``log_path``."""
     return loss_arms(HEAD_ARMS, "head", "shapes: no head / NGMG head / BCE head", out, runs, log_path, seeds=seeds,
-                     steps=steps, n=n, progress=progress)
+                     steps=steps, n=n, scale=scale, progress=progress)
 
 
 DISTRIBUTION_ARMS = {
@@ -348,14 +362,14 @@ DISTRIBUTION_ARMS = {
 
 
 def distribution(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 1000, n: int = 256,
-                 progress=print) -> dict:
+                 scale: str = "v1", progress=print) -> dict:
     """The paper's central claim (Sec. 3.2, Eqs. 8-9): attributes embedded as a distribution (the GMM latent,
     with the paper's fixed pairing of one latent per training image, and with a fresh latent each step) against
     the same attributes as a fixed value (``attrs``, and ``gmm_attrs`` with every latent entry the mixture's
     mean: only the randomness removed); same model, steps and seeds. Conformity, defects, per-set
     recall / coverage / spread, memorisation (authenticity) and the loss. Resumable per (arm, seed, config)."""
     return loss_arms(DISTRIBUTION_ARMS, "dist", "shapes: fixed value / GMM fixed pairing / GMM resample", out, runs,
-                     log_path, seeds=seeds, steps=steps, n=n, progress=progress)
+                     log_path, seeds=seeds, steps=steps, n=n, scale=scale, progress=progress)
 
 
 CLASS_GRID_ROWS = "[circle_red,square_green,triangle_blue,circle_blue,square_red,triangle_green]"
@@ -369,8 +383,8 @@ FVC_ARMS = {
 
 
 def features_vs_classes(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 2000, n: int = 512,
-                        progress=print) -> dict:
-    """Paper Fig. 7 on the shapes recipe at 2000 steps (``EXPERIMENT_SCALE``): the 11 features vs one-hot
+                        scale: str = "v1", progress=print) -> dict:
+    """Paper Fig. 7 on the shapes recipe at ``scale`` (``SCALES``) for ``steps`` steps: the 11 features vs one-hot
     shape x colour classes vs, as a control for information content, one-hot classes over all 288 attribute
     combinations; all through gmm_attrs, same model, steps and seeds. Accuracy on the attributes each labelling
     fixes, defects, distances beside their real references, and the seed-0 grids side by side. Resumable per (arm, seed)."""
@@ -380,14 +394,15 @@ def features_vs_classes(out: Path, runs: Path, log_path: Path, *, seeds: int = 3
     from ..io import read_json
 
     log = ResultLog(log_path)
-    arms = {arm: (recipe, [f"train.steps={steps}", *extra]) for arm, (recipe, extra) in FVC_ARMS.items()}
+    arms = {arm: (recipe, [*scale_overrides(scale), f"train.steps={steps}", *extra]) for arm, (recipe, extra) in FVC_ARMS.items()}
     run_arms(arms, runs, log, "fvc", seeds=seeds, n=n, progress=progress)
     shared = S.SHAPES + S.COLOURS  # what every arm's labels fix: compare accuracy on these alone
     for rec in [r for arm in arms for r in arm_records(log, arms, arm, seeds)]:
         per = read_json(Path(rec["run"]) / "eval.json")["per_attribute"]
         rec["shared_accuracy"] = statistics.fmean(per[a] for a in shared)
         rec["shape_accuracy"] = shape_accuracy(per)
-    result = {"seeds": seeds, "n": n, "shared_attributes": list(shared), "arms": summarise_arms(log, arms, seeds)}
+    result = {"seeds": seeds, "n": n, "steps": steps, "scale": scale, "shared_attributes": list(shared),
+              "arms": summarise_arms(log, arms, seeds)}
     grids = []
     for arm in arms:
         rec = next((r for r in arm_records(log, arms, arm, seeds) if r["seed"] == 0), None)
@@ -417,7 +432,7 @@ def precision(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, n: int =
     at fp32 and at bf16 + torch.compile, ``seeds`` seeds each, every run evaluated the same way; per-seed
     values and mean +- std per arm."""
     log = ResultLog(log_path)
-    arms = {arm: (recipe, [*extra, "train.grid_every=0"]) for arm, (recipe, extra) in PRECISION_ARMS.items()}
+    arms = {arm: (recipe, [*EXPERIMENT_SCALE, *extra, "train.grid_every=0"]) for arm, (recipe, extra) in PRECISION_ARMS.items()}
     run_arms(arms, runs, log, "precision", seeds=seeds, n=n, progress=progress)
     plot_loss_bands(out, log, arms, seeds, "shapes: fp32 vs bf16 + torch.compile")
     return {"seeds": seeds, "n": n, "arms": summarise_arms(log, arms, seeds)}
@@ -459,13 +474,14 @@ def _combination_requests(test, names, groups, shape: str, colour: str, mode: st
     return one, None, [(names.index(shape), 2.0), (names.index(colour), 2.0)]
 
 
-def combination_arms(steps: int) -> dict[str, tuple[str, list[str]]]:
-    """The combination experiment's arms as (recipe, overrides): held-out combinations excluded from training."""
+def combination_arms(steps: int, scale: str = "v1") -> dict[str, tuple[str, list[str]]]:
+    """The combination experiment's arms at ``scale`` as (recipe, overrides): held-out combinations excluded from
+    training."""
     exclude = "[" + ",".join(f'"{c}"' for c in HELD_OUT_COMBINATIONS) + "]"
     arms = {}
     for arm, (recipe, label_mode, _, own) in COMBINATION_ARMS.items():
         extra = ["sample.grid_rows=[circle_red,triangle_red]"] if label_mode == "classes" else []
-        arms[arm] = (recipe, [f"dataset.exclude={exclude}", f"dataset.label_mode={label_mode}", f"train.steps={steps}",
+        arms[arm] = (recipe, [*scale_overrides(scale), f"dataset.exclude={exclude}", f"dataset.label_mode={label_mode}", f"train.steps={steps}",
                               "train.grid_every=0", *extra, *own])
     return arms
 
@@ -539,7 +555,7 @@ def latest_step(run: Path) -> int:
 
 
 def combinations(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, steps: int = 2000, per: int = 64,
-                 arms: list[str] | None = None, progress=print) -> dict:
+                 arms: list[str] | None = None, scale: str = "v1", progress=print) -> dict:
     """Attribute combinations never seen in training (red triangle, green circle, blue square): conformity and
     defects on seen vs held-out combinations per arm and seed (:func:`combination_scores`), through
     :func:`run_arms` (resumable, keyed by the full arm config); ``arms`` picks some of ``COMBINATION_ARMS``."""
@@ -549,8 +565,8 @@ def combinations(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, steps
     if unknown:
         raise ConfigError(f"unknown arm(s) {unknown}; the combination arms are: {', '.join(map(repr, COMBINATION_ARMS))}")
     log = ResultLog(log_path)
-    arms = {a: v for a, v in combination_arms(steps).items() if not arms or a in arms}
+    arms = {a: v for a, v in combination_arms(steps, scale).items() if not arms or a in arms}
     run_arms(arms, runs, log, "comb", seeds=seeds, n=per, progress=progress,
              evaluate=lambda *args: combination_scores(*args, out=out))
-    return {"held_out": list(HELD_OUT_COMBINATIONS), "seeds": seeds, "steps": steps, "per": per,
+    return {"held_out": list(HELD_OUT_COMBINATIONS), "seeds": seeds, "steps": steps, "scale": scale, "per": per,
             "arms": summarise_arms(log, arms, seeds)}
