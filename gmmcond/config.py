@@ -96,6 +96,7 @@ class SampleConfig:
     sampler: Any = "dpmpp_2m"  # A SAMPLERS key or {type: key, **options}.
     steps: int = 50  # Model evaluations for grids and launch/sample.py.
     cfg_scale: float = 1.0  # Classifier-free guidance scale (1: plain conditional).
+    cfg_null: str = "dropped"  # What guidance pushes from: dropped (the trained null) or all_unknown (partial runs).
     grid_rows: list = field(default_factory=list)  # Attribute sets ("circle,red") for training grids; [] picks from data.
     grid_cols: int = 8  # Samples per grid row.
     seed: int = 0  # Noise seed of the grids.
@@ -107,7 +108,8 @@ MINIMUMS = {  # dotted key -> smallest valid value
     "train.keep_checkpoints": 1, "train.warmup_steps": 0, "train.num_workers": 0, "train.cpu_threads": 0,
     "train.lr": 0.0, "train.coind_weight": 0.0, "train.coind_fraction": 0.0, "sample.steps": 1, "sample.grid_cols": 1, "sample.cfg_scale": 0.0,
 }
-CHOICES = {"train.precision": ("auto", "fp32", "bf16", "fp16"), "train.lr_decay": ("constant", "cosine")}
+CHOICES = {"train.precision": ("auto", "fp32", "bf16", "fp16"), "train.lr_decay": ("constant", "cosine"),
+           "sample.cfg_null": ("dropped", "all_unknown")}
 NODES: dict[str, Registry] = {
     "dataset": DATASETS, "model": MODELS, "conditioner": CONDITIONERS, "head": HEADS, "schedule": SCHEDULES,
 }

@@ -22,6 +22,10 @@ def main() -> None:
                         help="classifier-free guidance scale D_uncond + s (D_cond - D_uncond): 0 ignores the attributes, "
                              "between 0 and 1 mixes toward the unconditional model, 1 is plain conditional (no "
                              "guidance), above 1 guides; default: the run's sample.cfg_scale")
+    parser.add_argument("--cfg-null", choices=["dropped", "all_unknown"],
+                        help="what guidance pushes away from: dropped, the dropped condition it was trained with, or "
+                             "all_unknown, every attribute unspecified (runs trained with attr_dropout > 0); default: "
+                             "the run's sample.cfg_null")
     parser.add_argument("--head-scale", type=float, default=0.0,
                         help="guide with the run's bottleneck head toward the attributes (HeadGuidedDenoiser)")
     parser.add_argument("--mode", choices=["latents", "fixed-latent", "x0-strip"], default="latents",
@@ -61,6 +65,8 @@ def main() -> None:
         print(f"wrote {args.export}")
     common = dict(sampler=args.sampler, steps=args.steps, seed=args.seed, cfg_scale=args.cfg_scale, precision=args.precision)
     if args.edit:
+        if args.cfg_null:
+            parser.error("--cfg-null applies to sampling; edits guide with the dropped condition")
         reader = None if args.source_attrs else attribute_reader(run.cfg["dataset"], run.parts.attr_names, run.parts.groups)
         rows, captions = edit_sheet(run, args.edit, args.attrs, source_attrs=args.source_attrs, read_source=reader,
                                     method=args.edit_method, n=args.n or 4, strength=args.strength,
@@ -68,7 +74,8 @@ def main() -> None:
         default = f"edit_{Path(args.edit).stem}.png"
     else:
         rows, captions, images = sample_sheet(run, args.attrs, compose=args.compose, n=args.n or 16, mode=args.mode,
-                                              head_scale=args.head_scale, cols=args.cols, **common)
+                                              head_scale=args.head_scale, cols=args.cols, cfg_null=args.cfg_null,
+                                              **common)
         default = sheet_name(args.mode, [args.compose] if args.compose else args.attrs)
     out = Path(args.out) if args.out else Path(args.run) / "samples" / default
     save_png(captioned_grid(rows, captions), out)

@@ -91,3 +91,35 @@ def test_the_combination_experiment_scores_an_arm_end_to_end(tmp_path):
         assert 0 <= rec[key] <= 1, key
     assert 0 <= rec["jsd_triangle_red"] <= math.log(2) and 0 <= rec["jsd_circle_red"] <= math.log(2)
     assert (tmp_path / "combinations_features_and_per-sample_dropout_and_CoInD.png").exists()
+
+
+def test_guidance_can_push_away_from_the_all_unknown_condition(tiny_cfg):
+    """sample.cfg_null=all_unknown: CFG's second branch is the condition with every attribute unspecified (not
+    the dropped one), exactly D_null + s (D_cond - D_null); a run without attr_dropout refuses it."""
+    from gmmcond.config import load_config
+    from gmmcond.sampling.generate import conditioned
+
+    torch.manual_seed(0)
+    parts = build(tiny_cfg("conditioner.attr_dropout=0.3"))
+    parts.denoiser.eval()
+    with torch.no_grad():  # k-diffusion zero-initialises the layers the condition enters by: make it matter
+        for p in parts.denoiser.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    cond = parts.conditioner
+    attrs = torch.stack([parts.dataset[i][1] for i in range(4)])
+    z = cond.sample_latents(4, torch.Generator().manual_seed(1))
+    x, sigma = torch.randn(4, 3, 16, 16), torch.full((4,), 0.8)
+    with torch.no_grad():
+        outs = {}
+        for which in ("dropped", "all_unknown"):
+            model, extra = conditioned(parts, attrs, z, cfg_scale=2.0, cfg_null=which)
+            outs[which] = model(x, sigma, **extra)
+        c = parts.denoiser(x, sigma, mapping_cond=extra["mapping_cond"])
+        u = parts.denoiser(x, sigma, mapping_cond=cond.all_unknown(4))
+    torch.testing.assert_close(outs["all_unknown"], u + 2.0 * (c - u), rtol=1e-5, atol=1e-5)
+    assert (outs["all_unknown"] - outs["dropped"]).abs().max() > 1e-4
+    assert cond.all_unknown(1)[0, -1] == 0 and cond.guidance_null(1)[0, -1] == 1  # present but all unknown vs dropped
+    with pytest.raises(ConfigError, match="cfg_null=all_unknown needs a run trained with conditioner.attr_dropout > 0"):
+        conditioned(build(tiny_cfg()), attrs, z[:, :, :], cfg_scale=2.0, cfg_null="all_unknown")
+    with pytest.raises(ConfigError, match="sample.cfg_null: must be one of dropped, all_unknown"):
+        load_config("shapes_tiny", ["sample.cfg_null=unknown"])

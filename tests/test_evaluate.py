@@ -200,3 +200,17 @@ def test_evaluator_weights_are_hashed_and_an_altered_file_is_refused(tmp_path):
     write_safetensors(path, altered, {**raw, "weights_sha256": meta["weights_sha256"]})
     with pytest.raises(GmmcondError, match="its weights do not match the sha256 in its metadata"):
         load_evaluator(path)
+
+
+def test_the_report_names_each_experiments_scale_steps_and_seeds(tmp_path):
+    import json
+
+    from gmmcond.experiments.report import report
+
+    stat = {"mean": 0.5, "std": 0.1, "n": 2}
+    result = {"steps": 1500, "seeds": 2, "scale": "recipe",
+              "arms": {"fixed value (attrs)": {"all_attributes_correct": stat, "defect_rate": stat}}}
+    (tmp_path / "distribution.json").write_text(json.dumps(result))
+    text = report(tmp_path)
+    assert "### distribution (`python launch/reproduce.py distribution --scale recipe --steps 1500 --seeds 2`)" in text
+    assert "| fixed value (attrs) | 2 | 0.500 +- 0.100 | 0.500 +- 0.100 |" in text

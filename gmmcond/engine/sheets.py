@@ -31,7 +31,7 @@ def open_attributes(request, names: list[str]) -> list[str]:
 
 def sample_sheet(run: LoadedRun, sets: list[str], *, compose: str | None = None, n: int = 16, mode: str = "latents",
                  seed: int = 0, sampler=None, steps: int | None = None, cfg_scale: float | None = None,
-                 head_scale: float = 0.0, precision: str | None = None, cols: int = 8,
+                 cfg_null: str | None = None, head_scale: float = 0.0, precision: str | None = None, cols: int = 8,
                  log: Callable[[str], None] = print) -> tuple[list[torch.Tensor], list[str], torch.Tensor]:
     """Sample ``n`` images per attribute expression of ``sets`` (or one composed request) and lay them out.
 
@@ -75,7 +75,7 @@ def sample_sheet(run: LoadedRun, sets: list[str], *, compose: str | None = None,
         images = generate(parts, attrs, sampler=sampler or s["sampler"], steps=steps or s["steps"], seed=seed,
                           latents=latents, cfg_scale=s["cfg_scale"] if cfg_scale is None else cfg_scale,
                           callback=callback, model=model, head_target=attrs if head_scale else None,
-                          known=known, compose=terms).float()
+                          known=known, compose=terms, cfg_null=cfg_null or s["cfg_null"]).float()
     rows, captions = [], []
     if mode == "x0-strip":  # row b: predicted x0 of sample b at (up to) 12 evenly spaced steps
         picks = torch.linspace(0, len(strips) - 1, min(12, len(strips))).round().long().tolist()

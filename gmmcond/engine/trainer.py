@@ -204,7 +204,7 @@ def write_grid(cfg: dict, parts: Components, ema: nn.Module, path: Path, precisi
     known = torch.stack([r.known for r in requests]).repeat_interleave(s["grid_cols"], 0)
     with autocast(next(ema.parameters()).device, precision):
         images = generate(parts, attrs, sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"], seed=s["seed"],
-                          model=ema, known=known if parts.conditioner.partial else None)
+                          model=ema, known=known if parts.conditioner.partial else None, cfg_null=s["cfg_null"])
     grid = captioned_grid(list(images.float().split(s["grid_cols"])), rows)
     save_png(grid, path)
     return grid

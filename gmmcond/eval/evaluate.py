@@ -131,7 +131,8 @@ def heldout(dataset_cfg: dict, n: int, evaluator_names: list[str]) -> Heldout:
 
 
 def sample_rows(parts, attrs: torch.Tensor, *, sampler, steps: int, cfg_scale: float, seed: int, batch: int,
-                precision: str, progress: bool, desc: str, latents: torch.Tensor | None = None) -> torch.Tensor:
+                precision: str, progress: bool, desc: str, latents: torch.Tensor | None = None,
+                cfg_null: str = "dropped") -> torch.Tensor:
     """Step 2: one sample per attribute row, in batches (batch i seeded ``seed + i``), under autocast."""
     device = next(parts.denoiser.parameters()).device
     out = []
@@ -139,7 +140,7 @@ def sample_rows(parts, attrs: torch.Tensor, *, sampler, steps: int, cfg_scale: f
     for i, chunk in enumerate(tqdm(attrs.split(batch), desc=desc, disable=not progress)):
         with autocast(device, precision):
             out.append(generate(parts, chunk, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed + i,
-                                latents=z[i]).float())
+                                latents=z[i], cfg_null=cfg_null).float())
     return torch.cat(out)
 
 
@@ -205,7 +206,8 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
     sampler, steps = sampler or s["sampler"], steps or s["steps"]
     cfg_scale = s["cfg_scale"] if cfg_scale is None else cfg_scale
     precision = precision or sampling_precision(cfg, next(parts.denoiser.parameters()).device.type)
-    opts = dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale, batch=batch, precision=precision, progress=progress)
+    opts = dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale, batch=batch, precision=precision, progress=progress,
+                cfg_null=s["cfg_null"])
 
     real_side = heldout(cfg["dataset"], n, meta["attr_names"])
     images = sample_rows(parts, real_side.cond_attrs, seed=seed, desc="sample", **opts)
@@ -213,6 +215,7 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
     scores, reasons = score(real_side, images, fake, real, ref)
     result = {
         "run": str(run_dir), "step": run.step, "n": n, "sampler": sampler, "steps": steps, "cfg_scale": cfg_scale,
+        "cfg_null": s["cfg_null"],
         "autocast": precision, "evaluator": str(evaluator_path), "evaluator_hash": meta.get("dataset_hash"),
         "evaluator_weights_sha256": meta["weights_sha256"], "evaluator_heldout": meta["scores"],
         "reference": real_side.reference.description, "reference_rows_matched": real_side.reference.rows_matched,

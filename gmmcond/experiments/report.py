@@ -125,6 +125,11 @@ def editing_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def command_options(result: dict) -> str:
+    """The options an experiment's JSON records (scale, steps, seeds), as they would follow its sub-command."""
+    return "".join(f" --{k} {result[k]}" for k in ("scale", "steps", "seeds") if k in result)
+
+
 def report(out: Path, sweep_json: Path | None = None, recipe_runs: list[Path] | None = None) -> str:
     """Every table whose JSON exists under ``out`` (and the sweep's and the recipe runs', if given), as one
     markdown string."""
@@ -137,7 +142,8 @@ def report(out: Path, sweep_json: Path | None = None, recipe_runs: list[Path] | 
     for name, fn in tables.items():
         path = out / f"{name}.json"
         if path.exists():
-            parts.append(f"### {name} (`python launch/reproduce.py {name}`)\n\n{fn(json.loads(path.read_text()))}")
+            result = json.loads(path.read_text())
+            parts.append(f"### {name} (`python launch/reproduce.py {name}{command_options(result)}`)\n\n{fn(result)}")
     if sweep_json and sweep_json.exists():
         parts.append(f"### sweep (`python launch/evaluate.py --run RUN --sweep`)\n\n{sweep_table(json.loads(sweep_json.read_text()))}")
     return "\n\n".join(parts)

@@ -256,9 +256,10 @@ def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) 
 def run_arms(arms: dict[str, tuple[str, list[str]]], runs: Path, log: "ResultLog", prefix: str, *, seeds: int, n: int,
              progress=print, evaluate=None) -> None:
     """Train and evaluate every (arm, seed) not yet in ``log``, seed by seed, so each seed's arms land together.
-    ``arms`` maps a name to (recipe, overrides), the overrides led by the experiment's scale (``SCALES``); seed ``s`` adds ``train.seed=s conditioner.seed=s``. A result
-    is keyed by its arm, seed and full override list (``config``), and its run folder carries a hash of that
-    list, so a rerun with other settings (``--steps``) trains afresh instead of reusing a finished run.
+    ``arms`` maps a name to (recipe, overrides), the overrides led by the experiment's scale (``SCALES``); seed
+    ``s`` adds ``train.seed=s conditioner.seed=s``. A result is keyed by its arm, seed and full override list
+    (``config``), and its run folder carries a hash of that list, so a rerun with other settings (``--steps``)
+    trains afresh instead of reusing a finished run.
     ``evaluate(arm, seed, recipe, overrides, run, n) -> record`` replaces :func:`train_and_evaluate` (and must
     train too, e.g. through :func:`train_once`)."""
     for seed in range(seeds):
@@ -394,7 +395,8 @@ def features_vs_classes(out: Path, runs: Path, log_path: Path, *, seeds: int = 3
     from ..io import read_json
 
     log = ResultLog(log_path)
-    arms = {arm: (recipe, [*scale_overrides(scale), f"train.steps={steps}", *extra]) for arm, (recipe, extra) in FVC_ARMS.items()}
+    arms = {arm: (recipe, [*scale_overrides(scale), f"train.steps={steps}", *extra])
+            for arm, (recipe, extra) in FVC_ARMS.items()}
     run_arms(arms, runs, log, "fvc", seeds=seeds, n=n, progress=progress)
     shared = S.SHAPES + S.COLOURS  # what every arm's labels fix: compare accuracy on these alone
     for rec in [r for arm in arms for r in arm_records(log, arms, arm, seeds)]:
@@ -432,7 +434,8 @@ def precision(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, n: int =
     at fp32 and at bf16 + torch.compile, ``seeds`` seeds each, every run evaluated the same way; per-seed
     values and mean +- std per arm."""
     log = ResultLog(log_path)
-    arms = {arm: (recipe, [*EXPERIMENT_SCALE, *extra, "train.grid_every=0"]) for arm, (recipe, extra) in PRECISION_ARMS.items()}
+    arms = {arm: (recipe, [*EXPERIMENT_SCALE, *extra, "train.grid_every=0"])
+            for arm, (recipe, extra) in PRECISION_ARMS.items()}
     run_arms(arms, runs, log, "precision", seeds=seeds, n=n, progress=progress)
     plot_loss_bands(out, log, arms, seeds, "shapes: fp32 vs bf16 + torch.compile")
     return {"seeds": seeds, "n": n, "arms": summarise_arms(log, arms, seeds)}
@@ -513,7 +516,7 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
     for k, (sh, co) in enumerate((sh, co) for sh in S.SHAPES for co in S.COLOURS):
         attrs, known, compose = _combination_requests(test, names, loaded.parts.groups, sh, co, mode, per)
         images = generate(loaded.parts, attrs, sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"],
-                          seed=1000 * seed + k, known=known, compose=compose).float()
+                          seed=1000 * seed + k, known=known, compose=compose, cfg_null=s["cfg_null"]).float()
         probs = model.predict(images)["probs"]
         ok = (probs[:, col(sh)] > 0.5) & (probs[:, col(co)] > 0.5)
         defects = [S.check_image(img).defect for img in images]
@@ -536,7 +539,8 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
         for k, (text, member) in enumerate(NEGATIONS.items()):
             request = parse_expr(text, names, loaded.parts.groups)
             images = generate(loaded.parts, request.values.expand(per, -1), sampler=s["sampler"], steps=s["steps"],
-                              cfg_scale=s["cfg_scale"], seed=1000 * seed + 100 + k, known=request.known.expand(per, -1)).float()
+                              cfg_scale=s["cfg_scale"], seed=1000 * seed + 100 + k, known=request.known.expand(per, -1),
+                              cfg_null=s["cfg_null"]).float()
             right.append((model.predict(images)["probs"][:, col(member)] > 0.5).float().mean().item())
         rec["negation_conformity"] = statistics.fmean(right)
         real = torch.stack([test[i][0] for i in range(128)])

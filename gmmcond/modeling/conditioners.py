@@ -10,6 +10,7 @@ from ..errors import ConfigError
 from ..registry import CONDITIONERS
 
 PAIRINGS = ("fixed", "resample", "constant")
+GUIDANCE_NULLS = ("dropped", "all_unknown")  # what CFG and composed guidance push away from (sample.cfg_null)
 ATTR_DROPOUT_MODES = ("per_attribute", "per_sample")
 
 
@@ -47,6 +48,23 @@ class Conditioner(nn.Module):
         out = self.anchor.new_zeros(n, self.dim)
         out[:, -1] = 1
         return out
+
+    def all_unknown(self, n: int) -> torch.Tensor | None:
+        """The condition with every attribute unspecified; None unless ``partial``."""
+        return None
+
+    def guidance_null(self, n: int, which: str = "dropped") -> torch.Tensor | None:
+        """The condition guidance pushes away from (``sample.cfg_null``): ``dropped``, the dropped-condition input
+        CFG was trained with (:meth:`unconditional`), or ``all_unknown``, every attribute unspecified but the
+        condition present (:meth:`all_unknown`; a partial conditioner only)."""
+        if which not in GUIDANCE_NULLS:
+            raise ConfigError(f"sample.cfg_null must be one of {', '.join(GUIDANCE_NULLS)}, got {which!r}")
+        if which == "dropped":
+            return self.unconditional(n)
+        if not self.partial:
+            raise ConfigError("sample.cfg_null=all_unknown needs a run trained with conditioner.attr_dropout > 0 "
+                              "(e.g. the shapes_compose recipe); use cfg_null=dropped for this one")
+        return self.all_unknown(n)
 
 
 @CONDITIONERS.register("gmm_attrs")

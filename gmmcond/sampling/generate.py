@@ -41,6 +41,7 @@ def generate(
     head_target: torch.Tensor | None = None,  # [B, K] targets for a HeadGuidedDenoiser model.
     known: torch.Tensor | None = None,  # [B, K] 1 = specified; 0 = unspecified (needs a run with attr_dropout > 0).
     compose: list[tuple[int, float]] | None = None,  # (attribute index, weight) terms for composed guidance.
+    cfg_null: str = "dropped",  # What guidance pushes away from: dropped (trained null) or all_unknown (partial runs).
 ) -> torch.Tensor:
     """Sample images for the given attribute rows; returns images [B, 3, H, W] in [-1, 1].
 
@@ -52,7 +53,7 @@ def generate(
     device = next(parts.denoiser.parameters()).device
     z = draw_latents(parts, n, gen, latents)
     denoiser, extra_args = conditioned(parts, attrs, z, model=model, cfg_scale=cfg_scale, known=known, compose=compose,
-                                       head_target=head_target)
+                                       head_target=head_target, cfg_null=cfg_null)
     noise = torch.randn(n, 3, size, size, generator=gen).to(device)
     sigmas = parts.schedule.sigmas(steps).to(device)
     return sample(sampler, denoiser, noise, sigmas, extra_args=extra_args, callback=callback, generator=gen)
@@ -67,11 +68,12 @@ def draw_latents(parts: Components, n: int, gen: torch.Generator, latents: torch
 
 def conditioned(parts: Components, attrs: torch.Tensor, z: torch.Tensor | None, *, model: nn.Module | None = None,
                 cfg_scale: float = 1.0, known: torch.Tensor | None = None, compose: list[tuple[int, float]] | None = None,
-                head_target: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
+                head_target: torch.Tensor | None = None, cfg_null: str = "dropped") -> tuple[nn.Module, dict]:
     """Return the k-diffusion model and its ``extra_args`` for attribute rows ``attrs`` with latents ``z``.
 
     The model is ``model`` (default the run's denoiser), wrapped for CFG when ``cfg_scale != 1`` or for
-    composed guidance with ``compose``; ``extra_args`` holds the encoded ``mapping_cond`` (and ``head_target``).
+    composed guidance with ``compose``, either pushing away from the condition ``cfg_null`` names
+    (:meth:`Conditioner.guidance_null`); ``extra_args`` holds the encoded ``mapping_cond`` (and ``head_target``).
     """
     denoiser = model if model is not None else parts.denoiser
     device = next(parts.denoiser.parameters()).device
@@ -82,11 +84,11 @@ def conditioned(parts: Components, attrs: torch.Tensor, z: torch.Tensor | None, 
         if compose:
             extra_args["mapping_cond"] = composed_conditions(cond_module, compose, z)
             weights = [w for _, w in compose]
-            denoiser = ComposedGuidanceDenoiser(denoiser, weights, cond_module.unconditional(1)[0].to(device))
+            denoiser = ComposedGuidanceDenoiser(denoiser, weights, cond_module.guidance_null(1, cfg_null)[0].to(device))
         else:
             extra_args["mapping_cond"] = cond_module.encode(attrs.to(device), z, known=None if known is None else known.to(device))
             if cfg_scale != 1.0:
-                denoiser = CFGDenoiser(denoiser, cfg_scale, cond_module.unconditional(1)[0].to(device))
+                denoiser = CFGDenoiser(denoiser, cfg_scale, cond_module.guidance_null(1, cfg_null)[0].to(device))
     elif compose:
         raise ConfigError("composed guidance needs a conditional run; this one is unconditional")
     if head_target is not None:
