@@ -108,8 +108,9 @@ MINIMUMS = {  # dotted key -> smallest valid value
     "train.keep_checkpoints": 1, "train.warmup_steps": 0, "train.num_workers": 0, "train.cpu_threads": 0,
     "train.lr": 0.0, "train.coind_weight": 0.0, "train.coind_fraction": 0.0, "sample.steps": 1, "sample.grid_cols": 1, "sample.cfg_scale": 0.0,
 }
+GUIDANCE_NULLS = ("dropped", "all_unknown")  # sample.cfg_null: what CFG and composed guidance push away from
 CHOICES = {"train.precision": ("auto", "fp32", "bf16", "fp16"), "train.lr_decay": ("constant", "cosine"),
-           "sample.cfg_null": ("dropped", "all_unknown")}
+           "sample.cfg_null": GUIDANCE_NULLS}
 NODES: dict[str, Registry] = {
     "dataset": DATASETS, "model": MODELS, "conditioner": CONDITIONERS, "head": HEADS, "schedule": SCHEDULES,
 }

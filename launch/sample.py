@@ -4,6 +4,7 @@ import argparse
 from pathlib import Path
 
 from gmmcond.cli import fail_cleanly, guidance_scale, positive_int
+from gmmcond.config import GUIDANCE_NULLS
 
 
 def main() -> None:
@@ -22,7 +23,7 @@ def main() -> None:
                         help="classifier-free guidance scale D_uncond + s (D_cond - D_uncond): 0 ignores the attributes, "
                              "between 0 and 1 mixes toward the unconditional model, 1 is plain conditional (no "
                              "guidance), above 1 guides; default: the run's sample.cfg_scale")
-    parser.add_argument("--cfg-null", choices=["dropped", "all_unknown"],
+    parser.add_argument("--cfg-null", choices=GUIDANCE_NULLS,
                         help="what guidance pushes away from: dropped, the dropped condition it was trained with, or "
                              "all_unknown, every attribute unspecified (runs trained with attr_dropout > 0); default: "
                              "the run's sample.cfg_null")

@@ -484,8 +484,8 @@ def combination_arms(steps: int, scale: str = "v1") -> dict[str, tuple[str, list
     arms = {}
     for arm, (recipe, label_mode, _, own) in COMBINATION_ARMS.items():
         extra = ["sample.grid_rows=[circle_red,triangle_red]"] if label_mode == "classes" else []
-        arms[arm] = (recipe, [*scale_overrides(scale), f"dataset.exclude={exclude}", f"dataset.label_mode={label_mode}", f"train.steps={steps}",
-                              "train.grid_every=0", *extra, *own])
+        arms[arm] = (recipe, [*scale_overrides(scale), f"dataset.exclude={exclude}", f"dataset.label_mode={label_mode}",
+                              f"train.steps={steps}", "train.grid_every=0", *extra, *own])
     return arms
 
 

@@ -6,11 +6,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..config import GUIDANCE_NULLS
 from ..errors import ConfigError
 from ..registry import CONDITIONERS
 
 PAIRINGS = ("fixed", "resample", "constant")
-GUIDANCE_NULLS = ("dropped", "all_unknown")  # what CFG and composed guidance push away from (sample.cfg_null)
 ATTR_DROPOUT_MODES = ("per_attribute", "per_sample")
 
 
