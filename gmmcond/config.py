@@ -234,6 +234,13 @@ def resolve(raw: dict) -> dict:
             raise ConfigError(f"head.loss: {LOSSES.unknown_message(loss)}")
     if cfg["denoiser"]["loss"] not in DENOISER_LOSSES:
         raise _unknown_key("denoiser.loss", cfg["denoiser"]["loss"], DENOISER_LOSSES)
+    tilt = cfg["schedule"].get("tilt", "none")
+    if tilt != "none" and cfg["schedule"]["tilt_sigma_data"] != cfg["denoiser"]["sigma_data"]:
+        raise ConfigError(f"schedule.tilt_sigma_data ({cfg['schedule']['tilt_sigma_data']}) must equal denoiser.sigma_data "
+                          f"({cfg['denoiser']['sigma_data']}): the {tilt} tilt stands in for that weighting")
+    if tilt != "none" and cfg["denoiser"]["loss"] != "karras":
+        raise ConfigError(f"schedule.tilt={tilt} already weights the loss by drawing sigma; set denoiser.loss=karras "
+                          f"(unit weight), not {cfg['denoiser']['loss']!r}, or the weighting counts twice")
     if history:
         cfg["history"] = history
     return cfg

@@ -24,6 +24,8 @@ def test_three_step_run_writes_grid_metrics_checkpoint_export(tiny_cfg, tmp_path
     train(tiny_cfg(), run)
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
     assert all(m["loss"] > 0 for m in read_metrics(run))
+    # one step per log line: the pre-clip norm, and whether it exceeded train.grad_clip (1.0)
+    assert all(m["grad_norm"] > 0 and m["grad_clipped"] == float(m["grad_norm"] > 1.0) for m in read_metrics(run))
     assert (run / "samples" / "grid_0000003.png").exists() and (run / "plots" / "loss.png").exists()
     assert (run / "checkpoints" / "latest").read_text() == "step_0000003.pt"
     assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["step_0000002.pt", "step_0000003.pt"]

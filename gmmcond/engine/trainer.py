@@ -438,7 +438,8 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------------- steps
     def train_step(self, step: int, images, attrs, index) -> dict[str, torch.Tensor]:
-        """One optimiser step; returns the per-sample losses (detached). Stops on a non-finite loss."""
+        """One optimiser step; returns the per-sample losses (detached) and, with clipping on, the gradient norm
+        before clipping and whether it was clipped. Stops on a non-finite loss."""
         # record_function labels name the phases in torch.profiler traces (launch/benchmark.py profile); free otherwise
         with record_function("gmmcond::forward"):
             images, attrs, index = images.to(self.device), attrs.to(self.device), index.to(self.device)
@@ -453,14 +454,16 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             self.accelerator.backward(loss)
         with record_function("gmmcond::optimizer"):
-            if self.t["grad_clip"] > 0:
-                self.accelerator.clip_grad_norm_(self.module.parameters(), self.t["grad_clip"])
+            stats = {}
+            if self.t["grad_clip"] > 0:  # the norm before clipping, and whether the clip bit (logged as interval means)
+                norm = self.accelerator.clip_grad_norm_(self.module.parameters(), self.t["grad_clip"]).detach().float()
+                stats = {"grad_norm": norm, "grad_clipped": (norm > self.t["grad_clip"]).float()}
             self.opt.step()
             self.sched.step()
         with record_function("gmmcond::ema"):
             self.ema_update(self.ema_sched.get_value())
             self.ema_sched.step()
-        return {k: v.detach() for k, v in losses.items()}
+        return {**{k: v.detach() for k, v in losses.items()}, **stats}
 
     def _check_finite(self, loss: torch.Tensor, step: int) -> None:
         """Gather the step's loss (and, on several processes, whether any was interrupted); stop on NaN/inf.

@@ -418,6 +418,12 @@ PROBES = {
     "soft-min-snr weighting": ["denoiser.loss=soft_min_snr"],
     "sigma density loc -0.6": ["schedule.loc=-0.6"],
     "batch 32 x 12000 steps": ["train.batch_size=32", "train.steps=12000", "train.warmup_steps=200"],
+    # the soft-min-SNR objective by importance sampling: sigma drawn from the log-normal times the weighting,
+    # unit weight (schedules.KarrasSchedule, tilt), so no batch slot goes to a near-zero weight
+    "importance-sampled soft-min-snr": ["schedule.tilt=soft_min_snr", "denoiser.loss=karras"],
+    # Karras weighting with the gradient-norm clip off: is it the weighting or the clip? (soft-min-SNR's
+    # gradient norms stay far below the 1.0 clip after the first 50 steps, metrics.jsonl grad_clipped)
+    "karras weighting, no clip": ["denoiser.loss=karras", "train.grad_clip=0"],
 }
 
 

@@ -5,10 +5,15 @@ sigma_t = sqrt((1 - abar_t) / abar_t), since x_t / sqrt(abar_t) = x0 + sigma_t e
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from k_diffusion import sampling as ks
 
+from ..errors import ConfigError
 from ..registry import SCHEDULES
+
+TILTS = ("none", "soft_min_snr")
 
 
 @SCHEDULES.register("karras")
@@ -23,12 +28,32 @@ class KarrasSchedule:
         rho: float = 7.0,  # Karras et al. Eq. 5 spacing.
         loc: float = -1.2,  # Mean of log sigma during training (EDM's P_mean).
         scale: float = 1.2,  # Std of log sigma during training (EDM's P_std).
+        tilt: str = "none",  # none | soft_min_snr: draw sigma from the log-normal times this weighting (pair with denoiser.loss=karras).
+        tilt_sigma_data: float = 0.5,  # The sigma_data of the tilting weighting; must equal denoiser.sigma_data.
     ):
+        if tilt not in TILTS:
+            raise ConfigError(f"schedule.tilt must be one of {', '.join(TILTS)}, got {tilt!r}")
         self.sigma_min, self.sigma_max, self.rho, self.loc, self.scale = sigma_min, sigma_max, rho, loc, scale
+        self.tilt, self.tilt_sigma_data = tilt, tilt_sigma_data
 
     def sample_sigmas(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw ``n`` training sigmas from the log-normal density."""
-        return (self.loc + self.scale * torch.randn(n, generator=generator)).exp()
+        """Draw ``n`` training sigmas from the log-normal density, or from it tilted by ``tilt``.
+
+        The soft-min-SNR tilt draws from p(sigma) w(sigma) / Z, where p is the log-normal and
+        w = (sigma s)^2 / (sigma^2 + s^2)^2 = 1 / (4 cosh^2(log(sigma / s))) with s = ``tilt_sigma_data``
+        (k-diffusion's soft-min-SNR weighting): rejection sampling from p, accepting with probability
+        4 w = sech^2(log(sigma / s)) <= 1. Trained with unit weight (``denoiser.loss=karras``), the expected
+        loss is the soft-min-SNR objective divided by Z, but no sample in a batch is spent on a near-zero
+        weight: importance sampling of the same objective, with lower gradient variance."""
+        if self.tilt == "none":
+            return (self.loc + self.scale * torch.randn(n, generator=generator)).exp()
+        kept, need = [], n
+        while need:
+            u = self.loc + self.scale * torch.randn(2 * need + 8, generator=generator)
+            accept = torch.rand(len(u), generator=generator) < torch.cosh(u - math.log(self.tilt_sigma_data)).pow(-2)
+            kept.append(u[accept][:need])
+            need -= len(kept[-1])
+        return torch.cat(kept).exp()
 
     def sigmas(self, steps: int) -> torch.Tensor:
         """Return ``steps`` sampling sigmas from sigma_max to sigma_min, then 0."""
