@@ -424,6 +424,8 @@ PROBES = {
     # Karras weighting with the gradient-norm clip off: is it the weighting or the clip? (soft-min-SNR's
     # gradient norms stay far below the 1.0 clip after the first 50 steps, metrics.jsonl grad_clipped)
     "karras weighting, no clip": ["denoiser.loss=karras", "train.grad_clip=0"],
+    # more training draws at high sigma, where composition is decided (the tilt above starves both tails)
+    "soft-min-snr, sigma density loc -0.6": ["denoiser.loss=soft_min_snr", "schedule.loc=-0.6"],
 }
 
 
