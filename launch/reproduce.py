@@ -27,7 +27,8 @@ def main() -> None:
                         help="head, distribution, features-vs-classes, combinations: the recipe scale (gmmcond.experiments."
                              "reproduce.SCALES): v1, the shapes recipe as the paper experiments first ran (no attention, "
                              "Karras weighting; the default, so older tables reproduce), or recipe, the default recipe as it is")
-    parser.add_argument("--arms", nargs="*", help="combinations: run only these arms (names as in the table)")
+    parser.add_argument("--arms", nargs="*", help="head, distribution, combinations: run only these arms (names as in "
+                                                  "the table; default all)")
     parser.add_argument("--sweep", default="runs/shapes/sweep.json", help="report: the sweep to tabulate")
     parser.add_argument("--recipe-runs", nargs="*", default=[], help="report: evaluated runs of one recipe (seeds), one table row")
     args = parser.parse_args()
@@ -50,12 +51,14 @@ def main() -> None:
         steps["n"] = args.n
     if args.experiment in ("head", "features-vs-classes", "combinations", "distribution"):
         steps["scale"] = args.scale
+    if args.arms and args.experiment not in ("head", "combinations", "distribution"):
+        parser.error(f"--arms applies to head, distribution and combinations, not {args.experiment}")
     if args.experiment == "density":
         result = experiments.density(png, **{k: v for k, v in steps.items() if k == "steps"})
     elif args.experiment == "ngmg-vs-bce":
         result = experiments.ngmg_vs_bce(png, out / "ngmg-vs-bce.jsonl", **steps)
     elif args.experiment == "head":
-        result = experiments.head(png, out / "runs", out / "head.jsonl", **steps)
+        result = experiments.head(png, out / "runs", out / "head.jsonl", arms=args.arms, **steps)
     elif args.experiment == "combinations":
         result = experiments.combinations(png, out / "runs", out / "combinations.jsonl", arms=args.arms, **steps)
     elif args.experiment == "editing":
@@ -65,7 +68,7 @@ def main() -> None:
 
         result = editing(Path(args.run), png, out / "editing.jsonl", **steps)
     elif args.experiment == "distribution":
-        result = experiments.distribution(png, out / "runs", out / "distribution.jsonl", **steps)
+        result = experiments.distribution(png, out / "runs", out / "distribution.jsonl", arms=args.arms, **steps)
     elif args.experiment == "precision":
         result = experiments.precision(png, out / "runs", out / "precision.jsonl", **steps)
     else:

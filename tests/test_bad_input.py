@@ -328,3 +328,14 @@ def test_only_gmmcond_errors_become_one_line_messages(capsys):
     with pytest.raises(ValueError, match="a bug"):  # not disguised as the user's mistake
         fail_cleanly(bug)
     assert issubclass(ConfigError, GmmcondError) and issubclass(CheckpointError, GmmcondError)
+
+
+def test_an_experiment_runs_only_the_arms_named_and_rejects_an_unknown_one():
+    from gmmcond.experiments.reproduce import DISTRIBUTION_ARMS, select_arms
+
+    picked = select_arms(DISTRIBUTION_ARMS, ["gmm_attrs, fixed pairing (paper)", "fixed value (attrs)"])
+    assert list(picked) == ["fixed value (attrs)", "gmm_attrs, fixed pairing (paper)"]  # the table's order
+    assert select_arms(DISTRIBUTION_ARMS, None) == DISTRIBUTION_ARMS
+    with pytest.raises(ConfigError, match=r"unknown arm\(s\) \['fixed pairing'\]; this experiment's arms are: "
+                                          r"'fixed value \(attrs\)'"):
+        select_arms(DISTRIBUTION_ARMS, ["fixed pairing"])

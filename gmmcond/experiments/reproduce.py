@@ -331,26 +331,37 @@ HEAD_ARMS = {"no head": ("shapes", ["head=none"]),
              "head bce": ("shapes", ["head=bottleneck_attrs", "head.loss=bce"])}
 
 
+def select_arms(table: dict, names: list[str] | None) -> dict:
+    """The arms of ``table`` named in ``names`` (all of them when ``names`` is empty), in the table's order; an
+    unknown name is a ConfigError that lists the arms."""
+    from ..errors import ConfigError
+
+    unknown = sorted(set(names or ()) - set(table))
+    if unknown:
+        raise ConfigError(f"unknown arm(s) {unknown}; this experiment's arms are: {', '.join(map(repr, table))}")
+    return {a: v for a, v in table.items() if not names or a in names}
+
+
 def loss_arms(arm_table: dict, prefix: str, title: str, out: Path, runs: Path, log_path: Path, *, seeds: int, steps: int,
-              n: int, scale: str, progress=print) -> dict:
-    """Train and evaluate every arm of ``arm_table`` at ``scale`` for ``steps`` steps and ``seeds`` seeds
-    (:func:`run_arms`), plot their diffusion-loss bands, and summarise them."""
+              n: int, scale: str, arms: list[str] | None = None, progress=print) -> dict:
+    """Train and evaluate the arms of ``arm_table`` (those named in ``arms``, else all) at ``scale`` for ``steps``
+    steps and ``seeds`` seeds (:func:`run_arms`), plot their diffusion-loss bands, and summarise them."""
     log = ResultLog(log_path)
     base = [*scale_overrides(scale), f"train.steps={steps}", f"train.checkpoint_every={min(250, steps)}",
             "train.grid_every=0"]
-    arms = {arm: (recipe, [*base, *extra]) for arm, (recipe, extra) in arm_table.items()}
+    arms = {arm: (recipe, [*base, *extra]) for arm, (recipe, extra) in select_arms(arm_table, arms).items()}
     run_arms(arms, runs, log, prefix, seeds=seeds, n=n, progress=progress)
     plot_loss_bands(out, log, arms, seeds, f"{title}, {steps} steps ({scale} scale)")
     return {"steps": steps, "seeds": seeds, "n": n, "scale": scale, "arms": summarise_arms(log, arms, seeds)}
 
 
 def head(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 1000, n: int = 512, scale: str = "v1",
-         progress=print) -> dict:
+         arms: list[str] | None = None, progress=print) -> dict:
     """Paper Fig. 9: the default recipe's model and batch with no head, a head trained with NGMG entropy
     (surplus) and a head trained with BCE; diffusion-loss curves and the evaluation of each arm's samples.
     Resumable per (arm, seed, config) through ``log_path``."""
     return loss_arms(HEAD_ARMS, "head", "shapes: no head / NGMG head / BCE head", out, runs, log_path, seeds=seeds,
-                     steps=steps, n=n, scale=scale, progress=progress)
+                     steps=steps, n=n, scale=scale, arms=arms, progress=progress)
 
 
 DISTRIBUTION_ARMS = {
@@ -363,14 +374,14 @@ DISTRIBUTION_ARMS = {
 
 
 def distribution(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 1000, n: int = 256,
-                 scale: str = "v1", progress=print) -> dict:
+                 scale: str = "v1", arms: list[str] | None = None, progress=print) -> dict:
     """The paper's central claim (Sec. 3.2, Eqs. 8-9): attributes embedded as a distribution (the GMM latent,
     with the paper's fixed pairing of one latent per training image, and with a fresh latent each step) against
     the same attributes as a fixed value (``attrs``, and ``gmm_attrs`` with every latent entry the mixture's
     mean: only the randomness removed); same model, steps and seeds. Conformity, defects, per-set
     recall / coverage / spread, memorisation (authenticity) and the loss. Resumable per (arm, seed, config)."""
     return loss_arms(DISTRIBUTION_ARMS, "dist", "shapes: fixed value / GMM fixed pairing / GMM resample", out, runs,
-                     log_path, seeds=seeds, steps=steps, n=n, scale=scale, progress=progress)
+                     log_path, seeds=seeds, steps=steps, n=n, scale=scale, arms=arms, progress=progress)
 
 
 CLASS_GRID_ROWS = "[circle_red,square_green,triangle_blue,circle_blue,square_red,triangle_green]"
@@ -563,13 +574,8 @@ def combinations(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, steps
     """Attribute combinations never seen in training (red triangle, green circle, blue square): conformity and
     defects on seen vs held-out combinations per arm and seed (:func:`combination_scores`), through
     :func:`run_arms` (resumable, keyed by the full arm config); ``arms`` picks some of ``COMBINATION_ARMS``."""
-    from ..errors import ConfigError
-
-    unknown = sorted(set(arms or ()) - set(COMBINATION_ARMS))
-    if unknown:
-        raise ConfigError(f"unknown arm(s) {unknown}; the combination arms are: {', '.join(map(repr, COMBINATION_ARMS))}")
     log = ResultLog(log_path)
-    arms = {a: v for a, v in combination_arms(steps, scale).items() if not arms or a in arms}
+    arms = select_arms(combination_arms(steps, scale), arms)
     run_arms(arms, runs, log, "comb", seeds=seeds, n=per, progress=progress,
              evaluate=lambda *args: combination_scores(*args, out=out))
     return {"held_out": list(HELD_OUT_COMBINATIONS), "seeds": seeds, "steps": steps, "scale": scale, "per": per,
