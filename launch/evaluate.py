@@ -41,6 +41,9 @@ def main() -> None:
                                             "data, else one trained on first use and cached)")
     parser.add_argument("--sets", type=int, default=6, help="attribute sets for the per-set diversity metrics (shapes)")
     parser.add_argument("--per-set", type=positive_int, default=48, help="samples (and real redraws) per attribute set")
+    parser.add_argument("--weights", choices=["ema", "live"], default="ema",
+                        help="ema (default): the averaged weights sampling uses; live: the trained weights before "
+                             "averaging, from the latest checkpoint (with --tag, to judge the EMA length)")
     parser.add_argument("--memorisation", type=int, default=256,
                         help="samples conditioned on training rows for the memorisation check (authenticity); 0 skips it")
     parser.add_argument("--sweep", action="store_true",
@@ -84,7 +87,7 @@ def main() -> None:
 
     result = evaluate_run(args.run, n=args.n or 512, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
                           precision=args.precision, evaluator=args.evaluator, sets=args.sets, per_set=args.per_set, tag=args.tag,
-                          memorisation=args.memorisation)
+                          memorisation=args.memorisation, weights=args.weights)
     h = result["headline"]
     print(f"all attributes correct {h['all_attributes_correct']:.4f}, defects {h['defect_rate']:.2%} "
           f"(real held-out images: {result['real_heldout_defect_rate']:.2%})")

@@ -76,6 +76,22 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_cfg, tmp_path):
     assert load_run(run).source.name == "ema.safetensors"  # sampling needs only the export, which is intact
 
 
+def test_a_run_loads_its_live_weights_or_its_ema_weights(tiny_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(), run)
+    state = load_checkpoint(run / "checkpoints" / "step_0000003.pt")
+    live = load_run(run, weights="live")
+    assert live.source.name == "step_0000003.pt" and live.step == 3  # never the export, which holds the EMA only
+    got = live.parts.denoiser.inner_model.state_dict()
+    assert got.keys() == state["ema"].keys()
+    assert all(torch.equal(got[k], state["model"]["denoiser.inner_model." + k]) for k in got)
+    ema = load_run(run).parts.denoiser.inner_model.state_dict()
+    assert all(torch.equal(ema[k], state["ema"][k]) for k in ema)
+    assert any(not torch.equal(ema[k], got[k]) for k in ema)  # three steps of training moved the live weights
+    with pytest.raises(RunError, match="weights must be 'ema' or 'live'"):
+        load_run(run, weights="raw")
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
     from gmmcond.modeling.schedules import KarrasSchedule
 

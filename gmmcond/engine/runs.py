@@ -58,8 +58,14 @@ def export_run(path: str | Path, parts: Components, cfg: dict, step: int) -> Non
     export_safetensors(path, sampling_weights(parts), cfg, dataset_info(parts.dataset), step)
 
 
-def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> LoadedRun:
-    """Load a run directory's resolved config and its EMA weights (export or checkpoint, whichever is newest)."""
+LIVE_PREFIX = "denoiser.inner_model."  # the inner model's keys in a checkpoint's "model" (the trainer's module)
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, weights: str = "ema") -> LoadedRun:
+    """Load a run directory's resolved config and its EMA weights (export or checkpoint, whichever is newest);
+    ``weights="live"`` loads the trained, un-averaged weights of the checkpoint instead (to judge the EMA)."""
+    if weights not in ("ema", "live"):
+        raise RunError(f"weights must be 'ema' or 'live', got {weights!r}")
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.exists():
@@ -73,7 +79,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Loade
     export = run_dir / "ema.safetensors"
     path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
     loaded = None
-    if checkpoint is None and export.exists():
+    if checkpoint is None and export.exists() and weights == "ema":
         try:
             loaded = load_safetensors(export)
         except CheckpointError as exc:
@@ -91,6 +97,8 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Loade
             raise CheckpointError(f"{run_dir} has no checkpoint yet; train it first")
         state = load_checkpoint(path)
         step, source, inner = state["step"], path, state["ema"]
+        if weights == "live":
+            inner = {k[len(LIVE_PREFIX):]: v for k, v in state["model"].items() if k.startswith(LIVE_PREFIX)}
         head = {k[len(HEAD_PREFIX):]: v for k, v in state["model"].items() if k.startswith(HEAD_PREFIX)}
     parts.denoiser.inner_model.load_state_dict(inner)
     if parts.head is not None:  # the head is trained, not averaged: its live weights

@@ -177,7 +177,8 @@ def eval_stem(tag: str | None) -> str:
 def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None, sampler=None, cfg_scale: float | None = None,
                  seed: int = 0, batch: int = 64, progress: bool = True, evaluator: str | Path | None = None,
                  precision: str | None = None, sets: int = 6, per_set: int = 48, write: bool = True,
-                 tag: str | None = None, checkpoint: str | Path | None = None, memorisation: int = MEMORISATION_N) -> dict:
+                 tag: str | None = None, checkpoint: str | Path | None = None, memorisation: int = MEMORISATION_N,
+                 weights: str = "ema") -> dict:
     """Evaluate a trained run offline; writes ``eval.json``, ``eval_worst.png``, ``eval_diversity.png`` and
     ``eval_memorisation.png`` (``eval_TAG.json`` and so on with a ``tag``, so evaluations under other settings
     sit beside it).
@@ -189,6 +190,7 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
             per-set diversity metrics (recall, coverage, nuisance W1 and spread ratio); where the protocol can
             redraw and every attribute is fixed.
         checkpoint: evaluate the EMA weights of this checkpoint instead of the run's newest weights.
+        weights: ``"live"`` evaluates the trained weights before averaging (from the checkpoint), to judge the EMA.
         memorisation: samples conditioned on training rows for :func:`memorisation_check`; 0 skips it.
     """
     if n <= 5 or (sets > 0 and per_set <= 5):
@@ -199,7 +201,7 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
                         f"meaningful at this size; use --n {SMALL_N} or more")
         print(f"warning: {warnings[-1]}", file=sys.stderr)
     run_dir = Path(run_dir)
-    run = load_run(run_dir, checkpoint=checkpoint)
+    run = load_run(run_dir, checkpoint=checkpoint, weights=weights)
     cfg, parts = run.cfg, run.parts
     model, meta, evaluator_path = evaluator_for(cfg["dataset"], evaluator, progress=progress)
     s = cfg["sample"]
@@ -214,7 +216,7 @@ def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None,
     real, ref, fake = (model.predict(x) for x in (real_side.real_x, real_side.reference.images, images))
     scores, reasons = score(real_side, images, fake, real, ref)
     result = {
-        "run": str(run_dir), "step": run.step, "n": n, "sampler": sampler, "steps": steps, "cfg_scale": cfg_scale,
+        "run": str(run_dir), "step": run.step, "weights": weights, "n": n, "sampler": sampler, "steps": steps, "cfg_scale": cfg_scale,
         "cfg_null": s["cfg_null"],
         "autocast": precision, "evaluator": str(evaluator_path), "evaluator_hash": meta.get("dataset_hash"),
         "evaluator_weights_sha256": meta["weights_sha256"], "evaluator_heldout": meta["scores"],
