@@ -349,7 +349,10 @@ def loss_arms(arm_table: dict, prefix: str, title: str, out: Path, runs: Path, l
     log = ResultLog(log_path)
     base = [*scale_overrides(scale), f"train.steps={steps}", f"train.checkpoint_every={min(250, steps)}",
             "train.grid_every=0"]
-    arms = {arm: (recipe, [*base, *extra]) for arm, (recipe, extra) in select_arms(arm_table, arms).items()}
+    chosen = select_arms(arm_table, arms)
+    if len(chosen) < len(arm_table):  # a subset: the legend names the arms drawn; the title must not name the rest
+        title = f"{title.split(':')[0]}: {len(chosen)} of its {len(arm_table)} arms"
+    arms = {arm: (recipe, [*base, *extra]) for arm, (recipe, extra) in chosen.items()}
     run_arms(arms, runs, log, prefix, seeds=seeds, n=n, progress=progress)
     plot_loss_bands(out, log, arms, seeds, f"{title}, {steps} steps ({scale} scale)")
     return {"steps": steps, "seeds": seeds, "n": n, "scale": scale, "arms": summarise_arms(log, arms, seeds)}
