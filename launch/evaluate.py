@@ -7,6 +7,7 @@ import re
 
 
 from gmmcond.cli import fail_cleanly, guidance_scale, positive_int
+from gmmcond.engine.runs import RUN_WEIGHTS
 
 
 def sampler_node(text: str):
@@ -41,7 +42,7 @@ def main() -> None:
                                             "data, else one trained on first use and cached)")
     parser.add_argument("--sets", type=int, default=6, help="attribute sets for the per-set diversity metrics (shapes)")
     parser.add_argument("--per-set", type=positive_int, default=48, help="samples (and real redraws) per attribute set")
-    parser.add_argument("--weights", choices=["ema", "live"], default="ema",
+    parser.add_argument("--weights", choices=RUN_WEIGHTS, default="ema",
                         help="ema (default): the averaged weights sampling uses; live: the trained weights before "
                              "averaging, from the latest checkpoint (with --tag, to judge the EMA length)")
     parser.add_argument("--memorisation", type=int, default=256,

@@ -59,12 +59,13 @@ def export_run(path: str | Path, parts: Components, cfg: dict, step: int) -> Non
 
 
 LIVE_PREFIX = "denoiser.inner_model."  # the inner model's keys in a checkpoint's "model" (the trainer's module)
+RUN_WEIGHTS = ("ema", "live")  # what load_run can load: the averaged weights, or the trained ones before averaging
 
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, weights: str = "ema") -> LoadedRun:
     """Load a run directory's resolved config and its EMA weights (export or checkpoint, whichever is newest);
     ``weights="live"`` loads the trained, un-averaged weights of the checkpoint instead (to judge the EMA)."""
-    if weights not in ("ema", "live"):
+    if weights not in RUN_WEIGHTS:
         raise RunError(f"weights must be 'ema' or 'live', got {weights!r}")
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
