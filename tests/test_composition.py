@@ -93,6 +93,18 @@ def test_the_combination_experiment_scores_an_arm_end_to_end(tmp_path):
     assert (tmp_path / "combinations_features_and_per-sample_dropout_and_CoInD.png").exists()
 
 
+def test_arms_that_differ_only_in_sampling_share_one_training():
+    """The composed arm asks the attr_dropout model differently: it reuses that arm's run instead of training
+    the same config again; every other arm trains its own."""
+    from gmmcond.experiments.reproduce import combination_arms, combination_training
+
+    owners, arms = combination_training(), combination_arms(500, "recipe")
+    joint, composed = "features + attr_dropout joint", "features + attr_dropout composed"
+    assert owners[composed] == joint and arms[composed] == arms[joint]
+    others = [a for a in arms if a != composed]
+    assert all(owners[a] == a for a in others) and len({tuple(arms[a][1]) + (arms[a][0],) for a in others}) == len(others)
+
+
 def test_guidance_can_push_away_from_the_all_unknown_condition(tiny_cfg):
     """sample.cfg_null=all_unknown: CFG's second branch is the condition with every attribute unspecified (not
     the dropped one), exactly D_null + s (D_cond - D_null); a run without attr_dropout refuses it."""

@@ -17,6 +17,15 @@ def test_default_recipe_resolves_with_every_default():
     assert yaml.safe_load(yaml.safe_dump(cfg)) == cfg  # the resolved config round-trips through YAML
 
 
+def test_the_compose_recipe_is_the_default_plus_attribute_dropout():
+    """shapes_compose must not drift from the default recipe (it once kept an old loss, sampler and model)."""
+    compose, default = load_config("shapes_compose"), load_config("shapes")
+    assert compose["conditioner"]["attr_dropout"] == 0.25 and default["conditioner"]["attr_dropout"] == 0
+    for cfg in (compose, default):
+        del cfg["name"], cfg["conditioner"]["attr_dropout"], cfg["sample"]["grid_rows"]
+    assert compose == default
+
+
 def test_overrides_apply_with_yaml_values():
     cfg = load_config("shapes", ["train.steps=200", "conditioner.sigma=0.25", "conditioner.means=[-1.5,0,1.5]"])
     assert cfg["train"]["steps"] == 200 and cfg["conditioner"]["sigma"] == 0.25
