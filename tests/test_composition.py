@@ -89,6 +89,7 @@ def test_the_combination_experiment_scores_an_arm_end_to_end(tmp_path):
     for key in ("conformity_seen", "conformity_held_out", "defects_seen", "defects_held_out", "negation_conformity",
                 "unspecified_tv_max"):
         assert 0 <= rec[key] <= 1, key
+    assert rec["spread_seen"] > 0 and rec["spread_held_out"] > 0
     assert 0 <= rec["jsd_triangle_red"] <= math.log(2) and 0 <= rec["jsd_circle_red"] <= math.log(2)
     assert (tmp_path / "combinations_features_and_per-sample_dropout_and_CoInD.png").exists()
 

@@ -48,7 +48,8 @@ def arms_table(result: dict, columns=ARM_COLUMNS) -> str:
 
 COMBINATION_COLUMNS = (("conformity_seen", "conformity seen", 3), ("conformity_held_out", "conformity held-out", 3),
                        ("conformity_ratio", "held-out / seen", 3), ("defects_seen", "defects seen", 3),
-                       ("defects_held_out", "defects held-out", 3), ("unspecified_tv_max", "max TV unspecified", 3),
+                       ("defects_held_out", "defects held-out", 3), ("spread_seen", "spread seen", 3),
+                       ("spread_held_out", "spread held-out", 3), ("unspecified_tv_max", "max TV unspecified", 3),
                        ("negation_conformity", "negation conformity", 3), ("jsd_triangle_red", "JSD triangle-red", 4),
                        ("jsd_circle_red", "JSD circle-red", 4))
 

@@ -473,12 +473,17 @@ NEGATIONS = {"~circle,~square": "triangle", "~circle,~triangle": "square", "~squ
              "~red,~green": "blue", "~red,~blue": "green", "~green,~blue": "red"}  # request -> the member it leaves
 
 
+def combination_indices(test, shape: str, colour: str, per: int) -> list[int]:
+    """The first ``per`` held-out items drawing ``shape`` in ``colour``: the joint arms' requests and the real
+    images their spread is measured against."""
+    return [i for i in range(len(test)) if (p := test.params(i)).shape == shape and p.colour == colour][:per]
+
+
 def _combination_requests(test, names, groups, shape: str, colour: str, mode: str, per: int):
     """Return (attrs, known, compose) to ask a model for ``per`` images of one shape-colour combination."""
     from ..data.attrs import parse_expr
 
-    picked = [p for p in map(test.params, range(len(test))) if p.shape == shape and p.colour == colour][:per]
-    rows = torch.from_numpy(np.stack([p.attrs() for p in picked]))  # the features rows, without rendering
+    rows = torch.from_numpy(np.stack([test.params(i).attrs() for i in combination_indices(test, shape, colour, per)]))
     if mode == "class":
         attrs = torch.zeros(per, len(names))
         attrs[:, names.index(f"{shape}_{colour}")] = 1
@@ -524,6 +529,7 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
     from ..engine.runs import load_run
     from ..eval.evaluator import evaluator_for
     from ..eval.independence import jsd_diagnostic
+    from ..eval.metrics import nuisance_fidelity
     from ..registry import DATASETS
     from ..sampling.generate import generate
     from ..visualize import captioned_grid, save_png
@@ -536,12 +542,19 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
     model = evaluator_for(cfg["dataset"], progress=False)[0]
     names, col, s = loaded.parts.attr_names, list(S.ATTR_NAMES).index, cfg["sample"]
     stats, grid, tv = {"seen": [], "held_out": []}, [], {f: [] for f in S.FEATURES}
+    spread = {False: [], True: []}  # keyed by held out
     for k, (sh, co) in enumerate((sh, co) for sh in S.SHAPES for co in S.COLOURS):
         attrs, known, compose = _combination_requests(test, names, loaded.parts.groups, sh, co, mode, per)
         images = generate(loaded.parts, attrs, sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"],
                           seed=1000 * seed + k, known=known, compose=compose, cfg_null=s["cfg_null"]).float()
-        probs = model.predict(images)["probs"]
+        pred = model.predict(images)
+        probs = pred["probs"]
         ok = (probs[:, col(sh)] > 0.5) & (probs[:, col(co)] > 0.5)
+        # the request's variation against real images of the same combination (the joint rows' own images)
+        real = model.predict(torch.stack([test[i][0] for i in combination_indices(test, sh, co, per)]))
+        cols = [c for c, defined in zip(S.NUISANCE_COLUMNS, S.defined_columns(sh)) if defined]
+        fid = nuisance_fidelity(real["nuisances"].numpy(), pred["nuisances"].numpy(), S.NUISANCE_COLUMNS)
+        spread[(sh, co) in held].append(statistics.fmean(fid[c]["spread_ratio"] for c in cols))
         defects = [S.check_image(img).defect for img in images]
         stats["held_out" if (sh, co) in held else "seen"].append((ok.float().mean().item(), sum(defects) / len(defects)))
         if mode in ("partial", "composed"):  # unspecified features: data frequency given shape and colour is 0.5
@@ -554,6 +567,7 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
         rec[f"conformity_{split}"] = statistics.fmean(v[0] for v in vals)
         rec[f"defects_{split}"] = statistics.fmean(v[1] for v in vals)
     rec["conformity_ratio"] = rec["conformity_held_out"] / max(rec["conformity_seen"], 1e-9)
+    rec["spread_seen"], rec["spread_held_out"] = statistics.fmean(spread[False]), statistics.fmean(spread[True])
     if tv[S.FEATURES[0]]:
         rec["unspecified_tv"] = {f: statistics.fmean(v) for f, v in tv.items()}
         rec["unspecified_tv_max"] = max(rec["unspecified_tv"].values())
