@@ -94,16 +94,26 @@ def test_the_combination_experiment_scores_an_arm_end_to_end(tmp_path):
     assert (tmp_path / "combinations_features_and_per-sample_dropout_and_CoInD.png").exists()
 
 
-def test_arms_that_differ_only_in_sampling_share_one_training():
-    """The composed arm asks the attr_dropout model differently: it reuses that arm's run instead of training
-    the same config again; every other arm trains its own."""
-    from gmmcond.experiments.reproduce import combination_arms, combination_training
+def test_arms_that_differ_only_in_sampling_share_one_training(tmp_path, monkeypatch):
+    """The composed arm and the all-unknown-CFG arm ask the attr_dropout model differently: they reuse that arm's
+    run folder instead of training it again, and are still logged under their own configs; every other arm
+    trains its own."""
+    from gmmcond.experiments import reproduce
+    from gmmcond.experiments.reproduce import ResultLog, combination_arms, combination_training, combinations
 
+    joint, samplers = "features + attr_dropout joint", ("features + attr_dropout composed",
+                                                        "features + attr_dropout, CFG from all-unknown")
     owners, arms = combination_training(), combination_arms(500, "recipe")
-    joint, composed = "features + attr_dropout joint", "features + attr_dropout composed"
-    assert owners[composed] == joint and arms[composed] == arms[joint]
-    others = [a for a in arms if a != composed]
-    assert all(owners[a] == a for a in others) and len({tuple(arms[a][1]) + (arms[a][0],) for a in others}) == len(others)
+    assert all(owners[a] == joint for a in samplers) and arms[samplers[0]] == arms[joint]
+    assert arms[samplers[1]][1] == [*arms[joint][1], "sample.cfg_null=all_unknown"]
+    seen = []
+    monkeypatch.setattr(reproduce, "combination_scores",  # no training: record which run folder each arm gets
+                        lambda arm, seed, recipe, full, run, per, out: seen.append((arm, run)) or {"x": 1.0})
+    combinations(tmp_path / "c.png", tmp_path / "runs", tmp_path / "log.jsonl", seeds=1, steps=500, scale="recipe")
+    runs = dict(seen)
+    assert set(runs) == set(arms) and all(runs[a] == runs[joint] for a in samplers)
+    assert len({runs[a] for a in arms if a not in samplers}) == len(arms) - len(samplers)
+    assert {r["arm"] for r in ResultLog(tmp_path / "log.jsonl").records} == set(arms)
 
 
 def test_guidance_can_push_away_from_the_all_unknown_condition(tiny_cfg):

@@ -254,22 +254,23 @@ def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) 
 
 
 def run_arms(arms: dict[str, tuple[str, list[str]]], runs: Path, log: "ResultLog", prefix: str, *, seeds: int, n: int,
-             progress=print, evaluate=None, trained_by: dict[str, str] | None = None) -> None:
+             progress=print, evaluate=None, trained_by: dict[str, tuple] | None = None) -> None:
     """Train and evaluate every (arm, seed) not yet in ``log``, seed by seed, so each seed's arms land together.
     ``arms`` maps a name to (recipe, overrides), the overrides led by the experiment's scale (``SCALES``); seed
     ``s`` adds ``train.seed=s conditioner.seed=s``. A result is keyed by its arm, seed and full override list
     (``config``), and its run folder carries a hash of that list, so a rerun with other settings (``--steps``)
     trains afresh instead of reusing a finished run.
     ``evaluate(arm, seed, recipe, overrides, run, n) -> record`` replaces :func:`train_and_evaluate` (and must
-    train too, e.g. through :func:`train_once`). ``trained_by`` maps an arm to the arm whose run folder it uses
-    (arms that differ only in how they are sampled train once)."""
+    train too, e.g. through :func:`train_once`). ``trained_by`` maps an arm to (another arm, its (recipe,
+    overrides)) whose run folder it uses: arms that differ only in how they are sampled train once."""
     for seed in range(seeds):
         for arm, (recipe, overrides) in arms.items():
             full, config = arm_config(recipe, overrides, seed)
             if log.done(("arm", "seed", "config"), arm=arm, seed=seed, config=config):
                 continue
-            digest = hashlib.sha256(config.encode()).hexdigest()[:8]
-            run = runs / f"{prefix}_{arm_slug((trained_by or {}).get(arm, arm))}_seed{seed}_{digest}"
+            owner, trains = (trained_by or {}).get(arm, (arm, (recipe, overrides)))
+            digest = hashlib.sha256(arm_config(*trains, seed)[1].encode()).hexdigest()[:8]
+            run = runs / f"{prefix}_{arm_slug(owner)}_seed{seed}_{digest}"
             rec = evaluate(arm, seed, recipe, full, run, n) if evaluate else train_and_evaluate(recipe, full, run, n=n)
             log.add({"arm": arm, "seed": seed, "config": config, "run": str(run), **rec})
             progress(f"  {arm} seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items()
@@ -461,6 +462,9 @@ COMBINATION_ARMS = {  # arm: (recipe, label_mode, how requests are sampled, extr
     "features joint": ("shapes", "features", "joint", []),
     "features + attr_dropout joint": ("shapes_compose", "features", "partial", []),
     "features + attr_dropout composed": ("shapes_compose", "features", "composed", []),
+    # the same model, guided away from the all-unknown condition instead of the dropped one (cfg_null)
+    "features + attr_dropout, CFG from all-unknown": ("shapes_compose", "features", "partial",
+                                                      ["sample.cfg_null=all_unknown"]),
     "one-hot shape x colour classes": ("shapes", "classes", "class", []),
     # issue: "unspecified" must mean "drawn from the data": conditions with most attributes open must occur in training
     "features + per-sample dropout, groups hidden whole": (
@@ -511,9 +515,10 @@ def combination_arms(steps: int, scale: str = "v1") -> dict[str, tuple[str, list
 
 def combination_training() -> dict[str, str]:
     """Each combination arm mapped to the first arm of ``COMBINATION_ARMS`` with the same training (recipe, label
-    mode and overrides): "composed" asks the "attr_dropout joint" model differently, so it reuses that run."""
+    mode and overrides other than ``sample.*``): "composed" asks the "attr_dropout joint" model differently, so it
+    reuses that run."""
     first: dict[tuple, str] = {}
-    return {arm: first.setdefault((recipe, label_mode, tuple(own)), arm)
+    return {arm: first.setdefault((recipe, label_mode, tuple(o for o in own if not o.startswith("sample."))), arm)
             for arm, (recipe, label_mode, _, own) in COMBINATION_ARMS.items()}
 
 
@@ -586,7 +591,7 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
                                                           seed=seed)["jsd"]
     if seed == 0:
         save_png(captioned_grid([g[0] for g in grid], [g[1] for g in grid]),
-                 out.with_name(f"combinations_{arm.replace(' ', '_').replace('+', 'and')}.png"))
+                 out.with_name(f"combinations_{arm.replace(',', '').replace(' ', '_').replace('+', 'and')}.png"))
     return rec
 
 
@@ -601,8 +606,10 @@ def combinations(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, steps
     defects on seen vs held-out combinations per arm and seed (:func:`combination_scores`), through
     :func:`run_arms` (resumable, keyed by the full arm config); ``arms`` picks some of ``COMBINATION_ARMS``."""
     log = ResultLog(log_path)
-    arms = select_arms(combination_arms(steps, scale), arms)
-    run_arms(arms, runs, log, "comb", seeds=seeds, n=per, progress=progress, trained_by=combination_training(),
+    table = combination_arms(steps, scale)
+    arms = select_arms(table, arms)
+    trained_by = {arm: (owner, table[owner]) for arm, owner in combination_training().items()}
+    run_arms(arms, runs, log, "comb", seeds=seeds, n=per, progress=progress, trained_by=trained_by,
              evaluate=lambda *args: combination_scores(*args, out=out))
     return {"held_out": list(HELD_OUT_COMBINATIONS), "seeds": seeds, "steps": steps, "scale": scale, "per": per,
             "arms": summarise_arms(log, arms, seeds)}
