@@ -101,11 +101,18 @@ def test_arms_that_differ_only_in_sampling_share_one_training(tmp_path, monkeypa
     from gmmcond.experiments import reproduce
     from gmmcond.experiments.reproduce import ResultLog, combination_arms, combination_training, combinations
 
-    joint, samplers = "features + attr_dropout joint", ("features + attr_dropout composed",
-                                                        "features + attr_dropout, CFG from all-unknown")
+    joint, cfg_arm = "features + attr_dropout joint", "features + attr_dropout, CFG from all-unknown"
+    samplers = (*reproduce.COMPOSED_WEIGHTS, cfg_arm)
     owners, arms = combination_training(), combination_arms(500, "recipe")
-    assert all(owners[a] == joint for a in samplers) and arms[samplers[0]] == arms[joint]
-    assert arms[samplers[1]][1] == [*arms[joint][1], "sample.cfg_null=all_unknown"]
+    assert all(owners[a] == joint for a in samplers) and all(arms[a] == arms[joint] for a in reproduce.COMPOSED_WEIGHTS)
+    assert arms[cfg_arm][1] == [*arms[joint][1], "sample.cfg_null=all_unknown"]
+    # a composed arm asks with its own per-term weights
+    from gmmcond.data.shapes import ShapesDataset
+    from gmmcond.registry import DATASETS
+    test, plain = DATASETS.build({"type": "shapes", "size": 16, "split": "test", "length": 512}), ShapesDataset()
+    names = plain.attr_names
+    _, _, compose = reproduce._combination_requests(test, names, plain.groups, "triangle", "red", "composed", 4, (3.0, 1.0))
+    assert compose == [(names.index("triangle"), 3.0), (names.index("red"), 1.0)]
     seen = []
     monkeypatch.setattr(reproduce, "combination_scores",  # no training: record which run folder each arm gets
                         lambda arm, seed, recipe, full, run, per, out: seen.append((arm, run)) or {"x": 1.0})

@@ -462,6 +462,9 @@ COMBINATION_ARMS = {  # arm: (recipe, label_mode, how requests are sampled, extr
     "features joint": ("shapes", "features", "joint", []),
     "features + attr_dropout joint": ("shapes_compose", "features", "partial", []),
     "features + attr_dropout composed": ("shapes_compose", "features", "composed", []),
+    "features + attr_dropout composed, weights 1": ("shapes_compose", "features", "composed", []),
+    "features + attr_dropout composed, weights 3": ("shapes_compose", "features", "composed", []),
+    "features + attr_dropout composed, shape 3 colour 1": ("shapes_compose", "features", "composed", []),
     # the same model, guided away from the all-unknown condition instead of the dropped one (cfg_null)
     "features + attr_dropout, CFG from all-unknown": ("shapes_compose", "features", "partial",
                                                       ["sample.cfg_null=all_unknown"]),
@@ -473,6 +476,10 @@ COMBINATION_ARMS = {  # arm: (recipe, label_mode, how requests are sampled, extr
         "shapes_compose", "features", "partial", ["conditioner.attr_dropout_mode=per_sample", "conditioner.hide_groups=true",
                                                   "train.coind_weight=1.0"]),
 }
+COMPOSED_WEIGHTS = {  # the composed arms' per-term guidance weights (shape, colour)
+    "features + attr_dropout composed": (2.0, 2.0), "features + attr_dropout composed, weights 1": (1.0, 1.0),
+    "features + attr_dropout composed, weights 3": (3.0, 3.0),
+    "features + attr_dropout composed, shape 3 colour 1": (3.0, 1.0)}
 NEGATIONS = {"~circle,~square": "triangle", "~circle,~triangle": "square", "~square,~triangle": "circle",
              "~red,~green": "blue", "~red,~blue": "green", "~green,~blue": "red"}  # request -> the member it leaves
 
@@ -483,8 +490,10 @@ def combination_indices(test, shape: str, colour: str, per: int) -> list[int]:
     return [i for i in range(len(test)) if (p := test.params(i)).shape == shape and p.colour == colour][:per]
 
 
-def _combination_requests(test, names, groups, shape: str, colour: str, mode: str, per: int):
-    """Return (attrs, known, compose) to ask a model for ``per`` images of one shape-colour combination."""
+def _combination_requests(test, names, groups, shape: str, colour: str, mode: str, per: int,
+                          weights: tuple[float, float] = (2.0, 2.0)):
+    """Return (attrs, known, compose) to ask a model for ``per`` images of one shape-colour combination;
+    ``weights`` are the composed mode's guidance weights of the shape and the colour term."""
     from ..data.attrs import parse_expr
 
     rows = torch.from_numpy(np.stack([test.params(i).attrs() for i in combination_indices(test, shape, colour, per)]))
@@ -498,7 +507,7 @@ def _combination_requests(test, names, groups, shape: str, colour: str, mode: st
     one = request.values.expand(per, -1).clone()
     if mode == "partial":
         return one, request.known.expand(per, -1).clone(), None
-    return one, None, [(names.index(shape), 2.0), (names.index(colour), 2.0)]
+    return one, None, [(names.index(shape), weights[0]), (names.index(colour), weights[1])]
 
 
 def combination_arms(steps: int, scale: str = "v1") -> dict[str, tuple[str, list[str]]]:
@@ -549,7 +558,8 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
     stats, grid, tv = {"seen": [], "held_out": []}, [], {f: [] for f in S.FEATURES}
     spread = {False: [], True: []}  # keyed by held out
     for k, (sh, co) in enumerate((sh, co) for sh in S.SHAPES for co in S.COLOURS):
-        attrs, known, compose = _combination_requests(test, names, loaded.parts.groups, sh, co, mode, per)
+        attrs, known, compose = _combination_requests(test, names, loaded.parts.groups, sh, co, mode, per,
+                                                      COMPOSED_WEIGHTS.get(arm, (2.0, 2.0)))
         images = generate(loaded.parts, attrs, sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"],
                           seed=1000 * seed + k, known=known, compose=compose, cfg_null=s["cfg_null"]).float()
         pred = model.predict(images)
