@@ -533,8 +533,9 @@ def combination_training() -> dict[str, str]:
 
 def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], run: Path, per: int, *, out: Path) -> dict:
     """Train one arm (:func:`train_once`), then ask it for ``per`` images of each of the 9 shape-colour combinations:
-    conformity (the requested shape and colour both right) and defects (the renderer's rule) on seen and on
-    held-out combinations; for the partial arms also how far each unspecified feature's frequency is from the
+    conformity (the requested shape and colour both right), defects (the renderer's rule) and the nuisance spread
+    (the evaluator's nuisance std over the samples / over real images of the combination, averaged over the
+    columns the shape defines) on seen and on held-out combinations; for the partial arms also how far each unspecified feature's frequency is from the
     data's (0.5), negation (``NEGATIONS``: the member left must be drawn) and CoInD's JSD diagnostic for
     (triangle, red), never seen together, and (circle, red), seen. Seed 0 writes a grid of the held-out
     combinations."""
