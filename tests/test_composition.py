@@ -95,16 +95,16 @@ def test_the_combination_experiment_scores_an_arm_end_to_end(tmp_path):
 
 
 def test_arms_that_differ_only_in_sampling_share_one_training(tmp_path, monkeypatch):
-    """The composed arm and the all-unknown-CFG arm ask the attr_dropout model differently: they reuse that arm's
+    """The composed, all-specified and all-unknown-CFG arms ask the attr_dropout model differently: they reuse its
     run folder instead of training it again, and are still logged under their own configs; every other arm
     trains its own."""
     from gmmcond.experiments import reproduce
     from gmmcond.experiments.reproduce import ResultLog, combination_arms, combination_training, combinations
 
     joint, cfg_arm = "features + attr_dropout joint", "features + attr_dropout, CFG from all-unknown"
-    samplers = (*reproduce.COMPOSED_WEIGHTS, cfg_arm)
+    samplers = (*reproduce.COMPOSED_WEIGHTS, cfg_arm, "features + attr_dropout, all specified")
     owners, arms = combination_training(), combination_arms(500, "recipe")
-    assert all(owners[a] == joint for a in samplers) and all(arms[a] == arms[joint] for a in reproduce.COMPOSED_WEIGHTS)
+    assert all(owners[a] == joint for a in samplers) and all(arms[a] == arms[joint] for a in samplers if a != cfg_arm)
     assert arms[cfg_arm][1] == [*arms[joint][1], "sample.cfg_null=all_unknown"]
     # a composed arm asks with its own per-term weights
     from gmmcond.data.shapes import ShapesDataset

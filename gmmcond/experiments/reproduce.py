@@ -465,6 +465,8 @@ COMBINATION_ARMS = {  # arm: (recipe, label_mode, how requests are sampled, extr
     "features + attr_dropout composed, weights 1": ("shapes_compose", "features", "composed", []),
     "features + attr_dropout composed, weights 3": ("shapes_compose", "features", "composed", []),
     "features + attr_dropout composed, shape 3 colour 1": ("shapes_compose", "features", "composed", []),
+    # the same model asked with every attribute specified, as "features joint" is: what the dropout costs
+    "features + attr_dropout, all specified": ("shapes_compose", "features", "joint", []),
     # the same model, guided away from the all-unknown condition instead of the dropped one (cfg_null)
     "features + attr_dropout, CFG from all-unknown": ("shapes_compose", "features", "partial",
                                                       ["sample.cfg_null=all_unknown"]),
