@@ -111,7 +111,8 @@ def test_arms_that_differ_only_in_sampling_share_one_training(tmp_path, monkeypa
     from gmmcond.registry import DATASETS
     test, plain = DATASETS.build({"type": "shapes", "size": 16, "split": "test", "length": 512}), ShapesDataset()
     names = plain.attr_names
-    _, _, compose = reproduce._combination_requests(test, names, plain.groups, "triangle", "red", "composed", 4, (3.0, 1.0))
+    _, _, compose = reproduce._combination_requests(test, names, plain.groups, "triangle", "red", "composed",
+                                                    reproduce.combination_indices(test, "triangle", "red", 4), (3.0, 1.0))
     assert compose == [(names.index("triangle"), 3.0), (names.index("red"), 1.0)]
     seen = []
     monkeypatch.setattr(reproduce, "combination_scores",  # no training: record which run folder each arm gets

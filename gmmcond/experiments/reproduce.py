@@ -492,13 +492,15 @@ def combination_indices(test, shape: str, colour: str, per: int) -> list[int]:
     return [i for i in range(len(test)) if (p := test.params(i)).shape == shape and p.colour == colour][:per]
 
 
-def _combination_requests(test, names, groups, shape: str, colour: str, mode: str, per: int,
-                          weights: tuple[float, float] = (2.0, 2.0)):
-    """Return (attrs, known, compose) to ask a model for ``per`` images of one shape-colour combination;
-    ``weights`` are the composed mode's guidance weights of the shape and the colour term."""
+def _combination_requests(test, names, groups, shape: str, colour: str, mode: str, indices: list[int],
+                          weights: tuple[float, float] | None = None):
+    """Return (attrs, known, compose) to ask a model for one image per held-out item in ``indices`` (those of
+    :func:`combination_indices`) of one shape-colour combination; ``weights`` are the composed mode's guidance
+    weights of the shape and the colour term."""
     from ..data.attrs import parse_expr
 
-    rows = torch.from_numpy(np.stack([test.params(i).attrs() for i in combination_indices(test, shape, colour, per)]))
+    per = len(indices)
+    rows = torch.from_numpy(np.stack([test.params(i).attrs() for i in indices]))
     if mode == "class":
         attrs = torch.zeros(per, len(names))
         attrs[:, names.index(f"{shape}_{colour}")] = 1
@@ -537,9 +539,9 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
     """Train one arm (:func:`train_once`), then ask it for ``per`` images of each of the 9 shape-colour combinations:
     conformity (the requested shape and colour both right), defects (the renderer's rule) and the nuisance spread
     (the evaluator's nuisance std over the samples / over real images of the combination, averaged over the
-    columns the shape defines) on seen and on held-out combinations; for the partial arms also how far each unspecified feature's frequency is from the
-    data's (0.5), negation (``NEGATIONS``: the member left must be drawn) and CoInD's JSD diagnostic for
-    (triangle, red), never seen together, and (circle, red), seen. Seed 0 writes a grid of the held-out
+    columns the shape defines) on seen and on held-out combinations; for the partial arms also how far each
+    unspecified feature's frequency is from the data's (0.5), negation (``NEGATIONS``: the member left must be
+    drawn) and CoInD's JSD diagnostic for (triangle, red), never seen together, and (circle, red), seen. Seed 0 writes a grid of the held-out
     combinations."""
     from ..data import shapes as S
     from ..data.attrs import parse_expr
@@ -559,22 +561,22 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
     model = evaluator_for(cfg["dataset"], progress=False)[0]
     names, col, s = loaded.parts.attr_names, list(S.ATTR_NAMES).index, cfg["sample"]
     stats, grid, tv = {"seen": [], "held_out": []}, [], {f: [] for f in S.FEATURES}
-    spread = {False: [], True: []}  # keyed by held out
     for k, (sh, co) in enumerate((sh, co) for sh in S.SHAPES for co in S.COLOURS):
-        attrs, known, compose = _combination_requests(test, names, loaded.parts.groups, sh, co, mode, per,
-                                                      COMPOSED_WEIGHTS.get(arm, (2.0, 2.0)))
+        indices = combination_indices(test, sh, co, per)
+        attrs, known, compose = _combination_requests(test, names, loaded.parts.groups, sh, co, mode, indices,
+                                                      COMPOSED_WEIGHTS.get(arm))
         images = generate(loaded.parts, attrs, sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"],
                           seed=1000 * seed + k, known=known, compose=compose, cfg_null=s["cfg_null"]).float()
         pred = model.predict(images)
         probs = pred["probs"]
         ok = (probs[:, col(sh)] > 0.5) & (probs[:, col(co)] > 0.5)
         # the request's variation against real images of the same combination (the joint rows' own images)
-        real = model.predict(torch.stack([test[i][0] for i in combination_indices(test, sh, co, per)]))
+        real = model.predict(torch.stack([test[i][0] for i in indices]))
         cols = [c for c, defined in zip(S.NUISANCE_COLUMNS, S.defined_columns(sh)) if defined]
         fid = nuisance_fidelity(real["nuisances"].numpy(), pred["nuisances"].numpy(), S.NUISANCE_COLUMNS)
-        spread[(sh, co) in held].append(statistics.fmean(fid[c]["spread_ratio"] for c in cols))
         defects = [S.check_image(img).defect for img in images]
-        stats["held_out" if (sh, co) in held else "seen"].append((ok.float().mean().item(), sum(defects) / len(defects)))
+        stats["held_out" if (sh, co) in held else "seen"].append(
+            (ok.float().mean().item(), sum(defects) / len(defects), statistics.fmean(fid[c]["spread_ratio"] for c in cols)))
         if mode in ("partial", "composed"):  # unspecified features: data frequency given shape and colour is 0.5
             for f in S.FEATURES:
                 tv[f].append(abs((probs[:, col(f)] > 0.5).float().mean().item() - 0.5))
@@ -584,8 +586,8 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
     for split, vals in stats.items():
         rec[f"conformity_{split}"] = statistics.fmean(v[0] for v in vals)
         rec[f"defects_{split}"] = statistics.fmean(v[1] for v in vals)
+        rec[f"spread_{split}"] = statistics.fmean(v[2] for v in vals)
     rec["conformity_ratio"] = rec["conformity_held_out"] / max(rec["conformity_seen"], 1e-9)
-    rec["spread_seen"], rec["spread_held_out"] = statistics.fmean(spread[False]), statistics.fmean(spread[True])
     if tv[S.FEATURES[0]]:
         rec["unspecified_tv"] = {f: statistics.fmean(v) for f, v in tv.items()}
         rec["unspecified_tv_max"] = max(rec["unspecified_tv"].values())
