@@ -96,8 +96,8 @@ def test_the_combination_experiment_scores_an_arm_end_to_end(tmp_path):
 
 def test_arms_that_differ_only_in_sampling_share_one_training(tmp_path, monkeypatch):
     """The composed, all-specified and all-unknown-CFG arms ask the attr_dropout model differently: they reuse its
-    run folder instead of training it again, and are still logged under their own configs; every other arm
-    trains its own."""
+    run folder instead of training it again, and are still logged under their own configs; each swept
+    attr_dropout rate's two arms share that rate's run; every other arm trains its own."""
     from gmmcond.experiments import reproduce
     from gmmcond.experiments.reproduce import ResultLog, combination_arms, combination_training, combinations
 
@@ -120,7 +120,11 @@ def test_arms_that_differ_only_in_sampling_share_one_training(tmp_path, monkeypa
     combinations(tmp_path / "c.png", tmp_path / "runs", tmp_path / "log.jsonl", seeds=1, steps=500, scale="recipe")
     runs = dict(seen)
     assert set(runs) == set(arms) and all(runs[a] == runs[joint] for a in samplers)
-    assert len({runs[a] for a in arms if a not in samplers}) == len(arms) - len(samplers)
+    # the rate sweep: each rate's model asked two ways shares its own run, not the default rate's
+    for rate in ("0.1", "0.5"):
+        own = runs[f"features + attr_dropout {rate} joint"]
+        assert runs[f"features + attr_dropout {rate}, all specified"] == own != runs[joint]
+    assert len(set(runs.values())) == len(set(owners.values())) == len(arms) - len(samplers) - 2
     assert {r["arm"] for r in ResultLog(tmp_path / "log.jsonl").records} == set(arms)
 
 

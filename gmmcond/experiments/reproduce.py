@@ -470,6 +470,9 @@ COMBINATION_ARMS = {  # arm: (recipe, label_mode, how requests are sampled, extr
     # the same model, guided away from the all-unknown condition instead of the dropped one (cfg_null)
     "features + attr_dropout, CFG from all-unknown": ("shapes_compose", "features", "partial",
                                                       ["sample.cfg_null=all_unknown"]),
+    # the attr_dropout rate swept: each model asked for shape and colour only, and with every attribute specified
+    **{f"features + attr_dropout {rate}{how}": ("shapes_compose", "features", mode, [f"conditioner.attr_dropout={rate}"])
+       for rate in ("0.1", "0.5") for how, mode in ((" joint", "partial"), (", all specified", "joint"))},
     "one-hot shape x colour classes": ("shapes", "classes", "class", []),
     # issue: "unspecified" must mean "drawn from the data": conditions with most attributes open must occur in training
     "features + per-sample dropout, groups hidden whole": (
