@@ -29,6 +29,9 @@ def main() -> None:
                              "Karras weighting; the default, so older tables reproduce), or recipe, the default recipe as it is")
     parser.add_argument("--arms", nargs="*", help="head, distribution, combinations: run only these arms (names as in "
                                                   "the table; default all)")
+    parser.add_argument("--no-train", action="store_true",
+                        help="head, distribution, features-vs-classes, precision, combinations: train and evaluate nothing, "
+                             "tabulate the finished (arm, seed) results up to --seeds (each row says how many seeds it has)")
     parser.add_argument("--sweep", default="runs/shapes/sweep.json", help="report: the sweep to tabulate")
     parser.add_argument("--recipe-runs", nargs="*", default=[], help="report: evaluated runs of one recipe (seeds), one table row")
     args = parser.parse_args()
@@ -51,6 +54,11 @@ def main() -> None:
         steps["n"] = args.n
     if args.experiment in ("head", "features-vs-classes", "combinations", "distribution"):
         steps["scale"] = args.scale
+    if args.no_train:
+        if args.experiment not in ("head", "features-vs-classes", "precision", "combinations", "distribution"):
+            parser.error(f"--no-train applies to head, distribution, features-vs-classes, precision and combinations, "
+                         f"not {args.experiment}")
+        steps["train"] = False
     if args.arms and args.experiment not in ("head", "combinations", "distribution"):
         parser.error(f"--arms applies to head, distribution and combinations, not {args.experiment}")
     if args.experiment == "density":

@@ -126,6 +126,11 @@ def test_arms_that_differ_only_in_sampling_share_one_training(tmp_path, monkeypa
         assert runs[f"features + attr_dropout {rate}, all specified"] == own != runs[joint]
     assert len(set(runs.values())) == len(set(owners.values())) == len(arms) - len(samplers) - 2
     assert {r["arm"] for r in ResultLog(tmp_path / "log.jsonl").records} == set(arms)
+    # --no-train tabulates what is logged and starts nothing: seed 1 is missing, each row says it has one seed
+    monkeypatch.setattr(reproduce, "combination_scores", lambda *a, **k: pytest.fail("--no-train trained an arm"))
+    table = combinations(tmp_path / "c.png", tmp_path / "runs", tmp_path / "log.jsonl", seeds=2, steps=500,
+                         scale="recipe", train=False)
+    assert set(table["arms"]) == set(arms) and all(a["x"]["n"] == 1 for a in table["arms"].values())
 
 
 def test_guidance_can_push_away_from_the_all_unknown_condition(tiny_cfg):

@@ -254,7 +254,7 @@ def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) 
 
 
 def run_arms(arms: dict[str, tuple[str, list[str]]], runs: Path, log: "ResultLog", prefix: str, *, seeds: int, n: int,
-             progress=print, evaluate=None, trained_by: dict[str, tuple] | None = None) -> None:
+             progress=print, evaluate=None, trained_by: dict[str, tuple] | None = None, train: bool = True) -> None:
     """Train and evaluate every (arm, seed) not yet in ``log``, seed by seed, so each seed's arms land together.
     ``arms`` maps a name to (recipe, overrides), the overrides led by the experiment's scale (``SCALES``); seed
     ``s`` adds ``train.seed=s conditioner.seed=s``. A result is keyed by its arm, seed and full override list
@@ -262,8 +262,9 @@ def run_arms(arms: dict[str, tuple[str, list[str]]], runs: Path, log: "ResultLog
     trains afresh instead of reusing a finished run.
     ``evaluate(arm, seed, recipe, overrides, run, n) -> record`` replaces :func:`train_and_evaluate` (and must
     train too, e.g. through :func:`train_once`). ``trained_by`` maps an arm to (another arm, its (recipe,
-    overrides)) whose run folder it uses: arms that differ only in how they are sampled train once."""
-    for seed in range(seeds):
+    overrides)) whose run folder it uses: arms that differ only in how they are sampled train once. ``train=False``
+    starts nothing (tabulate what is logged: each arm's summary then says how many seeds it has)."""
+    for seed in range(seeds if train else 0):
         for arm, (recipe, overrides) in arms.items():
             full, config = arm_config(recipe, overrides, seed)
             if log.done(("arm", "seed", "config"), arm=arm, seed=seed, config=config):
@@ -345,7 +346,7 @@ def select_arms(table: dict, names: list[str] | None) -> dict:
 
 
 def loss_arms(arm_table: dict, prefix: str, title: str, out: Path, runs: Path, log_path: Path, *, seeds: int, steps: int,
-              n: int, scale: str, arms: list[str] | None = None, progress=print) -> dict:
+              n: int, scale: str, arms: list[str] | None = None, progress=print, train: bool = True) -> dict:
     """Train and evaluate the arms of ``arm_table`` (those named in ``arms``, else all) at ``scale`` for ``steps``
     steps and ``seeds`` seeds (:func:`run_arms`), plot their diffusion-loss bands, and summarise them."""
     log = ResultLog(log_path)
@@ -355,18 +356,18 @@ def loss_arms(arm_table: dict, prefix: str, title: str, out: Path, runs: Path, l
     if len(chosen) < len(arm_table):  # a subset: the legend names the arms drawn; the title must not name the rest
         title = f"{title.split(':')[0]}: {len(chosen)} of its {len(arm_table)} arms"
     arms = {arm: (recipe, [*base, *extra]) for arm, (recipe, extra) in chosen.items()}
-    run_arms(arms, runs, log, prefix, seeds=seeds, n=n, progress=progress)
+    run_arms(arms, runs, log, prefix, seeds=seeds, n=n, progress=progress, train=train)
     plot_loss_bands(out, log, arms, seeds, f"{title}, {steps} steps ({scale} scale)")
     return {"steps": steps, "seeds": seeds, "n": n, "scale": scale, "arms": summarise_arms(log, arms, seeds)}
 
 
 def head(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 1000, n: int = 512, scale: str = "v1",
-         arms: list[str] | None = None, progress=print) -> dict:
+         arms: list[str] | None = None, progress=print, train: bool = True) -> dict:
     """Paper Fig. 9: the default recipe's model and batch with no head, a head trained with NGMG entropy
     (surplus) and a head trained with BCE; diffusion-loss curves and the evaluation of each arm's samples.
     Resumable per (arm, seed, config) through ``log_path``."""
     return loss_arms(HEAD_ARMS, "head", "shapes: no head / NGMG head / BCE head", out, runs, log_path, seeds=seeds,
-                     steps=steps, n=n, scale=scale, arms=arms, progress=progress)
+                     steps=steps, n=n, scale=scale, arms=arms, progress=progress, train=train)
 
 
 DISTRIBUTION_ARMS = {
@@ -379,14 +380,14 @@ DISTRIBUTION_ARMS = {
 
 
 def distribution(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 1000, n: int = 256,
-                 scale: str = "v1", arms: list[str] | None = None, progress=print) -> dict:
+                 scale: str = "v1", arms: list[str] | None = None, progress=print, train: bool = True) -> dict:
     """The paper's central claim (Sec. 3.2, Eqs. 8-9): attributes embedded as a distribution (the GMM latent,
     with the paper's fixed pairing of one latent per training image, and with a fresh latent each step) against
     the same attributes as a fixed value (``attrs``, and ``gmm_attrs`` with every latent entry the mixture's
     mean: only the randomness removed); same model, steps and seeds. Conformity, defects, per-set
     recall / coverage / spread, memorisation (authenticity) and the loss. Resumable per (arm, seed, config)."""
     return loss_arms(DISTRIBUTION_ARMS, "dist", "shapes: fixed value / GMM fixed pairing / GMM resample", out, runs,
-                     log_path, seeds=seeds, steps=steps, n=n, scale=scale, arms=arms, progress=progress)
+                     log_path, seeds=seeds, steps=steps, n=n, scale=scale, arms=arms, progress=progress, train=train)
 
 
 CLASS_GRID_ROWS = "[circle_red,square_green,triangle_blue,circle_blue,square_red,triangle_green]"
@@ -400,7 +401,7 @@ FVC_ARMS = {
 
 
 def features_vs_classes(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 2000, n: int = 512,
-                        scale: str = "v1", progress=print) -> dict:
+                        scale: str = "v1", progress=print, train: bool = True) -> dict:
     """Paper Fig. 7 on the shapes recipe at ``scale`` (``SCALES``) for ``steps`` steps: the 11 features vs one-hot
     shape x colour classes vs, as a control for information content, one-hot classes over all 288 attribute
     combinations; all through gmm_attrs, same model, steps and seeds. Accuracy on the attributes each labelling
@@ -413,7 +414,7 @@ def features_vs_classes(out: Path, runs: Path, log_path: Path, *, seeds: int = 3
     log = ResultLog(log_path)
     arms = {arm: (recipe, [*scale_overrides(scale), f"train.steps={steps}", *extra])
             for arm, (recipe, extra) in FVC_ARMS.items()}
-    run_arms(arms, runs, log, "fvc", seeds=seeds, n=n, progress=progress)
+    run_arms(arms, runs, log, "fvc", seeds=seeds, n=n, progress=progress, train=train)
     shared = S.SHAPES + S.COLOURS  # what every arm's labels fix: compare accuracy on these alone
     for rec in [r for arm in arms for r in arm_records(log, arms, arm, seeds)]:
         per = read_json(Path(rec["run"]) / "eval.json")["per_attribute"]
@@ -445,14 +446,15 @@ PRECISION_ARMS = {"fp32": ("shapes", ["train.precision=fp32", "train.compile=fal
                   "bf16 compiled": ("shapes", ["train.precision=bf16", "train.compile=true"])}
 
 
-def precision(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, n: int = 512, progress=print) -> dict:
+def precision(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, n: int = 512, progress=print,
+              train: bool = True) -> dict:
     """Quality kept under the fastest setting: the shapes recipe at 2000 steps (``EXPERIMENT_SCALE``) trained
     at fp32 and at bf16 + torch.compile, ``seeds`` seeds each, every run evaluated the same way; per-seed
     values and mean +- std per arm."""
     log = ResultLog(log_path)
     arms = {arm: (recipe, [*EXPERIMENT_SCALE, *extra, "train.grid_every=0"])
             for arm, (recipe, extra) in PRECISION_ARMS.items()}
-    run_arms(arms, runs, log, "precision", seeds=seeds, n=n, progress=progress)
+    run_arms(arms, runs, log, "precision", seeds=seeds, n=n, progress=progress, train=train)
     plot_loss_bands(out, log, arms, seeds, "shapes: fp32 vs bf16 + torch.compile")
     return {"seeds": seeds, "n": n, "arms": summarise_arms(log, arms, seeds)}
 
@@ -619,7 +621,7 @@ def latest_step(run: Path) -> int:
 
 
 def combinations(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, steps: int = 2000, per: int = 64,
-                 arms: list[str] | None = None, scale: str = "v1", progress=print) -> dict:
+                 arms: list[str] | None = None, scale: str = "v1", progress=print, train: bool = True) -> dict:
     """Attribute combinations never seen in training (red triangle, green circle, blue square): conformity and
     defects on seen vs held-out combinations per arm and seed (:func:`combination_scores`), through
     :func:`run_arms` (resumable, keyed by the full arm config); ``arms`` picks some of ``COMBINATION_ARMS``."""
@@ -627,7 +629,7 @@ def combinations(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, steps
     table = combination_arms(steps, scale)
     arms = select_arms(table, arms)
     trained_by = {arm: (owner, table[owner]) for arm, owner in combination_training().items()}
-    run_arms(arms, runs, log, "comb", seeds=seeds, n=per, progress=progress, trained_by=trained_by,
+    run_arms(arms, runs, log, "comb", seeds=seeds, n=per, progress=progress, trained_by=trained_by, train=train,
              evaluate=lambda *args: combination_scores(*args, out=out))
     return {"held_out": list(HELD_OUT_COMBINATIONS), "seeds": seeds, "steps": steps, "scale": scale, "per": per,
             "arms": summarise_arms(log, arms, seeds)}
