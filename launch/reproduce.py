@@ -13,6 +13,9 @@ from pathlib import Path
 from gmmcond.cli import fail_cleanly
 
 
+TRAINED = ("head", "distribution", "features-vs-classes", "precision", "combinations")  # experiments that train runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("experiment", choices=["density", "ngmg-vs-bce", "head", "features-vs-classes", "precision", "combinations", "editing", "distribution", "report"])
@@ -30,7 +33,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="*", help="head, distribution, combinations: run only these arms (names as in "
                                                   "the table; default all)")
     parser.add_argument("--no-train", action="store_true",
-                        help="head, distribution, features-vs-classes, precision, combinations: train and evaluate nothing, "
+                        help=f"{', '.join(TRAINED)}: train and evaluate nothing, "
                              "tabulate the finished (arm, seed) results up to --seeds (each row says how many seeds it has)")
     parser.add_argument("--sweep", default="runs/shapes/sweep.json", help="report: the sweep to tabulate")
     parser.add_argument("--recipe-runs", nargs="*", default=[], help="report: evaluated runs of one recipe (seeds), one table row")
@@ -55,9 +58,8 @@ def main() -> None:
     if args.experiment in ("head", "features-vs-classes", "combinations", "distribution"):
         steps["scale"] = args.scale
     if args.no_train:
-        if args.experiment not in ("head", "features-vs-classes", "precision", "combinations", "distribution"):
-            parser.error(f"--no-train applies to head, distribution, features-vs-classes, precision and combinations, "
-                         f"not {args.experiment}")
+        if args.experiment not in TRAINED:
+            parser.error(f"--no-train applies to {', '.join(TRAINED)}, not {args.experiment}")
         steps["train"] = False
     if args.arms and args.experiment not in ("head", "combinations", "distribution"):
         parser.error(f"--arms applies to head, distribution and combinations, not {args.experiment}")

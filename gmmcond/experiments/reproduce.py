@@ -264,7 +264,9 @@ def run_arms(arms: dict[str, tuple[str, list[str]]], runs: Path, log: "ResultLog
     train too, e.g. through :func:`train_once`). ``trained_by`` maps an arm to (another arm, its (recipe,
     overrides)) whose run folder it uses: arms that differ only in how they are sampled train once. ``train=False``
     starts nothing (tabulate what is logged: each arm's summary then says how many seeds it has)."""
-    for seed in range(seeds if train else 0):
+    if not train:
+        return
+    for seed in range(seeds):
         for arm, (recipe, overrides) in arms.items():
             full, config = arm_config(recipe, overrides, seed)
             if log.done(("arm", "seed", "config"), arm=arm, seed=seed, config=config):
@@ -546,8 +548,8 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
     (the evaluator's nuisance std over the samples / over real images of the combination, averaged over the
     columns the shape defines) on seen and on held-out combinations; for the partial arms also how far each
     unspecified feature's frequency is from the data's (0.5), negation (``NEGATIONS``: the member left must be
-    drawn) and CoInD's JSD diagnostic for (triangle, red), never seen together, and (circle, red), seen. Seed 0 writes a grid of the held-out
-    combinations."""
+    drawn) and CoInD's JSD diagnostic for (triangle, red), never seen together, and (circle, red), seen. Seed 0
+    writes a grid of the held-out combinations."""
     from ..data import shapes as S
     from ..data.attrs import parse_expr
     from ..engine.runs import load_run
