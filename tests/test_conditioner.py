@@ -115,6 +115,48 @@ def test_attr_dropout_zero_is_eq9_exactly_and_positive_adds_known_bits():
     assert abs(hidden - 0.3) < 0.03
 
 
+
+def test_the_known_bit_contains_a_learned_null_embedding_exactly():
+    """The alternative to the known bit, a learned null vector e_k in attribute k's latent slot when it is
+    unspecified, is one k-diffusion's image_v1 already represents: its mapping_cond layer (no bias) sends the
+    known bit to a learned vector, and the mapping network's first bias absorbs the constant. Built here as
+    weights of the known-bit model that give the null-embedding model's mapping output to float precision."""
+    from gmmcond.modeling.models import image_v1
+
+    K, N = 3, 4
+    cond = GMMAttrs(num_attrs=K, dims_per_attr=N, attr_dropout=0.3).eval()
+    torch.manual_seed(0)
+    null_model = image_v1(K * N + 1, depths=(1,), channels=(8,), mapping_out=16)  # [Z slots, dropped]
+    bit_model = image_v1(cond.dim, depths=(1,), channels=(8,), mapping_out=16)  # [Z slots, known bits, dropped]
+    e = torch.randn(K, N)  # the null embeddings
+    W = null_model.mapping_cond.weight.detach()
+    shift = W[:, :K * N] @ e.flatten()  # sum_k W_k e_k, what the null model adds when nothing is specified
+    with torch.no_grad():
+        bit_model.mapping.load_state_dict(null_model.mapping.state_dict())
+        bit_model.mapping[0].bias += bit_model.mapping[0].weight @ shift
+        per_attr = torch.einsum("fkn,kn->fk", W[:, :K * N].view(-1, K, N), e)  # W_k e_k, one column per attribute
+        bit_model.mapping_cond.weight.copy_(torch.cat([W[:, :K * N], -per_attr,
+                                                       W[:, -1:] - shift[:, None]], 1))
+
+    def null_encode(attrs, z, known, drop):
+        slots = z * (attrs * known)[..., None] + e * (1 - known)[..., None]
+        return torch.cat([slots.flatten(1) * (~drop)[:, None], drop[:, None].float()], 1)
+
+    def mapping(model, c):
+        return model.mapping(model.timestep_embed(torch.zeros(len(c), 1)) + model.mapping_cond(c))
+
+    n = 64
+    attrs, known = (torch.rand(n, K) < 0.5).float(), (torch.rand(n, K) < 0.6).float()
+    drop = torch.rand(n) < 0.2
+    z = cond.sample_latents(n, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(mapping(bit_model, cond.encode(attrs, z, drop, known)),
+                                   mapping(null_model, null_encode(attrs, z, known, drop)), atol=1e-5, rtol=1e-5)
+        # the known bit is not a no-op: without its learned vector the outputs differ
+        bit_model.mapping_cond.weight[:, K * N:K * N + K] = 0
+        assert not torch.allclose(mapping(bit_model, cond.encode(attrs, z, drop, known)),
+                                  mapping(null_model, null_encode(attrs, z, known, drop)), atol=1e-3)
+
 def test_the_fixed_value_conditioner_is_the_attribute_vector_and_the_dropped_flag():
     cond = CONDITIONERS.build({"type": "attrs", "cond_dropout": 0.5}, num_attrs=5)
     attrs = torch.tensor([[1, 0, 1, 0, 0], [0, 1, 0, 0, 1]], dtype=torch.float32)
