@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from gmmcond.config import load_config
+from gmmcond.config import load_config, yaml_load
 from gmmcond.errors import ConfigError
 from gmmcond.config import recipes_dir
 from gmmcond.data.attrs import parse_expr
@@ -125,3 +125,19 @@ def test_every_recipe_grid_row_is_a_valid_request():
         for row in cfg["sample"]["grid_rows"]:
             parse_expr(row, list(data.attr_names), data.groups)
     assert load_config("shapes_tiny")["sample"]["grid_rows"] == ["circle,red", "square,blue,large"]
+
+
+def test_every_recipe_probe_builds():
+    """A probe that does not build would fail minutes into `benchmark.py probes`; each one builds here."""
+    from gmmcond.experiments.benchmarks import PROBES
+    from gmmcond.modeling.build import build
+
+    for name, overrides in PROBES.items():
+        cfg = load_config("shapes", [*overrides, "dataset.length=64"])
+        for override in overrides:  # each override landed where it names
+            path, value = override.split("=", 1)
+            node = cfg
+            for key in path.split("."):
+                node = node[key]
+            assert node == yaml_load(value, override), (name, override)
+        build(cfg)

@@ -285,3 +285,35 @@ def test_resume_previous_after_a_corrupt_latest_checkpoint(tiny_cfg, tmp_path):
     last = train(tiny_cfg("train.steps=4"), run, resume="previous")
     assert last["step"] == 4
     assert load_run(run).step == 4
+
+
+def test_uncertainty_weighting_is_k_diffusions_variance_loss_and_trains_and_samples(tiny_cfg, tmp_path):
+    """``denoiser.loss: uncertainty`` with ``model.has_variance: true`` is k-diffusion's DenoiserWithVariance: the
+    Karras loss over a learned variance plus its log, the log-variance the mean of the model's extra channel."""
+    import k_diffusion as K
+
+    from gmmcond.errors import ConfigError
+    from gmmcond.modeling.build import build
+
+    parts = build(tiny_cfg("model.has_variance=true", "denoiser.loss=uncertainty"))
+    den = parts.denoiser
+    assert type(den) is K.layers.DenoiserWithVariance
+    torch.manual_seed(0)
+    x, noise, sigma = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.tensor([0.1, 0.5, 1.0, 5.0])
+    cond = parts.conditioner.eval()(torch.ones(4, parts.conditioner.num_attrs), torch.arange(4))
+    c_skip, c_out, c_in = [K.utils.append_dims(c, 4) for c in den.get_scalings(sigma)]
+    noised = x + noise * sigma[:, None, None, None]
+    raw = den.inner_model(noised * c_in, sigma, mapping_cond=cond)  # without return_variance: the image channels only
+    out, logvar = den.inner_model(noised * c_in, sigma, mapping_cond=cond, return_variance=True)
+    assert raw.shape == out.shape == x.shape and logvar.shape == (4,)
+    target = (x - c_skip * noised) / c_out
+    expected = (((out - target) ** 2).flatten(1).mean(1) / logvar.exp() + logvar) / 2
+    torch.testing.assert_close(den.loss(x, noise, sigma, mapping_cond=cond), expected)
+    for overrides in (["denoiser.loss=uncertainty"], ["model.has_variance=true"]):
+        with pytest.raises(ConfigError, match="go together"):
+            build(tiny_cfg(*overrides))
+    run = tmp_path / "run"
+    train(tiny_cfg("model.has_variance=true", "denoiser.loss=uncertainty"), run)
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in read_metrics(run))
+    assert load_run(run).parts.denoiser(torch.randn(2, 3, 16, 16), torch.ones(2),
+                                        mapping_cond=cond[:2]).shape == (2, 3, 16, 16)

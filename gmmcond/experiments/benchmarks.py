@@ -427,6 +427,9 @@ PROBES = {
     "karras weighting, no clip": ["denoiser.loss=karras", "train.grad_clip=0"],
     # more training draws at high sigma, where composition is decided (the tilt above starves both tails)
     "soft-min-snr, sigma density loc -0.6": ["denoiser.loss=soft_min_snr", "schedule.loc=-0.6"],
+    # the weighting learned instead of chosen: the Karras loss over a learned variance (k-diffusion's
+    # DenoiserWithVariance; EDM2's uncertainty weighting, per sample rather than per noise level)
+    "uncertainty weighting": ["model.has_variance=true", "denoiser.loss=uncertainty"],
 }
 
 

@@ -26,19 +26,21 @@ def image_v1(
     skip_stages: int = 0,
     augment_wrapper: bool = False,  # Wrap in KarrasAugmentWrapper (adds 9 aug_cond dims to mapping_cond).
     coord_channels: bool = False,  # Feed x/y coordinate maps through unet_cond, so global conditions can place things.
+    has_variance: bool = False,  # One more output channel, its mean a learned log-variance (denoiser.loss: uncertainty).
 ) -> nn.Module:
     """Build k-diffusion's ``image_v1`` U-Net through ``k_diffusion.config.make_model``."""
     config = image_v1_config(mapping_cond_dim, input_channels=input_channels, mapping_out=mapping_out, depths=depths,
                              channels=channels, self_attn_depths=self_attn_depths, dropout_rate=dropout_rate,
                              patch_size=patch_size, skip_stages=skip_stages, augment_wrapper=augment_wrapper,
-                             coord_channels=coord_channels)
+                             coord_channels=coord_channels, has_variance=has_variance)
     model = K.config.make_model(config)
     return CoordChannels(model) if coord_channels else model
 
 
 def image_v1_config(mapping_cond_dim: int, *, input_channels: int, mapping_out: int, depths: Sequence[int],
                     channels: Sequence[int], self_attn_depths: Sequence[bool] | None, dropout_rate: float,
-                    patch_size: int, skip_stages: int, augment_wrapper: bool, coord_channels: bool) -> dict:
+                    patch_size: int, skip_stages: int, augment_wrapper: bool, coord_channels: bool,
+                    has_variance: bool = False) -> dict:
     """Return k-diffusion's resolved config for :func:`image_v1` (whose defaults apply; a resolved ``model``
     section has every argument); coordinate maps, when asked for, take the two ``unet_cond`` channels."""
     if len(depths) != len(channels):
@@ -58,6 +60,7 @@ def image_v1_config(mapping_cond_dim: int, *, input_channels: int, mapping_out: 
             "augment_wrapper": augment_wrapper,
             "mapping_cond_dim": mapping_cond_dim,
             "unet_cond_dim": 2 if coord_channels else 0,
+            "has_variance": has_variance,
         },
     })
 
@@ -88,11 +91,20 @@ DENOISER_LOSSES.register("karras", partial(K.layers.Denoiser, weighting="karras"
 DENOISER_LOSSES.register("snr", partial(K.layers.Denoiser, weighting="snr"))
 DENOISER_LOSSES.register("soft_min_snr", partial(K.layers.Denoiser, weighting="soft-min-snr"))
 DENOISER_LOSSES.register("eps", K.layers.SimpleLossDenoiser)  # L_simple on the predicted noise, the paper's loss
+# The Karras loss divided by a learned variance, plus its log ((err^2 / e^u + u) / 2): uncertainty weighting, each
+# sample's weight learned (Kendall and Gal 2017; EDM2, Karras et al. 2024, learns it per noise level). k-diffusion's
+# own: the log-variance u is the mean of the model's extra output channel (model.has_variance: true).
+DENOISER_LOSSES.register("uncertainty", K.layers.DenoiserWithVariance)
 
 
 def make_denoiser(inner_model: nn.Module, *, sigma_data: float = 0.5, loss: str = "karras") -> K.layers.Denoiser:
     """Wrap an inner model in k-diffusion's Denoiser for the configured loss (a ``DENOISER_LOSSES`` key)."""
-    return DENOISER_LOSSES.get(loss)(inner_model, sigma_data=sigma_data)
+    denoiser = DENOISER_LOSSES.get(loss)(inner_model, sigma_data=sigma_data)
+    has_variance = bool(getattr(unwrap_inner(inner_model), "has_variance", False))
+    if has_variance != isinstance(denoiser, K.layers.DenoiserWithVariance):
+        raise ConfigError("denoiser.loss: uncertainty and model.has_variance: true go together (the loss trains the "
+                          f"model's log-variance channel); got loss {loss!r} with has_variance {has_variance}")
+    return denoiser
 
 
 def unwrap_inner(model: nn.Module) -> nn.Module:
