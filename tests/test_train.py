@@ -317,3 +317,19 @@ def test_uncertainty_weighting_is_k_diffusions_variance_loss_and_trains_and_samp
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in read_metrics(run))
     assert load_run(run).parts.denoiser(torch.randn(2, 3, 16, 16), torch.ones(2),
                                         mapping_cond=cond[:2]).shape == (2, 3, 16, 16)
+
+
+def test_a_checkpoint_from_before_a_new_setting_resumes(tiny_cfg, tmp_path):
+    """A checkpoint whose config lacks a setting added later (model.has_variance here) resumes: the setting
+    takes its default, as it does when the run is loaded; a real change is still refused (test above)."""
+    from gmmcond.io import save_checkpoint
+
+    run = tmp_path / "run"
+    train(tiny_cfg("train.steps=2"), run)
+    path = run / "checkpoints" / "step_0000002.pt"
+    state = load_checkpoint(path)
+    del state["config"]["model"]["has_variance"]
+    path.unlink()
+    save_checkpoint(run, 2, state)
+    train(tiny_cfg("train.steps=3"), run, resume=True)
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]

@@ -30,7 +30,7 @@ from torch.profiler import record_function
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from ..config import dump_config
+from ..config import dump_config, resolve
 from ..data.attrs import describe, parse_expr
 from ..data.cache import in_memory
 from ..errors import ConfigError, Interrupted, RunError, TrainingDiverged
@@ -371,7 +371,8 @@ class Trainer:
 
     def _restore(self, module: DiffusionTrainer, path: Path) -> None:
         state = load_checkpoint(path)
-        changed = [k for k in ("dataset", "model", "conditioner", "head", "denoiser") if state["config"][k] != self.cfg[k]]
+        trained = resolve(state["config"])  # a setting added since the checkpoint was written takes its default
+        changed = [k for k in ("dataset", "model", "conditioner", "head", "denoiser") if trained[k] != self.cfg[k]]
         if changed:
             raise RunError(f"{path} was trained with different {', '.join(changed)} settings; resume with the "
                            f"run's own config ({self.run_dir / 'config.yaml'}) or start a new run")
