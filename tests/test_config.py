@@ -1,9 +1,8 @@
 import pytest
 import yaml
 
-from gmmcond.config import load_config, yaml_load
+from gmmcond.config import load_config, recipes_dir, yaml_load
 from gmmcond.errors import ConfigError
-from gmmcond.config import recipes_dir
 from gmmcond.data.attrs import parse_expr
 from gmmcond.registry import DATASETS
 

@@ -40,7 +40,7 @@ def image_v1(
 def image_v1_config(mapping_cond_dim: int, *, input_channels: int, mapping_out: int, depths: Sequence[int],
                     channels: Sequence[int], self_attn_depths: Sequence[bool] | None, dropout_rate: float,
                     patch_size: int, skip_stages: int, augment_wrapper: bool, coord_channels: bool,
-                    has_variance: bool = False) -> dict:
+                    has_variance: bool) -> dict:
     """Return k-diffusion's resolved config for :func:`image_v1` (whose defaults apply; a resolved ``model``
     section has every argument); coordinate maps, when asked for, take the two ``unet_cond`` channels."""
     if len(depths) != len(channels):
