@@ -75,6 +75,7 @@ class TrainConfig:
     lr_decay: str = "cosine"  # constant | cosine (to lr_final_frac * lr at the last step)
     lr_final_frac: float = 0.1
     grad_clip: float = 1.0  # Max grad norm; 0 disables clipping.
+    adamw_impl: str = "foreach"  # foreach | fused (one kernel: several times faster on a CPU, not bit-equal).
     ema_power: float = 0.75  # k-diffusion EMAWarmup power.
     ema_max: float = 0.999  # k-diffusion EMAWarmup max decay.
     log_every: int = 10  # Steps between metrics.jsonl lines.
@@ -110,6 +111,7 @@ MINIMUMS = {  # dotted key -> smallest valid value
 }
 GUIDANCE_NULLS = ("dropped", "all_unknown")  # sample.cfg_null: what CFG and composed guidance push away from
 CHOICES = {"train.precision": ("auto", "fp32", "bf16", "fp16"), "train.lr_decay": ("constant", "cosine"),
+           "train.adamw_impl": ("foreach", "fused"),
            "sample.cfg_null": GUIDANCE_NULLS}
 NODES: dict[str, Registry] = {
     "dataset": DATASETS, "model": MODELS, "conditioner": CONDITIONERS, "head": HEADS, "schedule": SCHEDULES,
