@@ -320,19 +320,23 @@ def test_uncertainty_weighting_is_k_diffusions_variance_loss_and_trains_and_samp
 
 
 def test_a_checkpoint_from_before_a_new_setting_resumes(tiny_cfg, tmp_path):
-    """A checkpoint whose config lacks a setting added later (model.has_variance here) resumes: the setting
-    takes its default, as it does when the run is loaded; a real change is still refused (test above)."""
+    """A checkpoint whose config lacks settings added later (model.has_variance, train.adamw_impl) resumes: they
+    take their defaults, as when the run is loaded; a real model change is still refused (test above)."""
     from gmmcond.io import save_checkpoint
 
     run = tmp_path / "run"
     train(tiny_cfg("train.steps=2"), run)
     path = run / "checkpoints" / "step_0000002.pt"
     state = load_checkpoint(path)
-    del state["config"]["model"]["has_variance"]
+    del state["config"]["model"]["has_variance"], state["config"]["train"]["adamw_impl"]
     path.unlink()
     save_checkpoint(run, 2, state)
-    train(tiny_cfg("train.steps=3"), run, resume=True)
+    train(tiny_cfg("train.steps=3", "train.adamw_impl=fused"), run, resume=True)
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
+    # a new train setting counts at its default in the old run, so setting it at resume is a recorded change
+    history = load_checkpoint(run / "checkpoints" / "step_0000003.pt")["config"]["history"]
+    assert history == [{"step": 2, "changed": {"train.adamw_impl": {"from": "foreach", "to": "fused"},
+                                               "train.steps": {"from": 2, "to": 3}}}]
 
 
 def test_fused_adamw_takes_the_foreach_steps_up_to_rounding_and_a_run_resumes_across_them(tiny_cfg, tmp_path):

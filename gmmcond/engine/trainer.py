@@ -379,7 +379,7 @@ class Trainer:
                            f"run's own config ({self.run_dir / 'config.yaml'}) or start a new run")
         if len(state["rng"]) != self.world:
             raise RunError(f"{path} was written by {len(state['rng'])} processes; resume it with as many, not {self.world}")
-        changes = self._resume_changes(state["config"], state["step"], path)
+        changes = self._resume_changes(trained, state["step"], path)
         module.load_state_dict(state["model"])
         self.ema.inner_model.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
@@ -391,11 +391,12 @@ class Trainer:
             self._apply_resume_changes(changes)
 
     def _resume_changes(self, old: dict, step: int, path: Path) -> dict:
-        """The train/sample values this resume changes, as {dotted key: {from, to}}; refused ones raise."""
+        """The train/sample values this resume changes, as {dotted key: {from, to}}, against the checkpoint's
+        resolved config (a setting added since it was written counts at its default); refused ones raise."""
         changes = {}
         for section in ("train", "sample"):
             for key, value in self.cfg[section].items():
-                before = old[section].get(key, value)
+                before = old[section][key]
                 if before != value:
                     changes[f"{section}.{key}"] = {"from": before, "to": value}
         refused = [k for k in changes if k.startswith("train.") and k[6:] in RESUME_REFUSED]
