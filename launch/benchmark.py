@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--evaluate-only", action="store_true",
                         help="quality: evaluate the marks a stopped run has so far, without training on")
     parser.add_argument("--probes", nargs="*", help="probes: the PROBES names to run (default: all)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides of the recipe (quality), e.g. train.steps=4000")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the recipe (quality, profile, train), e.g. train.adamw_impl=fused")
     args = parser.parse_intermixed_args()  # overrides may follow the options
 
     import torch
@@ -66,7 +66,7 @@ def main() -> None:
         print(f"wrote {out / 'profile.json'}")
         return
     if args.what == "train":
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.overrides)
         result = benchmarks.train_step_time(cfg, rounds=args.rounds)
         (out / "train.json").write_text(json.dumps(result, indent=2))
         print(benchmarks.train_table(result))

@@ -146,7 +146,7 @@ def _plain_step(cfg: dict):
     # the recipe's k-diffusion config, built by k-diffusion alone (no coordinate-map wrapper: zeros go in instead)
     inner = K.config.make_model(image_v1_config(dim, **{k: v for k, v in m.items() if k != "type"}))
     denoiser = K.layers.Denoiser(inner, sigma_data=cfg["denoiser"]["sigma_data"], weighting="karras")
-    opt = torch.optim.AdamW(denoiser.parameters(), 1e-4)
+    opt = torch.optim.AdamW(denoiser.parameters(), 1e-4, **{cfg["train"]["adamw_impl"]: True})  # every arm: the trainer's
 
     def step(images, attrs, index, noise, sigma):
         kwargs = {"mapping_cond": images.new_zeros(len(images), dim)}
@@ -171,7 +171,7 @@ def _gmmcond_step(cfg: dict, precision: str, compiled: bool):
     if compiled:
         parts.denoiser.inner_model.compile()
     module = DiffusionTrainer(parts).train()
-    opt = torch.optim.AdamW(module.parameters(), 1e-4)
+    opt = torch.optim.AdamW(module.parameters(), 1e-4, **{cfg["train"]["adamw_impl"]: True})
 
     def step(images, attrs, index, noise, sigma):
         with autocast("cpu", precision):
