@@ -430,9 +430,6 @@ PROBES = {
     # the weighting learned instead of chosen: the Karras loss over a learned variance (k-diffusion's
     # DenoiserWithVariance; EDM2's uncertainty weighting, per sample rather than per noise level)
     "uncertainty weighting": ["model.has_variance=true", "denoiser.loss=uncertainty"],
-    # the optimiser as one fused kernel instead of foreach (a tenth of the step on the profile): same updates
-    # up to rounding, so the question is minutes, and that quality does not move beyond the seed spread
-    "fused adamw": ["train.adamw_impl=fused"],
 }
 
 
