@@ -40,7 +40,7 @@ def test_typo_names_dotted_path_and_closest_key():
     with pytest.raises(ConfigError) as err:
         load_config("shapes", ["train.stpes=5"])
     msg = str(err.value)
-    assert msg.startswith("train.stpes: unknown key; did you mean 'steps'? Valid keys: batch_size, betas, ")
+    assert msg.startswith("train.stpes: unknown key; did you mean 'steps'? Valid keys: adamw_impl, batch_size, betas, ")
 
 
 def test_typo_in_a_registered_node_checks_the_signature():
