@@ -321,7 +321,7 @@ class Trainer:
         t = self.t
         module = DiffusionTrainer(self.parts, t["coind_weight"], t["coind_fraction"])
         # foreach: a few kernels per step over all tensors, bit for bit the per-tensor loop; fused: one kernel,
-        # rounding differently (its own step 4x faster on a 2-core CPU, the training step not measurably)
+        # rounding differently (its profiled phase half as long on a 2-core CPU, the training step not measurably)
         self.opt = torch.optim.AdamW(module.parameters(), lr=t["lr"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"],
                                      **{t["adamw_impl"]: True})
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
