@@ -250,7 +250,8 @@ def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) 
     return {"steps": steps, "curve_steps": [r["step"] for r in records], "curve": [r["diffusion"] for r in records],
             "last100": statistics.fmean(r["diffusion"] for r in records if r["step"] > steps - 100),
             "sec_per_step_median": median_step_time(records),
-            **eval_summary(ev)}
+            # per attribute too, so a logged result is whole without its run folder (a later machine lacks runs/)
+            "per_attribute": ev["per_attribute"], **eval_summary(ev)}
 
 
 def run_arms(arms: dict[str, tuple[str, list[str]]], runs: Path, log: "ResultLog", prefix: str, *, seeds: int, n: int,
@@ -311,7 +312,7 @@ def summarise_records(rs: list[dict]) -> dict:
     keys = [k for k, v in rs[0].items() if isinstance(v, (int, float)) and k not in ("seed", "steps")
             and all(isinstance(r.get(k), (int, float)) for r in rs)]
     return {**{k: summarise([r[k] for r in rs]) for k in keys},
-            "per_seed": [{k: v for k, v in r.items() if not isinstance(v, list)} for r in rs]}
+            "per_seed": [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in rs]}
 
 
 def plot_loss_bands(out: Path, log: "ResultLog", arms, seeds: int, title: str) -> None:
@@ -419,7 +420,7 @@ def features_vs_classes(out: Path, runs: Path, log_path: Path, *, seeds: int = 3
     run_arms(arms, runs, log, "fvc", seeds=seeds, n=n, progress=progress, train=train)
     shared = S.SHAPES + S.COLOURS  # what every arm's labels fix: compare accuracy on these alone
     for rec in [r for arm in arms for r in arm_records(log, arms, arm, seeds)]:
-        per = read_json(Path(rec["run"]) / "eval.json")["per_attribute"]
+        per = rec.get("per_attribute") or read_json(Path(rec["run"]) / "eval.json")["per_attribute"]
         rec["shared_accuracy"] = statistics.fmean(per[a] for a in shared)
         rec["shape_accuracy"] = shape_accuracy(per)
     result = {"seeds": seeds, "n": n, "steps": steps, "scale": scale, "shared_attributes": list(shared),
