@@ -29,6 +29,16 @@ ARM_COLUMNS = (("shared_accuracy", "shape+colour accuracy", 4), ("shape_accuracy
                ("last100", "loss (last 100)", 4))
 
 
+# the headline numbers first (conformity, defects, the per-set diversity), then the whole-set ones and the loss;
+# a column none of the arms has is left out, so older JSON (no per-set metrics) still tabulates
+HEADLINE_ARM_COLUMNS = (("all_attributes_correct", "conformity", 3), ("shared_accuracy", "shape+colour accuracy", 3),
+                        ("shape_accuracy", "shape accuracy", 3), ("attr_accuracy", "accuracy", 3),
+                        ("defect_rate", "defects", 3), ("set_recall", "per-set recall", 3),
+                        ("set_coverage", "per-set coverage", 3), ("set_mean_spread_ratio", "per-set spread", 3),
+                        ("recall", "recall", 3), ("coverage", "coverage", 3), ("fd", "FD", 1),
+                        ("last100", "loss (last 100)", 4))
+
+
 def arms_table(result: dict, columns=ARM_COLUMNS) -> str:
     """One row per arm: mean +- std over seeds of each column the arm has; real-vs-real references last."""
     arms = result["arms"]
@@ -137,7 +147,8 @@ def report(out: Path, sweep_json: Path | None = None, recipe_runs: list[Path] | 
     parts = []
     if recipe_runs:
         parts.append(f"### the default recipe (`python launch/evaluate.py --run RUN` per seed)\n\n{recipe_table(recipe_runs)}")
-    tables = {"ngmg-vs-bce": ngmg_table, "head": arms_table, "features-vs-classes": arms_table, "precision": arms_table,
+    headline = lambda r: arms_table(r, HEADLINE_ARM_COLUMNS)  # noqa: E731
+    tables = {"ngmg-vs-bce": ngmg_table, "head": headline, "features-vs-classes": headline, "precision": arms_table,
               "combinations": lambda r: arms_table(r, COMBINATION_COLUMNS), "editing": editing_table,
               "distribution": lambda r: arms_table(r, DISTRIBUTION_COLUMNS)}
     for name, fn in tables.items():
