@@ -14,6 +14,7 @@ from gmmcond.cli import fail_cleanly
 
 
 TRAINED = ("head", "distribution", "features-vs-classes", "precision", "combinations")  # experiments that train runs
+REUSING = ("head", "distribution", "features-vs-classes", "precision")  # those whose arms train_and_evaluate alone
 
 
 def main() -> None:
@@ -35,6 +36,10 @@ def main() -> None:
     parser.add_argument("--no-train", action="store_true",
                         help=f"{', '.join(TRAINED)}: train and evaluate nothing, "
                              "tabulate the finished (arm, seed) results up to --seeds (each row says how many seeds it has)")
+    parser.add_argument("--reuse", nargs="*", default=[], metavar="JSONL",
+                        help=f"{', '.join(REUSING)}: other experiments' result logs (OUT/NAME.jsonl, or a copy committed "
+                             "under launch/figures/results); an arm whose training and evaluation one of them already "
+                             "holds (same resolved config, same n) is taken from it instead of trained again")
     parser.add_argument("--sweep", default="runs/shapes/sweep.json", help="report: the sweep to tabulate")
     parser.add_argument("--recipe-runs", nargs="*", default=[], help="report: evaluated runs of one recipe (seeds), one table row")
     args = parser.parse_args()
@@ -61,6 +66,15 @@ def main() -> None:
         if args.experiment not in TRAINED:
             parser.error(f"--no-train applies to {', '.join(TRAINED)}, not {args.experiment}")
         steps["train"] = False
+    if args.reuse:
+        if args.experiment not in REUSING:
+            parser.error(f"--reuse applies to {', '.join(REUSING)}, not {args.experiment}")
+        from gmmcond.io import ResultLog
+
+        missing = [p for p in args.reuse if not Path(p).is_file()]
+        if missing:
+            parser.error(f"--reuse: no such result log {missing[0]!r}; give an experiment's OUT/NAME.jsonl")
+        steps["reuse"] = tuple(ResultLog(Path(p)) for p in args.reuse)
     if args.arms and args.experiment not in ("head", "combinations", "distribution"):
         parser.error(f"--arms applies to head, distribution and combinations, not {args.experiment}")
     if args.experiment == "density":

@@ -133,6 +133,51 @@ def test_arms_that_differ_only_in_sampling_share_one_training(tmp_path, monkeypa
     assert set(table["arms"]) == set(arms) and all(a["x"]["n"] == 1 for a in table["arms"].values())
 
 
+def test_an_arm_another_experiment_already_ran_is_reused_not_retrained(tmp_path, monkeypatch):
+    """Fig. 9's "no head" at the recipe scale is Fig. 7's "features" (same resolved config but for the grid
+    cadence, same evaluation): with Fig. 7's log passed as ``reuse`` it is logged from there, the head arms
+    train; a log evaluated with another n, or a record without a key, is not taken."""
+    from gmmcond.experiments import reproduce
+    from gmmcond.experiments.reproduce import HEAD_ARMS, ResultLog, features_vs_classes, head, result_key
+
+    trained = []
+
+    def fake(recipe, full, run, *, n):  # no training: record what would have trained, return a loss to log
+        trained.append((recipe, tuple(full), n))
+        from gmmcond.data.shapes import COLOURS, SHAPES
+
+        return {"last100": 0.01 * len(trained), "curve_steps": [1], "curve": [0.1],
+                "per_attribute": dict.fromkeys((*SHAPES, *COLOURS), 1.0)}
+
+    monkeypatch.setattr(reproduce, "train_and_evaluate", fake)
+    monkeypatch.setattr(reproduce, "plot_loss_bands", lambda *a, **k: None)
+    features_vs_classes(tmp_path / "f.png", tmp_path / "runs", tmp_path / "fvc.jsonl", seeds=2, steps=6000, n=256,
+                        scale="recipe")
+    assert len(trained) == 6
+    fvc = ResultLog(tmp_path / "fvc.jsonl")
+    trained.clear()
+    head(tmp_path / "h.png", tmp_path / "runs", tmp_path / "head.jsonl", seeds=2, steps=6000, n=256, scale="recipe",
+         reuse=(fvc,))
+    assert len(trained) == 4 and all("head=none" not in full for _, full, _ in trained)  # only the two head arms
+    log = ResultLog(tmp_path / "head.jsonl")
+    for seed in range(2):
+        mine = log.done(("arm", "seed"), arm="no head", seed=seed)
+        theirs = fvc.done(("arm", "seed"), arm="features (11)", seed=seed)
+        assert mine["reused_from"] == theirs["config"] and mine["last100"] == theirs["last100"]
+        assert mine["run"] == theirs["run"] and mine["config"] != theirs["config"]  # logged under its own config
+    # the key ignores the grid cadence, not what trains or how it is evaluated
+    base = ["train.steps=6000", "train.seed=0", "conditioner.seed=0"]
+    key = result_key("shapes", base, "train_and_evaluate n=256")
+    assert key == result_key("shapes", [*base, "train.grid_every=0", "head=none"], "train_and_evaluate n=256")
+    assert key != result_key("shapes", base, "train_and_evaluate n=512")
+    assert key != result_key("shapes", [*base, "train.lr=1e-3"], "train_and_evaluate n=256")
+    # evaluated with another n: nothing to reuse, every arm trains
+    trained.clear()
+    head(tmp_path / "h.png", tmp_path / "runs", tmp_path / "head512.jsonl", seeds=1, steps=6000, n=512,
+         scale="recipe", reuse=(fvc,))
+    assert len(trained) == len(HEAD_ARMS)
+
+
 def test_guidance_can_push_away_from_the_all_unknown_condition(tiny_cfg):
     """sample.cfg_null=all_unknown: CFG's second branch is the condition with every attribute unspecified (not
     the dropped one), exactly D_null + s (D_cond - D_null); a run without attr_dropout refuses it."""

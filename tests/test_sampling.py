@@ -129,6 +129,24 @@ def test_a_seeded_generator_makes_stochastic_samplers_reproducible():
         assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_a_seeded_sample_leaves_the_global_rng_as_it_was(name):
+    """euler, heun and dpm_2 draw their churn noise with ``randn_like`` (even at s_churn 0): with a generator they
+    draw it from a forked stream, so a training grid cannot move the training's noise stream; and with churn on,
+    the images still repeat for one seed and differ between seeds."""
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    sigmas = K.sampling.get_sigmas_karras(4, 0.1, 5.0)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    sample(name, ToyDenoiser(), noise, sigmas, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.get_rng_state(), before)
+    if name in ("euler", "heun", "dpm_2"):
+        churned = {"type": name, "s_churn": 1.0}
+        a, b, c = (sample(churned, ToyDenoiser(), noise, sigmas, generator=torch.Generator().manual_seed(s))
+                   for s in (5, 5, 6))
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+
 class ToyEps(torch.nn.Module):
     """A stand-in for an eps- or v-predicting network: any smooth function of (x, t)."""
 

@@ -64,6 +64,26 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
     assert timeless(tmp_path / "cut") == timeless(tmp_path / "full")  # same loss at the same step
 
 
+def test_bookkeeping_settings_leave_the_trained_weights_and_the_loss_curve_unchanged(tiny_cfg, tmp_path):
+    """What ``reproduce.BOOKKEEPING`` names (grid and checkpoint cadence, grid rows) may differ between two runs
+    an experiment treats as one: a grid every step and a checkpoint every step against neither, bit for bit."""
+    from gmmcond.experiments.reproduce import BOOKKEEPING
+
+    assert {"train.grid_every", "train.checkpoint_every"} <= set(BOOKKEEPING)
+    busy = tiny_cfg("train.steps=4", "train.grid_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=1",
+                    "sample.grid_cols=3", "conditioner.cond_dropout=0.5")
+    quiet = tiny_cfg("train.steps=4", "train.grid_every=0", "train.checkpoint_every=4", "conditioner.cond_dropout=0.5")
+    train(busy, tmp_path / "busy")
+    train(quiet, tmp_path / "quiet")
+    assert len(list((tmp_path / "busy" / "samples").glob("grid_*.png"))) == 4  # the grids were drawn
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "step_0000004.pt") for r in ("busy", "quiet"))
+    for key in ("model", "ema"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), (key, name)
+    timeless = lambda run: [{k: v for k, v in m.items() if k not in ("sec_per_step", "peak_rss_mb")} for m in read_metrics(run)]
+    assert timeless(tmp_path / "busy") == timeless(tmp_path / "quiet")
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tiny_cfg, tmp_path):
     run = tmp_path / "run"
     train(tiny_cfg(), run)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import statistics
 from pathlib import Path
@@ -254,8 +255,29 @@ def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) 
             "per_attribute": ev["per_attribute"], **eval_summary(ev)}
 
 
+# Settings that change neither the trained weights, the logged loss curve nor the evaluation (grids are drawn from
+# their own generator, checkpoints only save): two runs whose resolved configs differ only here are the same run
+# (tests/test_train.py trains both ways and compares the weights bit for bit).
+BOOKKEEPING = ("train.grid_every", "train.checkpoint_every", "train.keep_checkpoints", "sample.grid_rows",
+               "sample.grid_cols")
+
+
+def result_key(recipe: str, overrides: list[str], protocol: str) -> str:
+    """A digest of what a logged result depends on: the resolved config less ``BOOKKEEPING``, and how the run
+    was evaluated (``protocol``). Equal keys in two experiments' logs are one training and one evaluation."""
+    from ..config import load_config
+
+    cfg = load_config(recipe, overrides)
+    for dotted in BOOKKEEPING:
+        section, key = dotted.split(".")
+        cfg.get(section, {}).pop(key, None)
+    blob = json.dumps({"config": cfg, "protocol": protocol}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def run_arms(arms: dict[str, tuple[str, list[str]]], runs: Path, log: "ResultLog", prefix: str, *, seeds: int, n: int,
-             progress=print, evaluate=None, trained_by: dict[str, tuple] | None = None, train: bool = True) -> None:
+             progress=print, evaluate=None, trained_by: dict[str, tuple] | None = None, train: bool = True,
+             reuse: tuple[ResultLog, ...] = ()) -> None:
     """Train and evaluate every (arm, seed) not yet in ``log``, seed by seed, so each seed's arms land together.
     ``arms`` maps a name to (recipe, overrides), the overrides led by the experiment's scale (``SCALES``); seed
     ``s`` adds ``train.seed=s conditioner.seed=s``. A result is keyed by its arm, seed and full override list
@@ -264,9 +286,14 @@ def run_arms(arms: dict[str, tuple[str, list[str]]], runs: Path, log: "ResultLog
     ``evaluate(arm, seed, recipe, overrides, run, n) -> record`` replaces :func:`train_and_evaluate` (and must
     train too, e.g. through :func:`train_once`). ``trained_by`` maps an arm to (another arm, its (recipe,
     overrides)) whose run folder it uses: arms that differ only in how they are sampled train once. ``train=False``
-    starts nothing (tabulate what is logged: each arm's summary then says how many seeds it has)."""
+    starts nothing (tabulate what is logged: each arm's summary then says how many seeds it has).
+    ``reuse``: other experiments' logs. Where the standard :func:`train_and_evaluate` would run, a record of theirs
+    with the same :func:`result_key` (the same training and evaluation, e.g. Fig. 9's "no head" and Fig. 7's
+    "features" at one scale) is logged again under this arm (``reused_from`` names its config) instead of
+    training the run a second time."""
     if not train:
         return
+    protocol = None if evaluate else f"train_and_evaluate n={n}"
     for seed in range(seeds):
         for arm, (recipe, overrides) in arms.items():
             full, config = arm_config(recipe, overrides, seed)
@@ -275,8 +302,16 @@ def run_arms(arms: dict[str, tuple[str, list[str]]], runs: Path, log: "ResultLog
             owner, trains = (trained_by or {}).get(arm, (arm, (recipe, overrides)))
             digest = hashlib.sha256(arm_config(*trains, seed)[1].encode()).hexdigest()[:8]
             run = runs / f"{prefix}_{arm_slug(owner)}_seed{seed}_{digest}"
-            rec = evaluate(arm, seed, recipe, full, run, n) if evaluate else train_and_evaluate(recipe, full, run, n=n)
-            log.add({"arm": arm, "seed": seed, "config": config, "run": str(run), **rec})
+            key = result_key(recipe, full, protocol) if protocol else None
+            twin = next((r for other in reuse for r in other.records if key and r.get("result_key") == key), None)
+            if twin:
+                rec = {k: v for k, v in twin.items() if k not in ("arm", "seed", "config")}
+                rec["reused_from"] = twin["config"]
+                progress(f"  {arm} seed {seed}: the same run as {twin['arm']!r} seed {twin['seed']} in another log, reused")
+            else:
+                rec = evaluate(arm, seed, recipe, full, run, n) if evaluate else train_and_evaluate(recipe, full, run, n=n)
+                rec = {"run": str(run), **({"result_key": key} if key else {}), **rec}
+            log.add({"arm": arm, "seed": seed, "config": config, **rec})
             progress(f"  {arm} seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items()
                                                             if isinstance(v, float) and "reference" not in k))
 
@@ -349,7 +384,8 @@ def select_arms(table: dict, names: list[str] | None) -> dict:
 
 
 def loss_arms(arm_table: dict, prefix: str, title: str, out: Path, runs: Path, log_path: Path, *, seeds: int, steps: int,
-              n: int, scale: str, arms: list[str] | None = None, progress=print, train: bool = True) -> dict:
+              n: int, scale: str, arms: list[str] | None = None, progress=print, train: bool = True,
+              reuse: tuple[ResultLog, ...] = ()) -> dict:
     """Train and evaluate the arms of ``arm_table`` (those named in ``arms``, else all) at ``scale`` for ``steps``
     steps and ``seeds`` seeds (:func:`run_arms`), plot their diffusion-loss bands, and summarise them."""
     log = ResultLog(log_path)
@@ -359,18 +395,19 @@ def loss_arms(arm_table: dict, prefix: str, title: str, out: Path, runs: Path, l
     if len(chosen) < len(arm_table):  # a subset: the legend names the arms drawn; the title must not name the rest
         title = f"{title.split(':')[0]}: {len(chosen)} of its {len(arm_table)} arms"
     arms = {arm: (recipe, [*base, *extra]) for arm, (recipe, extra) in chosen.items()}
-    run_arms(arms, runs, log, prefix, seeds=seeds, n=n, progress=progress, train=train)
+    run_arms(arms, runs, log, prefix, seeds=seeds, n=n, progress=progress, train=train, reuse=reuse)
     plot_loss_bands(out, log, arms, seeds, f"{title}, {steps} steps ({scale} scale)")
     return {"steps": steps, "seeds": seeds, "n": n, "scale": scale, "arms": summarise_arms(log, arms, seeds)}
 
 
 def head(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 1000, n: int = 512, scale: str = "v1",
-         arms: list[str] | None = None, progress=print, train: bool = True) -> dict:
+         arms: list[str] | None = None, progress=print, train: bool = True,
+         reuse: tuple[ResultLog, ...] = ()) -> dict:
     """Paper Fig. 9: the default recipe's model and batch with no head, a head trained with NGMG entropy
     (surplus) and a head trained with BCE; diffusion-loss curves and the evaluation of each arm's samples.
     Resumable per (arm, seed, config) through ``log_path``."""
     return loss_arms(HEAD_ARMS, "head", "shapes: no head / NGMG head / BCE head", out, runs, log_path, seeds=seeds,
-                     steps=steps, n=n, scale=scale, arms=arms, progress=progress, train=train)
+                     steps=steps, n=n, scale=scale, arms=arms, progress=progress, train=train, reuse=reuse)
 
 
 DISTRIBUTION_ARMS = {
@@ -383,14 +420,16 @@ DISTRIBUTION_ARMS = {
 
 
 def distribution(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 1000, n: int = 256,
-                 scale: str = "v1", arms: list[str] | None = None, progress=print, train: bool = True) -> dict:
+                 scale: str = "v1", arms: list[str] | None = None, progress=print, train: bool = True,
+                 reuse: tuple[ResultLog, ...] = ()) -> dict:
     """The paper's central claim (Sec. 3.2, Eqs. 8-9): attributes embedded as a distribution (the GMM latent,
     with the paper's fixed pairing of one latent per training image, and with a fresh latent each step) against
     the same attributes as a fixed value (``attrs``, and ``gmm_attrs`` with every latent entry the mixture's
     mean: only the randomness removed); same model, steps and seeds. Conformity, defects, per-set
     recall / coverage / spread, memorisation (authenticity) and the loss. Resumable per (arm, seed, config)."""
     return loss_arms(DISTRIBUTION_ARMS, "dist", "shapes: fixed value / GMM fixed pairing / GMM resample", out, runs,
-                     log_path, seeds=seeds, steps=steps, n=n, scale=scale, arms=arms, progress=progress, train=train)
+                     log_path, seeds=seeds, steps=steps, n=n, scale=scale, arms=arms, progress=progress, train=train,
+                     reuse=reuse)
 
 
 CLASS_GRID_ROWS = "[circle_red,square_green,triangle_blue,circle_blue,square_red,triangle_green]"
@@ -404,7 +443,7 @@ FVC_ARMS = {
 
 
 def features_vs_classes(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 2000, n: int = 512,
-                        scale: str = "v1", progress=print, train: bool = True) -> dict:
+                        scale: str = "v1", progress=print, train: bool = True, reuse: tuple[ResultLog, ...] = ()) -> dict:
     """Paper Fig. 7 on the shapes recipe at ``scale`` (``SCALES``) for ``steps`` steps: the 11 features vs one-hot
     shape x colour classes vs, as a control for information content, one-hot classes over all 288 attribute
     combinations; all through gmm_attrs, same model, steps and seeds. Accuracy on the attributes each labelling
@@ -417,7 +456,7 @@ def features_vs_classes(out: Path, runs: Path, log_path: Path, *, seeds: int = 3
     log = ResultLog(log_path)
     arms = {arm: (recipe, [*scale_overrides(scale), f"train.steps={steps}", *extra])
             for arm, (recipe, extra) in FVC_ARMS.items()}
-    run_arms(arms, runs, log, "fvc", seeds=seeds, n=n, progress=progress, train=train)
+    run_arms(arms, runs, log, "fvc", seeds=seeds, n=n, progress=progress, train=train, reuse=reuse)
     shared = S.SHAPES + S.COLOURS  # what every arm's labels fix: compare accuracy on these alone
     for rec in [r for arm in arms for r in arm_records(log, arms, arm, seeds)]:
         per = rec.get("per_attribute") or read_json(Path(rec["run"]) / "eval.json")["per_attribute"]
@@ -450,14 +489,14 @@ PRECISION_ARMS = {"fp32": ("shapes", ["train.precision=fp32", "train.compile=fal
 
 
 def precision(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, n: int = 512, progress=print,
-              train: bool = True) -> dict:
+              train: bool = True, reuse: tuple[ResultLog, ...] = ()) -> dict:
     """Quality kept under the fastest setting: the shapes recipe at 2000 steps (``EXPERIMENT_SCALE``) trained
     at fp32 and at bf16 + torch.compile, ``seeds`` seeds each, every run evaluated the same way; per-seed
     values and mean +- std per arm."""
     log = ResultLog(log_path)
     arms = {arm: (recipe, [*EXPERIMENT_SCALE, *extra, "train.grid_every=0"])
             for arm, (recipe, extra) in PRECISION_ARMS.items()}
-    run_arms(arms, runs, log, "precision", seeds=seeds, n=n, progress=progress, train=train)
+    run_arms(arms, runs, log, "precision", seeds=seeds, n=n, progress=progress, train=train, reuse=reuse)
     plot_loss_bands(out, log, arms, seeds, "shapes: fp32 vs bf16 + torch.compile")
     return {"seeds": seeds, "n": n, "arms": summarise_arms(log, arms, seeds)}
 

@@ -75,12 +75,22 @@ def sample(sampler: dict | str, model, noise: torch.Tensor, sigmas: torch.Tensor
     """Run a SAMPLERS node (a key or ``{type, **options}``) from ``init + noise * sigmas[0]`` (init 0 by default;
     images there start SDEdit from a partly noised image).
 
-    With ``generator``, stochastic samplers that take a ``noise_sampler`` draw their fresh noise from it,
-    so a seeded call gives the same images every time.
+    With ``generator``, stochastic samplers that take a ``noise_sampler`` draw their fresh noise from it, and
+    those that call ``torch.randn_like`` themselves (k-diffusion's euler, heun and dpm_2 draw their churn noise
+    so, even at ``s_churn=0``) draw from the global stream reseeded with the generator's seed inside
+    ``fork_rng``: a seeded call gives the same images every time and leaves the caller's RNG as it was (a
+    training grid must not move the training's noise stream).
     """
     node = {"type": sampler} if isinstance(sampler, str) else dict(sampler)
     fn = SAMPLERS.get(node.pop("type"))
-    if generator is not None and "noise_sampler" in inspect.signature(fn).parameters:
-        node.setdefault("noise_sampler", lambda s, t: torch.randn(noise.shape, generator=generator).to(noise))
     x = noise * sigmas[0] if init is None else init + noise * sigmas[0]
-    return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **node)
+    if generator is None:
+        return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **node)
+    if "noise_sampler" in inspect.signature(fn).parameters:
+        node.setdefault("noise_sampler", lambda s, t: torch.randn(noise.shape, generator=generator).to(noise))
+    with torch.random.fork_rng(devices=[noise.device] if noise.is_cuda else []):  # restored on exit
+        torch.random.default_generator.manual_seed(generator.initial_seed())
+        if noise.is_cuda:
+            with torch.cuda.device(noise.device):
+                torch.cuda.manual_seed(generator.initial_seed())
+        return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **node)
