@@ -214,3 +214,19 @@ def test_the_report_names_each_experiments_scale_steps_and_seeds(tmp_path):
     text = report(tmp_path)
     assert "### distribution (`python launch/reproduce.py distribution --scale recipe --steps 1500 --seeds 2`)" in text
     assert "| fixed value (attrs) | 2 | 0.500 +- 0.100 | 0.500 +- 0.100 |" in text
+
+
+def test_the_report_pairs_each_arm_with_the_first_by_seed():
+    from gmmcond.experiments.report import paired_table
+
+    def arm(values):  # per-seed losses, seeds 0..k-1
+        return {"per_seed": [{"seed": s, "last100": v} for s, v in enumerate(values)]}
+
+    # seed 2 of "head" has no partner in "no head" and is left out; differences -0.002, -0.001: mean -0.0015,
+    # std (n - 1) 0.000707...
+    result = {"arms": {"no head": arm([0.010, 0.020]), "head": arm([0.008, 0.019, 0.5]), "other": {"per_seed": []}}}
+    text = paired_table(result)
+    assert "each arm minus 'no head'" in text
+    assert "| head | 2 | -0.0015 +- 0.0007 (0 of 2 > 0) |" in text
+    assert "| other |" not in text  # no seed in common: no row
+    assert paired_table({"arms": {"no head": arm([0.01])}}) == ""

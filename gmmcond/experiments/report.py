@@ -56,6 +56,34 @@ def arms_table(result: dict, columns=ARM_COLUMNS) -> str:
     return "\n".join(lines)
 
 
+def paired_table(result: dict, columns=HEADLINE_ARM_COLUMNS) -> str:
+    """Each arm minus the first arm, paired by seed: mean +- std (n - 1) of the per-seed differences over the seeds
+    both ran, and on how many of them the difference is positive. Seed-to-seed variation shared by both arms
+    (a harder seed for every arm) cancels here, which the unpaired table's spread cannot show."""
+    import statistics
+
+    arms = result["arms"]
+    names = list(arms)
+    if len(names) < 2:
+        return ""
+    base = {r["seed"]: r for r in arms[names[0]].get("per_seed", [])}
+    lines = []
+    for arm in names[1:]:
+        pairs = [(r, base[r["seed"]]) for r in arms[arm].get("per_seed", []) if r["seed"] in base]
+        cells = []
+        for key, head, digits in columns:
+            d = [a[key] - b[key] for a, b in pairs if isinstance(a.get(key), (int, float)) and isinstance(b.get(key), (int, float))]
+            if d:
+                std = statistics.stdev(d) if len(d) > 1 else 0.0
+                cells.append((head, f"{statistics.fmean(d):+.{digits}f} +- {std:.{digits}f} ({sum(x > 0 for x in d)} of {len(d)} > 0)"))
+        if cells:
+            if not lines:
+                lines = [f"paired by seed, each arm minus '{names[0]}': mean +- std of the per-seed differences", ""]
+            lines += ["| arm | seeds | " + " | ".join(h for h, _ in cells) + " |", "|---|---|" + "---|" * len(cells),
+                      f"| {arm} | {len(pairs)} | " + " | ".join(c for _, c in cells) + " |", ""]
+    return "\n".join(lines).rstrip()
+
+
 COMBINATION_COLUMNS = (("conformity_seen", "conformity seen", 3), ("conformity_held_out", "conformity held-out", 3),
                        ("conformity_ratio", "held-out / seen", 3), ("defects_seen", "defects seen", 3),
                        ("defects_held_out", "defects held-out", 3), ("spread_seen", "spread seen", 3),
@@ -147,7 +175,7 @@ def report(out: Path, sweep_json: Path | None = None, recipe_runs: list[Path] | 
     parts = []
     if recipe_runs:
         parts.append(f"### the default recipe (`python launch/evaluate.py --run RUN` per seed)\n\n{recipe_table(recipe_runs)}")
-    headline = lambda r: arms_table(r, HEADLINE_ARM_COLUMNS)  # noqa: E731
+    headline = lambda r: "\n\n".join(filter(None, (arms_table(r, HEADLINE_ARM_COLUMNS), paired_table(r))))  # noqa: E731
     tables = {"ngmg-vs-bce": ngmg_table, "head": headline, "features-vs-classes": headline, "precision": arms_table,
               "combinations": lambda r: arms_table(r, COMBINATION_COLUMNS), "editing": editing_table,
               "distribution": lambda r: arms_table(r, DISTRIBUTION_COLUMNS)}
