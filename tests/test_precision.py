@@ -1,6 +1,7 @@
 """train.precision / train.compile: resolution per machine, clear errors, and the RNG-state round trip."""
 import pytest
 import torch
+from torch import nn
 
 from gmmcond.engine import precision as P
 from gmmcond.engine.trainer import rng_state, set_rng_state, train
@@ -80,6 +81,37 @@ def test_compile_failure_is_a_clear_error():
     with pytest.raises(KeyError):  # anything else is a bug and surfaces as itself
         with P.first_compiled_call(lambda s: None):
             raise KeyError("x")
+
+
+def test_a_model_compiled_after_another_of_its_class_runs_its_own_forward_hooks():
+    # an experiment trains its arms in one process: "no head" then "head ngmg surplus" compiled the same U-Net
+    # class, and dynamo (which does not guard on hooks) reused the graph traced without the head's hook
+    class Block(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+
+        def forward(self, x):
+            return self.block(x) + 1
+
+    def denoiser():
+        wrapper = nn.Module()
+        wrapper.inner_model = Inner()
+        return wrapper
+
+    x = torch.ones(3)
+    plain = denoiser()
+    P.compile_model(plain, lambda s: None, backend="eager")  # tracing alone: no C compiler needed
+    plain.inner_model(x)
+    hooked, seen = denoiser(), []
+    hooked.inner_model.block.register_forward_hook(lambda module, args, out: seen.append(out))
+    P.compile_model(hooked, lambda s: None, backend="eager")
+    assert torch.equal(hooked.inner_model(x), torch.full((3,), 3.0))
+    assert len(seen) == 1 and torch.equal(seen[0], torch.full((3,), 2.0))
 
 
 def test_two_trainings_in_one_process_may_use_different_precisions(tiny_cfg, tmp_path, cpu_bf16):

@@ -83,9 +83,16 @@ def autocast(device: torch.device | str, precision: str | Precision):
     return torch.autocast(torch.device(device).type, dtype=DTYPES[name])
 
 
-def compile_model(denoiser: nn.Module, log: Callable[[str], None] = print) -> None:
-    """Compile the denoiser's inner model in place (``nn.Module.compile``: state-dict keys stay the same)."""
-    denoiser.inner_model.compile()
+def compile_model(denoiser: nn.Module, log: Callable[[str], None] = print, **options) -> None:
+    """Compile the denoiser's inner model in place (``nn.Module.compile``: state-dict keys stay the same).
+
+    Dynamo's in-process caches are cleared first: a model of the same class compiled earlier in this process (an
+    experiment's previous arm) shares its code objects, and dynamo does not guard on forward hooks
+    (``skip_nnmodule_hook_guards``), so the graph traced for a model without the bottleneck head's hook would run
+    for one with it and the head would never see features. On-disk compile caches are kept, so the recompile is
+    quick."""
+    torch.compiler.reset()
+    denoiser.inner_model.compile(**options)
     log("gmmcond: torch.compile on the inner model; the first step compiles it (about a minute on a CPU)")
 
 
