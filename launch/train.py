@@ -28,6 +28,11 @@ def main() -> None:
         train(cfg, Path(args.runs) / cfg["name"], resume=args.resume_from or args.resume or False)
     except Interrupted as exc:
         raise Interrupted(f"{exc}: {resume_command()}") from None
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # left to interpreter exit, gloo's threads at times abort a rank (SIGABRT)
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
