@@ -230,3 +230,13 @@ def test_the_report_pairs_each_arm_with_the_first_by_seed():
     assert "| head | 2 | -0.0015 +- 0.0007 (0 of 2 > 0) |" in text
     assert "| other |" not in text  # no seed in common: no row
     assert paired_table({"arms": {"no head": arm([0.01])}}) == ""
+
+
+def test_the_heads_share_of_the_objective_is_read_from_the_logged_losses():
+    from gmmcond.experiments.reproduce import head_share
+
+    rows = [{"step": 10, "loss": 0.010, "diffusion": 0.008, "head": 0.02},  # 0.1 x 0.02 = 0.002 of 0.010: 0.2
+            {"step": 20, "loss": 0.005, "diffusion": 0.004, "head": 0.01},  # 0.001 of 0.005: 0.2
+            {"step": 30, "loss": 0.008, "diffusion": 0.002, "head": 0.06}]  # 0.006 of 0.008: 0.75
+    assert abs(head_share(rows) - (0.2 + 0.2 + 0.75) / 3) < 1e-12
+    assert head_share([{"step": 10, "loss": 0.01, "diffusion": 0.01}]) is None  # no head logged

@@ -36,7 +36,7 @@ HEADLINE_ARM_COLUMNS = (("all_attributes_correct", "conformity", 3), ("shared_ac
                         ("defect_rate", "defects", 3), ("set_recall", "per-set recall", 3),
                         ("set_coverage", "per-set coverage", 3), ("set_mean_spread_ratio", "per-set spread", 3),
                         ("recall", "recall", 3), ("coverage", "coverage", 3), ("fd", "FD", 1),
-                        ("last100", "loss (last 100)", 4))
+                        ("last100", "loss (last 100)", 4), ("head_share", "head's share of the objective", 3))
 
 
 def arms_table(result: dict, columns=ARM_COLUMNS) -> str:

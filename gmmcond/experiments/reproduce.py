@@ -239,6 +239,13 @@ def train_once(recipe: str, overrides: list[str], run: Path) -> dict:
     return cfg
 
 
+def head_share(rows: list[dict]) -> float | None:
+    """The head's part of the training objective, (loss - diffusion) / loss = weight * head / loss, averaged over
+    a run's logged intervals; None for a run without a head."""
+    shares = [(r["loss"] - r["diffusion"]) / r["loss"] for r in rows if "head" in r and r["loss"] > 0]
+    return statistics.fmean(shares) if shares else None
+
+
 def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) -> dict:
     """:func:`train_once`, then evaluate the run; return the diffusion-loss curve and :func:`eval_summary`."""
     from ..eval.evaluate import eval_summary, evaluate_run
@@ -251,6 +258,7 @@ def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) 
     return {"steps": steps, "curve_steps": [r["step"] for r in records], "curve": [r["diffusion"] for r in records],
             "last100": statistics.fmean(r["diffusion"] for r in records if r["step"] > steps - 100),
             "sec_per_step_median": median_step_time(records),
+            **({} if (share := head_share(records)) is None else {"head_share": share}),
             # per attribute too, so a logged result is whole without its run folder (a later machine lacks runs/)
             "per_attribute": ev["per_attribute"], **eval_summary(ev)}
 
@@ -406,8 +414,18 @@ def head(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 
     """Paper Fig. 9: the default recipe's model and batch with no head, a head trained with NGMG entropy
     (surplus) and a head trained with BCE; diffusion-loss curves and the evaluation of each arm's samples.
     Resumable per (arm, seed, config) through ``log_path``."""
-    return loss_arms(HEAD_ARMS, "head", "shapes: no head / NGMG head / BCE head", out, runs, log_path, seeds=seeds,
-                     steps=steps, n=n, scale=scale, arms=arms, progress=progress, train=train, reuse=reuse)
+    result = loss_arms(HEAD_ARMS, "head", "shapes: no head / NGMG head / BCE head", out, runs, log_path, seeds=seeds,
+                       steps=steps, n=n, scale=scale, arms=arms, progress=progress, train=train, reuse=reuse)
+    for stats in result["arms"].values():  # results logged before head_share was: from their run folders, where present
+        rows = [r for r in stats["per_seed"] if "head_share" not in r and (Path(r["run"]) / "metrics.jsonl").exists()]
+        for r in rows:
+            share = head_share(read_metrics(Path(r["run"]) / "metrics.jsonl"))
+            if share is not None:
+                r["head_share"] = share
+        shares = [r["head_share"] for r in stats["per_seed"] if "head_share" in r]
+        if shares and len(shares) == len(stats["per_seed"]):
+            stats["head_share"] = summarise(shares)
+    return result
 
 
 DISTRIBUTION_ARMS = {
