@@ -60,7 +60,7 @@ def paired_table(result: dict, columns=HEADLINE_ARM_COLUMNS) -> str:
     """Each arm minus the first arm, paired by seed: mean +- std (n - 1) of the per-seed differences over the seeds
     both ran, and on how many of them the difference is positive. Seed-to-seed variation shared by both arms
     (a harder seed for every arm) cancels here, which the unpaired table's spread cannot show."""
-    import statistics
+    from .reproduce import summarise
 
     arms = result["arms"]
     names = list(arms)
@@ -74,8 +74,8 @@ def paired_table(result: dict, columns=HEADLINE_ARM_COLUMNS) -> str:
         for key, head, digits in columns:
             d = [a[key] - b[key] for a, b in pairs if isinstance(a.get(key), (int, float)) and isinstance(b.get(key), (int, float))]
             if d:
-                std = statistics.stdev(d) if len(d) > 1 else 0.0
-                cells.append((head, f"{statistics.fmean(d):+.{digits}f} +- {std:.{digits}f} ({sum(x > 0 for x in d)} of {len(d)} > 0)"))
+                stat = summarise(d)
+                cells.append((head, f"{stat['mean']:+.{digits}f} +- {stat['std']:.{digits}f} ({sum(x > 0 for x in d)} of {len(d)} > 0)"))
         if cells:
             if not lines:
                 lines = [f"paired by seed, each arm minus '{names[0]}': mean +- std of the per-seed differences", ""]

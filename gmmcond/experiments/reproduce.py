@@ -417,10 +417,9 @@ def head(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 
     result = loss_arms(HEAD_ARMS, "head", "shapes: no head / NGMG head / BCE head", out, runs, log_path, seeds=seeds,
                        steps=steps, n=n, scale=scale, arms=arms, progress=progress, train=train, reuse=reuse)
     for stats in result["arms"].values():  # results logged before head_share was: from their run folders, where present
-        rows = [r for r in stats["per_seed"] if "head_share" not in r and (Path(r["run"]) / "metrics.jsonl").exists()]
-        for r in rows:
-            share = head_share(read_metrics(Path(r["run"]) / "metrics.jsonl"))
-            if share is not None:
+        for r in stats["per_seed"]:
+            metrics = Path(r["run"]) / "metrics.jsonl"
+            if "head_share" not in r and metrics.exists() and (share := head_share(read_metrics(metrics))) is not None:
                 r["head_share"] = share
         shares = [r["head_share"] for r in stats["per_seed"] if "head_share" in r]
         if shares and len(shares) == len(stats["per_seed"]):
