@@ -5,14 +5,22 @@ from pathlib import Path
 
 from gmmcond.cli import fail_cleanly, guidance_scale, positive_int
 from gmmcond.config import GUIDANCE_NULLS
+from gmmcond.sampling.requests import DEFAULT_OPEN, OPEN_MODES
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run", required=True, help="run directory written by launch/train.py")
     parser.add_argument("--attrs", action="append", default=[],
-                        help='attribute expression, e.g. "triangle,~red,large": listed present, ~ absent, the rest '
-                             'unspecified (on runs trained with attr_dropout > 0; else absent); repeat for more rows')
+                        help='attribute request, e.g. "triangle,~red,large": listed present, ~ absent, the rest open '
+                             '(see --open); repeat for more rows')
+    parser.add_argument("--open", choices=OPEN_MODES, default=DEFAULT_OPEN,
+                        help="what an attribute the request leaves open means: data (default), drawn per sample from the "
+                             "run's training rows that agree with the request, correlations kept; absent, as runs "
+                             "sampled before; model, hidden by a run trained with conditioner.attr_dropout > 0")
+    parser.add_argument("--save", metavar="DIR",
+                        help="also write every sample as its own PNG and DIR/samples.csv: the request and the whole "
+                             "attribute row each sample was conditioned on (what was asked, what was drawn)")
     parser.add_argument("--compose", help='composed guidance with per-attribute weights, e.g. "triangle:2,red:-1" '
                                           '(negative pushes away; needs a run trained with attr_dropout > 0)')
     parser.add_argument("--n", type=positive_int,
@@ -53,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from gmmcond.engine.runs import export_run, load_run
-    from gmmcond.engine.sheets import edit_sheet, sample_sheet, sheet_name
+    from gmmcond.engine.sheets import edit_sheet, sample_sheet, save_samples, sheet_name
     from gmmcond.eval.evaluator import attribute_reader
     from gmmcond.visualize import captioned_grid, save_png
 
@@ -66,6 +74,8 @@ def main() -> None:
         print(f"wrote {args.export}")
     common = dict(sampler=args.sampler, steps=args.steps, seed=args.seed, cfg_scale=args.cfg_scale, precision=args.precision)
     if args.edit:
+        if args.save:
+            parser.error("--save applies to sampling, not to --edit")
         if args.cfg_null:
             parser.error("--cfg-null applies to sampling; edits guide with the dropped condition")
         reader = None if args.source_attrs else attribute_reader(run.cfg["dataset"], run.parts.attr_names, run.parts.groups)
@@ -74,9 +84,11 @@ def main() -> None:
                                     iters=args.inversion_iters, **common)
         default = f"edit_{Path(args.edit).stem}.png"
     else:
-        rows, captions, images = sample_sheet(run, args.attrs, compose=args.compose, n=args.n or 16, mode=args.mode,
-                                              head_scale=args.head_scale, cols=args.cols, cfg_null=args.cfg_null,
-                                              **common)
+        rows, captions, samples = sample_sheet(run, args.attrs, compose=args.compose, n=args.n or 16, mode=args.mode,
+                                               head_scale=args.head_scale, cols=args.cols, cfg_null=args.cfg_null,
+                                               open=args.open, **common)
+        if args.save:
+            print(f"wrote {len(samples.images)} PNGs and {save_samples(args.save, samples, run.parts.attr_names, args.n or 16)}")
         default = sheet_name(args.mode, [args.compose] if args.compose else args.attrs)
     out = Path(args.out) if args.out else Path(args.run) / "samples" / default
     save_png(captioned_grid(rows, captions), out)

@@ -76,22 +76,27 @@ def test_coind_training_logs_its_penalty_and_needs_a_partial_conditioner(tiny_cf
         train(tiny_cfg("train.coind_weight=0.5"), tmp_path / "plain")
 
 
-def test_the_combination_experiment_scores_an_arm_end_to_end(tmp_path):
+@pytest.mark.parametrize("arm", ["features + per-sample dropout + CoInD", "features, open from data"])
+def test_the_combination_experiment_scores_an_arm_end_to_end(tmp_path, arm):
     """One arm at a toy scale (3 steps of a small model): every number the README table shows is produced."""
     from gmmcond.experiments.reproduce import combination_arms, combination_scores
 
-    recipe, overrides = combination_arms(3)["features + per-sample dropout + CoInD"]
+    recipe, overrides = combination_arms(3)[arm]
     tiny = ["model.channels=[8,8,8]", "model.depths=[1,1,1]", "model.mapping_out=16", "sample.steps=2",
             "train.batch_size=8", "train.checkpoint_every=3"]
-    rec = combination_scores("features + per-sample dropout + CoInD", 0, recipe, [*overrides, *tiny],
-                             tmp_path / "run", 4, out=tmp_path / "combinations.png")
+    rec = combination_scores(arm, 0, recipe, [*overrides, *tiny], tmp_path / "run", 4, out=tmp_path / "combinations.png")
     assert rec["steps"] == 3 and rec["per"] == 4
     for key in ("conformity_seen", "conformity_held_out", "defects_seen", "defects_held_out", "negation_conformity",
-                "unspecified_tv_max"):
+                "unspecified_tv_max", "free_error_seen", "free_floor_seen", "free_error_held_out", "free_floor_held_out",
+                "single_negation_conformity", "single_negation_error", "single_negation_floor"):
         assert 0 <= rec[key] <= 1, key
     assert rec["spread_seen"] > 0 and rec["spread_held_out"] > 0
-    assert 0 <= rec["jsd_triangle_red"] <= math.log(2) and 0 <= rec["jsd_circle_red"] <= math.log(2)
-    assert (tmp_path / "combinations_features_and_per-sample_dropout_and_CoInD.png").exists()
+    if "CoInD" in arm:
+        assert 0 <= rec["jsd_triangle_red"] <= math.log(2) and 0 <= rec["jsd_circle_red"] <= math.log(2)
+    else:  # the data arm asks a model without attr_dropout: no JSD (it cannot hide attributes)
+        assert "jsd_triangle_red" not in rec
+    slug = arm.replace(",", "").replace(" ", "_").replace("+", "and")
+    assert (tmp_path / f"combinations_{slug}.png").exists()
 
 
 def test_arms_that_differ_only_in_sampling_share_one_training(tmp_path, monkeypatch):
@@ -102,7 +107,8 @@ def test_arms_that_differ_only_in_sampling_share_one_training(tmp_path, monkeypa
     from gmmcond.experiments.reproduce import ResultLog, combination_arms, combination_training, combinations
 
     joint, cfg_arm = "features + attr_dropout joint", "features + attr_dropout, CFG from all-unknown"
-    samplers = (*reproduce.COMPOSED_WEIGHTS, cfg_arm, "features + attr_dropout, all specified")
+    samplers = (*reproduce.COMPOSED_WEIGHTS, cfg_arm, "features + attr_dropout, all specified",
+                "features + attr_dropout, open from data")
     owners, arms = combination_training(), combination_arms(500, "recipe")
     assert all(owners[a] == joint for a in samplers) and all(arms[a] == arms[joint] for a in samplers if a != cfg_arm)
     assert arms[cfg_arm][1] == [*arms[joint][1], "sample.cfg_null=all_unknown"]
@@ -124,7 +130,9 @@ def test_arms_that_differ_only_in_sampling_share_one_training(tmp_path, monkeypa
     for rate in ("0.1", "0.5"):
         own = runs[f"features + attr_dropout {rate} joint"]
         assert runs[f"features + attr_dropout {rate}, all specified"] == own != runs[joint]
-    assert len(set(runs.values())) == len(set(owners.values())) == len(arms) - len(samplers) - 2
+    # the plain model asked for shape and colour with the rest drawn from the data is the "features joint" training
+    assert owners["features, open from data"] == "features joint" and runs["features, open from data"] == runs["features joint"]
+    assert len(set(runs.values())) == len(set(owners.values())) == len(arms) - len(samplers) - 3
     assert {r["arm"] for r in ResultLog(tmp_path / "log.jsonl").records} == set(arms)
     # --no-train tabulates what is logged and starts nothing: seed 1 is missing, each row says it has one seed
     monkeypatch.setattr(reproduce, "combination_scores", lambda *a, **k: pytest.fail("--no-train trained an arm"))

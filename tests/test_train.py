@@ -192,21 +192,26 @@ def test_sample_cli_leaves_attributes_open_and_composes_on_an_attr_dropout_run(t
     run = tmp_path / "run"
     train(tiny_cfg("conditioner.attr_dropout=0.25"), run)
     assert load_run(run).parts.conditioner.partial
-    for args in (("--attrs", "circle,~red"), ("--compose", "circle:2,red:-1")):
+    for args in (("--attrs", "circle,~red", "--open", "model"), ("--compose", "circle:2,red:-1")):
         ok = run_sample("--run", run, *args, "--n", 2, "--steps", 3)
         assert ok.returncode == 0, ok.stderr[-2000:]
         assert "note:" not in ok.stdout
+    assert "'circle,~red': left open (hidden by the model, trained with attr_dropout): green, blue, large" in \
+        run_sample("--run", run, "--attrs", "circle,~red", "--open", "model", "--n", 2, "--steps", 3).stdout
     assert (run / "samples" / "latents_circle-red.png").exists() and (run / "samples" / "latents_circle-2-red-1.png").exists()
     bad = run_sample("--run", run, "--compose", "circle:2,purple:1")
     assert bad.returncode == 2 and "purple" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_sample_cli_says_that_unlisted_means_absent_on_a_run_without_attr_dropout(tiny_cfg, tmp_path):
+def test_sample_cli_says_what_an_open_attribute_meant(tiny_cfg, tmp_path):
     run = tmp_path / "run"
     train(tiny_cfg(), run)
-    ok = run_sample("--run", run, "--attrs", "circle,~red", "--n", 2, "--steps", 3)
+    ok = run_sample("--run", run, "--attrs", "circle,~red", "--n", 2, "--steps", 3, "--open", "absent")
     assert ok.returncode == 0, ok.stderr[-2000:]
-    assert "trained with attr_dropout = 0, so every attribute not listed means absent" in ok.stdout
+    assert "'circle,~red': open attributes taken as absent (open=absent): green, blue, large, left" in ok.stdout
+    ok = run_sample("--run", run, "--attrs", "circle,~red", "--n", 2, "--steps", 3)  # open=data, the default
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "'circle,~red': open attributes drawn from the data, frequency over 2 samples: green" in ok.stdout
 
 
 def test_sweep_evaluates_each_point_once_and_resumes(tiny_cfg, tmp_path, monkeypatch):

@@ -23,6 +23,16 @@ from .protocol import TableProtocol
 from .shapes import to_tensor
 
 
+class AttributeTable(Dataset):
+    """A dataset that holds every item's attribute row in the tensor ``attrs`` [N, K]."""
+
+    attrs: torch.Tensor
+
+    def attribute_rows(self) -> torch.Tensor:
+        """Every item's attribute row [N, K] (no image is read)."""
+        return self.attrs
+
+
 def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
     """Crop the largest centred square and resize it to ``size`` x ``size``."""
     w, h = image.size
@@ -55,7 +65,7 @@ def require(path: Path, what: str) -> Path:
 
 
 @DATASETS.register("celeba")
-class CelebA(Dataset):
+class CelebA(AttributeTable):
     """CelebA in its official layout: ``img_align_celeba/``, ``list_attr_celeba.txt``, ``list_eval_partition.txt``."""
 
     SPLITS = {"train": 0, "valid": 1, "test": 2}
@@ -118,7 +128,7 @@ class CIFARUnpickler(pickle.Unpickler):
 
 
 @DATASETS.register("cifar10")
-class CIFAR10(Dataset):
+class CIFAR10(AttributeTable):
     """CIFAR-10 from the local ``cifar-10-batches-py`` pickles; attributes are the one-hot class."""
 
     def __init__(
@@ -171,7 +181,7 @@ def held_out(name: str, fraction: float) -> bool:
 
 
 @DATASETS.register("imagefolder_attrs")
-class ImageFolderAttrs(Dataset):
+class ImageFolderAttrs(AttributeTable):
     """A folder of images and a CSV: first column the file name, one column of 0/1 (or -1/1) per attribute.
 
     The held-out split (``split="test"``) is the CSV's ``split`` column where it has one (values train/test),

@@ -344,14 +344,23 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def labels(self, params: ShapeParams) -> torch.Tensor:
+        """The attribute row of ``params`` under this dataset's ``label_mode``."""
+        if self.label_mode == "features":
+            return torch.from_numpy(params.attrs())
+        attrs = torch.zeros(len(self.attr_names))
+        attrs[params.class_index() if self.label_mode == "classes" else params.combination_index()] = 1
+        return attrs
+
+    def attribute_rows(self) -> torch.Tensor:
+        """Every item's attribute row [N, K], drawn without rendering (the run's attribute prior counts them)."""
+        if not self.length:
+            return torch.zeros(0, len(self.attr_names))
+        return torch.stack([self.labels(self.params(i)) for i in range(self.length)])
+
     def __getitem__(self, index: int):
         params = self.params(index)
-        if self.label_mode == "features":
-            attrs = torch.from_numpy(params.attrs())
-        else:
-            attrs = torch.zeros(len(self.attr_names))
-            attrs[params.class_index() if self.label_mode == "classes" else params.combination_index()] = 1
-        return to_tensor(render(params, self.size)), attrs, index
+        return to_tensor(render(params, self.size)), self.labels(params), index
 
 
 def defined_columns(shape: str) -> list[bool]:

@@ -14,9 +14,11 @@ import torch
 
 from ..config import resolve, yaml_load
 from ..data import upgrade_dataset_config
-from ..errors import CheckpointError, RunError
+from ..data.prior import PRIOR_FILE, AttributePrior, load_prior, save_prior
+from ..errors import CheckpointError, DatasetError, RunError
 from ..io import checkpoint_step, export_safetensors, latest_checkpoint, load_checkpoint, load_safetensors, read_json
 from ..modeling.build import Components, build
+from ..registry import DATASETS
 
 HEAD_PREFIX = "head."
 
@@ -35,6 +37,34 @@ def dataset_info(dataset) -> dict:
     return {"attr_names": list(dataset.attr_names), "groups": [list(g) for g in dataset.groups], "size": dataset.size}
 
 
+def run_prior(run_dir: str | Path, cfg: dict, names: list[str], log=None) -> AttributePrior:
+    """The attribute prior of a run: ``RUN/attr_prior.json``, written when training started; for a run trained
+    before runs carried it, counted from its dataset config (the training split) and written there, which
+    needs the data at hand (else a RunError naming the fix)."""
+    path = Path(run_dir) / PRIOR_FILE
+    if path.exists():
+        prior = load_prior(path)
+    else:
+        try:
+            prior = AttributePrior.from_dataset(DATASETS.build(cfg["dataset"]))
+        except DatasetError as exc:
+            raise RunError(f"{run_dir} has no {PRIOR_FILE} (trained before runs carried their attribute prior) and its "
+                           f"training data cannot be read to count it ({exc}); make the data readable where config.yaml "
+                           f"says, or ask with open=absent (--open absent), which draws nothing") from None
+        try:
+            save_prior(path, prior)
+            where = f"wrote {path}"
+        except OSError as exc:
+            where = f"could not write {path} ({exc.strerror}); it is counted again next time"
+        (log or (lambda m: print(m, file=sys.stderr)))(
+            f"note: counted the attribute prior of {run_dir} from its dataset ({prior.total} items, "
+            f"{len(prior.rows)} distinct rows); {where}")
+    if prior.names != list(names):
+        raise RunError(f"{path} is over the attributes {prior.names}, the run's are {list(names)}; delete it to count "
+                       f"it again from the run's dataset")
+    return prior
+
+
 @dataclass
 class LoadedRun:
     """A trained run: its config, components with EMA weights loaded, and the step of those weights."""
@@ -43,6 +73,18 @@ class LoadedRun:
     parts: Components
     step: int
     source: Path  # The file the weights came from.
+    run_dir: Path | None = None
+    _prior: AttributePrior | None = None
+
+    @property
+    def prior(self) -> AttributePrior:
+        """The run's attribute prior (:func:`run_prior`), read on first use."""
+        if self._prior is None:
+            if self.run_dir is None:
+                raise RunError("this run was not loaded from a run directory, so it has no attribute prior; "
+                               "ask with open=absent")
+            self._prior = run_prior(self.run_dir, self.cfg, self.parts.attr_names)
+        return self._prior
 
 
 def sampling_weights(parts: Components) -> dict[str, torch.Tensor]:
@@ -106,4 +148,4 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, weights:
         parts.head.load_state_dict(head)
         parts.head.eval()
     parts.denoiser.eval()
-    return LoadedRun(cfg, parts, step, source)
+    return LoadedRun(cfg, parts, step, source, run_dir)

@@ -5,17 +5,24 @@ the entry point only parses arguments and saves the PNG.
 """
 from __future__ import annotations
 
+import csv
+import io
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..data.attrs import describe, parse_attrs, parse_compose, parse_expr
+from ..data.attrs import AttrRequest, describe, parse_attrs, parse_compose, parse_expr
 from ..data.local import read_image
+from ..data.prior import AttributePrior
 from ..errors import RunError
+from ..io import atomic_write_bytes
 from ..sampling import HeadGuidedDenoiser, generate
 from ..sampling.edit import apply_edit, edit_rows
+from ..sampling.requests import DEFAULT_OPEN, Resolved, check_open, resolve_requests
+from ..visualize import to_pil
 from .precision import autocast, sampling_precision
 from .runs import LoadedRun
 
@@ -25,36 +32,46 @@ def device_of_choice() -> str:
 
 
 def open_attributes(request, names: list[str]) -> list[str]:
-    """The attributes a request leaves unspecified (drawn from the data by a partial model)."""
+    """The attributes a request leaves unspecified."""
     return [n for n, k in zip(names, request.known.tolist()) if k < 0.5]
 
 
-def sample_sheet(run: LoadedRun, sets: list[str], *, compose: str | None = None, n: int = 16, mode: str = "latents",
-                 seed: int = 0, sampler=None, steps: int | None = None, cfg_scale: float | None = None,
-                 cfg_null: str | None = None, head_scale: float = 0.0, precision: str | None = None, cols: int = 8,
-                 log: Callable[[str], None] = print) -> tuple[list[torch.Tensor], list[str], torch.Tensor]:
-    """Sample ``n`` images per attribute expression of ``sets`` (or one composed request) and lay them out.
+@dataclass
+class Samples:
+    """Images sampled for attribute requests, and the whole attribute row each was conditioned on."""
 
-    ``mode``: latents, a fresh GMM latent per sample (paper Fig. 4); fixed-latent, one latent per set and
-    many noise seeds (Fig. 5); x0-strip, the predicted x0 at up to 12 steps, a row per sample (Fig. 6).
-    Returns the grid rows, their captions and the samples.
-    """
+    images: torch.Tensor  # [B, 3, H, W] in [-1, 1], request-major (n per request)
+    rows: torch.Tensor  # [B, K] 0/1: what each image was conditioned on (asked, and drawn where open)
+    requests: list[AttrRequest]
+    resolved: Resolved
+    strips: list[torch.Tensor] = field(default_factory=list)  # predicted x0 per step (mode x0-strip)
+
+
+def sample_requests(run: LoadedRun, sets: list[str], *, n: int = 16, open: str = DEFAULT_OPEN, compose: str | None = None,
+                    mode: str = "latents", seed: int = 0, sampler=None, steps: int | None = None,
+                    cfg_scale: float | None = None, cfg_null: str | None = None, head_scale: float = 0.0,
+                    precision: str | None = None, log: Callable[[str], None] = print) -> Samples:
+    """Sample ``n`` images for each attribute request of ``sets`` (``"triangle,~red,large"``; listed present, ``~``
+    absent, the rest open) from a loaded run; returns the images and the rows they were conditioned on.
+
+    ``open`` says what an open attribute means (:mod:`gmmcond.sampling.requests`): ``data`` (default, drawn from
+    the run's training rows given what was named, seeded by ``seed``), ``absent`` or ``model`` (runs trained with
+    ``attr_dropout > 0``). ``compose`` (``"triangle:2,red:-1"``) samples composed guidance instead, each term
+    with its own semantics (one attribute specified, the rest hidden). ``mode``: latents, a fresh GMM latent per
+    sample (paper Fig. 4); fixed-latent, one latent per request and many noise seeds (Fig. 5); x0-strip, also
+    keep the predicted x0 of every step (Fig. 6)."""
     parts, names, s = run.parts, run.parts.attr_names, run.cfg["sample"]
     sets = [compose] if compose else list(sets) or [""]
     terms = parse_compose(compose, names) if compose else None
     requests = [parse_expr("" if terms else text, names, parts.groups) for text in sets]
     partial = parts.conditioner.partial
-    if partial:
-        for text, request in zip(sets, requests):
-            left = open_attributes(request, names) if not terms else []
-            if left:
-                log(f"'{text}': left open (drawn from the data): {', '.join(left)}")
-    elif any("~" in text for text in sets):
-        log("note: this run was trained with attr_dropout = 0, so every attribute not listed means absent "
-            "(~name changes nothing, except that negating every member of a group but one names that one); train with "
-            "conditioner.attr_dropout > 0 to leave attributes unspecified")
-    attrs = torch.stack([r.values for r in requests]).repeat_interleave(n, 0)
-    known = torch.stack([r.known for r in requests]).repeat_interleave(n, 0) if partial else None
+    if terms:  # composed guidance: every term has its own condition; the rows are unused
+        resolved = resolve_requests(requests, n, open="absent")
+    else:
+        check_open(open, partial)
+        resolved = resolve_requests(requests, n, open=open, prior=run.prior if open == "data" else None,
+                                    partial=partial, seed=seed)
+        describe_resolved(requests, resolved, names, n, run.prior if open == "data" else None, log)
     model = None
     if head_scale:
         if parts.head is None:
@@ -72,22 +89,77 @@ def sample_sheet(run: LoadedRun, sets: list[str], *, compose: str | None = None,
     if parts.head is not None:
         parts.head.to(device)
     with autocast(device, precision or sampling_precision(run.cfg, device)):
-        images = generate(parts, attrs, sampler=sampler or s["sampler"], steps=steps or s["steps"], seed=seed,
+        images = generate(parts, resolved.attrs, sampler=sampler or s["sampler"], steps=steps or s["steps"], seed=seed,
                           latents=latents, cfg_scale=s["cfg_scale"] if cfg_scale is None else cfg_scale,
-                          callback=callback, model=model, head_target=attrs if head_scale else None,
-                          known=known, compose=terms, cfg_null=cfg_null or s["cfg_null"]).float()
+                          callback=callback, model=model, head_target=resolved.attrs if head_scale else None,
+                          known=resolved.known, compose=terms, cfg_null=cfg_null or s["cfg_null"]).float()
+    return Samples(images, resolved.attrs, requests, resolved, strips)
+
+
+def describe_resolved(requests: list[AttrRequest], resolved: Resolved, names: list[str], n: int,
+                      prior: AttributePrior | None, log: Callable[[str], None]) -> None:
+    """One line per request saying what its open attributes were: drawn (with the frequency drawn beside the
+    data's), absent, or hidden by the model; and a line for each request drawn from the fallback."""
+    for k, request in enumerate(requests):
+        left = open_attributes(request, names)
+        if not left:
+            continue
+        label = request.text or "(no attributes)"
+        if resolved.open == "data":
+            block = resolved.attrs[k * n:(k + 1) * n]
+            data = prior.frequencies(request)
+            shown = ", ".join(f"{a} {block[:, names.index(a)].mean().item():.2f} (data {data[a]:.2f})" for a in left)
+            log(f"'{label}': open attributes drawn from the data, frequency over {n} samples: {shown}")
+        elif resolved.open == "model":
+            log(f"'{label}': left open (hidden by the model, trained with attr_dropout): {', '.join(left)}")
+        else:
+            log(f"'{label}': open attributes taken as absent (open=absent): {', '.join(left)}")
+    for note in resolved.notes:
+        log(f"note: {note}")
+
+
+def save_samples(folder: str | Path, samples: Samples, names: list[str], n: int) -> Path:
+    """Write every sample as its own PNG (``00000.png``, ...) and ``samples.csv``: per file the request, what an
+    open attribute meant, the whole row it was conditioned on, and which attributes were drawn; returns the CSV."""
+    folder = Path(folder)
+    writer_rows = []
+    for b, (image, row) in enumerate(zip(to_pil(samples.images), samples.rows.tolist())):
+        request = samples.requests[b // n]
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        atomic_write_bytes(folder / f"{b:05d}.png", buf.getvalue())
+        drawn = open_attributes(request, names) if samples.resolved.open == "data" else []
+        writer_rows.append([f"{b:05d}.png", request.text, samples.resolved.open,
+                            *(int(v > 0.5) for v in row), ";".join(drawn)])
+    text = io.StringIO()
+    out = csv.writer(text, lineterminator="\n")
+    out.writerow(["file", "request", "open", *names, "drawn"])
+    out.writerows(writer_rows)
+    path = folder / "samples.csv"
+    atomic_write_bytes(path, text.getvalue().encode())
+    return path
+
+
+def sample_sheet(run: LoadedRun, sets: list[str], *, n: int = 16, mode: str = "latents", cols: int = 8,
+                 **options) -> tuple[list[torch.Tensor], list[str], Samples]:
+    """Sample ``n`` images per attribute request of ``sets`` (:func:`sample_requests`, which takes ``options``)
+    and lay them out: rows of ``cols`` per request, or for mode x0-strip the predicted x0 at up to 12 steps, a
+    row per sample. Returns the grid rows, their captions and the samples."""
+    samples = sample_requests(run, sets, n=n, mode=mode, **options)
+    labels = [options["compose"]] if options.get("compose") else list(sets) or [""]
     rows, captions = [], []
     if mode == "x0-strip":  # row b: predicted x0 of sample b at (up to) 12 evenly spaced steps
+        strips = samples.strips
         picks = torch.linspace(0, len(strips) - 1, min(12, len(strips))).round().long().tolist()
-        for b in range(len(images)):
+        for b in range(len(samples.images)):
             rows.append(torch.stack([strips[i][b] for i in picks]).float())
-            captions.append(f"{sets[b // n] or '(no attributes)'}: x0 at steps {[i + 1 for i in picks]}")
+            captions.append(f"{labels[b // n] or '(no attributes)'}: x0 at steps {[i + 1 for i in picks]}")
     else:
-        for label, block in zip(sets, images.split(n)):
+        for label, block in zip(labels, samples.images.split(n)):
             for j, row in enumerate(block.split(cols)):
                 rows.append(row)
                 captions.append((label or "(no attributes)") if j == 0 else "")
-    return rows, captions, images
+    return rows, captions, samples
 
 
 def sheet_name(mode: str, sets: list[str]) -> str:
@@ -115,7 +187,8 @@ def edit_sheet(run: LoadedRun, image_file: str | Path, edits: list[str], *, sour
         source = read_source(image)
     else:
         raise RunError("--edit needs the image's attributes: give --source-attrs")
-    log(f"source attributes: {describe(source, names)}")
+    log(f"source attributes: {describe(source, names)} (an edit keeps this whole row and changes only what it "
+        f"names, so nothing is open and --open does not apply)")
     targets = [apply_edit(source[None], parse_expr(r, names, parts.groups), names, parts.groups)[0] for r in edits]
     labels = [describe(t, names) for t in targets]
     for request, label in zip(edits, labels):

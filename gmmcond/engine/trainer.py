@@ -33,11 +33,13 @@ from tqdm.auto import tqdm
 from ..config import dump_config, resolve
 from ..data.attrs import describe, parse_expr
 from ..data.cache import in_memory
-from ..errors import ConfigError, Interrupted, RunError, TrainingDiverged
+from ..data.prior import PRIOR_FILE, AttributePrior, save_prior
+from ..errors import AttributeSpecError, ConfigError, Interrupted, RunError, TrainingDiverged
 from ..io import (RunLock, append_metrics, checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint, previous_checkpoint,
                   read_metrics, save_checkpoint, truncate_metrics, write_json)
 from ..modeling.build import Components, build
 from ..sampling.generate import generate
+from ..sampling.requests import DEFAULT_OPEN, resolve_requests
 from ..utils import peak_rss_mb, usable_cores
 from ..visualize import captioned_grid, plot_metrics, save_png
 from .precision import autocast, compile_model, first_compiled_call, resolve_precision
@@ -187,24 +189,39 @@ class EMAUpdate:
             torch._foreach_copy_(self.avg_buffers, self.buffers)
 
 
-def grid_rows(cfg: dict, parts: Components, n_rows: int = 6) -> list[str]:
-    """Return the attribute sets of the sample grid: the config's, or those of the first dataset items."""
-    rows = cfg["sample"]["grid_rows"]
+def grid_rows(cfg: dict, parts: Components, n_rows: int = 6, log: Callable[[str], None] = print) -> list[str]:
+    """Return the attribute requests of the sample grid, checked against the dataset's attributes before training:
+    the config's ``sample.grid_rows``, or the first dataset items' rows where it has none or where its rows were
+    written for other data (none of their names is an attribute here: a recipe used on a user's data; said in
+    one line). A row naming some attributes of this dataset and some unknown ones is a typo: a ConfigError."""
+    rows = list(cfg["sample"]["grid_rows"])
+    named = {t.strip().lstrip("~").strip() for r in rows for t in str(r).split(",") if t.strip()}
+    if rows and named & set(parts.attr_names):
+        for row in rows:
+            try:
+                parse_expr(str(row), parts.attr_names, parts.groups)
+            except AttributeSpecError as exc:
+                raise ConfigError(f"sample.grid_rows: {exc}") from None
+        return rows
+    picked = [describe(parts.dataset[i][1], parts.attr_names) for i in range(min(n_rows, len(parts.dataset)))]
     if rows:
-        return list(rows)
-    return [describe(parts.dataset[i][1], parts.attr_names) for i in range(min(n_rows, len(parts.dataset)))]
+        log(f"gmmcond: sample.grid_rows {rows[:2]}... name no attribute of this dataset (written for other data); "
+            f"the grids show the first {len(picked)} items' rows instead (set sample.grid_rows=[...] to choose)")
+    return picked
 
 
-def write_grid(cfg: dict, parts: Components, ema: nn.Module, path: Path, precision: str = "fp32") -> Image.Image:
-    """Sample the grid rows with the EMA model, write a captioned PNG and return it."""
+def write_grid(cfg: dict, parts: Components, ema: nn.Module, path: Path, precision: str = "fp32",
+               rows: list[str] | None = None, prior: AttributePrior | None = None) -> Image.Image:
+    """Sample the grid rows (default :func:`grid_rows`) with the EMA model, write a captioned PNG and return it.
+    Open attributes are drawn from ``prior`` (``open="data"``) where one is given, else absent."""
     s = cfg["sample"]
-    rows = grid_rows(cfg, parts)
+    rows = grid_rows(cfg, parts) if rows is None else rows
     requests = [parse_expr(r, parts.attr_names, parts.groups) for r in rows]
-    attrs = torch.stack([r.values for r in requests]).repeat_interleave(s["grid_cols"], 0)
-    known = torch.stack([r.known for r in requests]).repeat_interleave(s["grid_cols"], 0)
+    resolved = resolve_requests(requests, s["grid_cols"], open=DEFAULT_OPEN if prior is not None else "absent",
+                                prior=prior, seed=s["seed"])
     with autocast(next(ema.parameters()).device, precision):
-        images = generate(parts, attrs, sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"], seed=s["seed"],
-                          model=ema, known=known if parts.conditioner.partial else None, cfg_null=s["cfg_null"])
+        images = generate(parts, resolved.attrs, sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"],
+                          seed=s["seed"], model=ema, cfg_null=s["cfg_null"])
     grid = captioned_grid(list(images.float().split(s["grid_cols"])), rows)
     save_png(grid, path)
     return grid
@@ -318,6 +335,10 @@ class Trainer:
         torch.manual_seed(self.t["seed"])  # identical initial weights on every process
         self.parts = build(cfg)
         self.ema = ema_copy(self.parts.denoiser)
+        self.grid_texts = grid_rows(cfg, self.parts, log=acc.print)  # checked before the first step, on every process
+        # the training split's attribute rows: written into the run directory, and what the grids' open attributes
+        # are drawn from (main process; nothing here touches a random stream)
+        self.prior = AttributePrior.from_dataset(self.parts.dataset) if self.main else None
         t = self.t
         module = DiffusionTrainer(self.parts, t["coind_weight"], t["coind_fraction"])
         # foreach: a few kernels per step over all tensors, bit for bit the per-tensor loop; fused: one kernel,
@@ -433,6 +454,7 @@ class Trainer:
         resolved = dict(self.cfg, train=dict(self.t, precision=self.precision.name))
         (self.run_dir / "config.yaml").write_text(dump_config(resolved))
         write_json(self.run_dir / "dataset.json", dataset_info(self.parts.dataset))
+        save_prior(self.run_dir / PRIOR_FILE, self.prior)
         truncate_metrics(self.metrics_file, self.start)  # lines logged after the checkpoint are logged again
         self.accelerator.print(
             f"gmmcond: {K.utils.n_params(self.unwrapped.denoiser) / 1e6:.2f}M parameters, {self.world} process(es), "
@@ -528,7 +550,7 @@ class Trainer:
     def grid(self, step: int) -> None:
         """Write the EMA sample grid and the loss plot (main process)."""
         image = write_grid(self.cfg, self.parts, self.ema, self.run_dir / "samples" / f"grid_{step:07d}.png",
-                           self.precision.name)
+                           self.precision.name, self.grid_texts, self.prior)
         if self.accelerator.trackers:
             log_image(self.accelerator, "samples/grid", image, step)
         plot_metrics(read_metrics(self.metrics_file), self.run_dir / "plots" / "loss.png",

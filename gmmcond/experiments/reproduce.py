@@ -541,7 +541,14 @@ COMBINATION_ARMS = {  # arm: (recipe, label_mode, how requests are sampled, extr
     "features + per-sample dropout + CoInD": (
         "shapes_compose", "features", "partial", ["conditioner.attr_dropout_mode=per_sample", "conditioner.hide_groups=true",
                                                   "train.coind_weight=1.0"]),
+    # open attributes drawn from the run's training rows given the shape and colour (open=data): the plain features
+    # model and the attr_dropout one, each asked for the shape and colour only
+    "features, open from data": ("shapes", "features", "data", []),
+    "features + attr_dropout, open from data": ("shapes_compose", "features", "data", []),
 }
+# the request modes' open semantics (gmmcond.sampling.requests): how each mode asks for shape and colour only
+REQUEST_OPEN = {"partial": "model", "data": "data"}
+SINGLE_NEGATIONS = ("circle,~red", "square,~green", "triangle,~blue")  # the colour left is drawn in its data proportion
 COMPOSED_WEIGHTS = {  # the composed arms' per-term guidance weights (shape, colour)
     "features + attr_dropout composed": (2.0, 2.0), "features + attr_dropout composed, weights 1": (1.0, 1.0),
     "features + attr_dropout composed, weights 3": (3.0, 3.0),
@@ -557,10 +564,10 @@ def combination_indices(test, shape: str, colour: str, per: int) -> list[int]:
 
 
 def _combination_requests(test, names, groups, shape: str, colour: str, mode: str, indices: list[int],
-                          weights: tuple[float, float] | None = None):
+                          weights: tuple[float, float] | None = None, prior=None, seed: int = 0):
     """Return (attrs, known, compose) to ask a model for one image per held-out item in ``indices`` (those of
     :func:`combination_indices`) of one shape-colour combination; ``weights`` are the composed mode's guidance
-    weights of the shape and the colour term."""
+    weights of the shape and the colour term; ``prior`` the run's attribute prior (mode ``data``)."""
     from ..data.attrs import parse_expr
 
     per = len(indices)
@@ -572,10 +579,22 @@ def _combination_requests(test, names, groups, shape: str, colour: str, mode: st
     if mode == "joint":  # every attribute specified: the other five from held-out data with this combination
         return rows, None, None
     request = parse_expr(f"{shape},{colour}", names, groups)  # as the CLI asks: both groups specified, features open
-    one = request.values.expand(per, -1).clone()
-    if mode == "partial":
-        return one, request.known.expand(per, -1).clone(), None
-    return one, None, [(names.index(shape), weights[0]), (names.index(colour), weights[1])]
+    if mode in REQUEST_OPEN:
+        return (*_request_rows(request, per, mode, prior, seed), None)
+    return request.values.expand(per, -1).clone(), None, [(names.index(shape), weights[0]), (names.index(colour), weights[1])]
+
+
+def _request_rows(request, per: int, mode: str, prior, seed: int):
+    """(attrs, known) for ``per`` samples of one request, its open attributes as the mode means them."""
+    from ..sampling.requests import resolve_requests
+
+    resolved = resolve_requests([request], per, open=REQUEST_OPEN[mode], prior=prior, partial=mode == "partial", seed=seed)
+    return resolved.attrs, resolved.known
+
+
+def _feature_error(read: torch.Tensor, target: dict[str, float], col) -> float:
+    """Mean over the open binary features of |frequency the evaluator reads in ``read`` (probs) - target frequency|."""
+    return statistics.fmean(abs((read[:, col(f)] > 0.5).float().mean().item() - target[f]) for f in target)
 
 
 def combination_arms(steps: int, scale: str = "v1") -> dict[str, tuple[str, list[str]]]:
@@ -603,9 +622,14 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
     """Train one arm (:func:`train_once`), then ask it for ``per`` images of each of the 9 shape-colour combinations:
     conformity (the requested shape and colour both right), defects (the renderer's rule) and the nuisance spread
     (the evaluator's nuisance std over the samples / over real images of the combination, averaged over the
-    columns the shape defines) on seen and on held-out combinations; for the partial arms also how far each
-    unspecified feature's frequency is from the data's (0.5), negation (``NEGATIONS``: the member left must be
-    drawn) and CoInD's JSD diagnostic for (triangle, red), never seen together, and (circle, red), seen. Seed 0
+    columns the shape defines) on seen and on held-out combinations. For the arms that leave the five features
+    open (partial, composed, data): how far each feature's frequency is from its data frequency for that
+    combination (``free_error``: the mean over the features of |frequency the evaluator reads in the samples -
+    frequency in the test split, ``exclude`` cleared|), beside the same statistic for ``per`` real test images of
+    the combination (``free_floor``, the sampling floor), and ``unspecified_tv`` (|frequency - 0.5|); for partial
+    and data arms also negation (``NEGATIONS``: the member left must be drawn; ``SINGLE_NEGATIONS``: the shape
+    right, the negated colour absent, the two colours left in their data proportion, beside the real floor); for
+    partial arms CoInD's JSD diagnostic for (triangle, red), never seen together, and (circle, red), seen. Seed 0
     writes a grid of the held-out combinations."""
     from ..data import shapes as S
     from ..data.attrs import parse_expr
@@ -620,17 +644,25 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
     cfg = train_once(recipe, overrides, run)
     mode = COMBINATION_ARMS[arm][2]
     test = DATASETS.build({"type": "shapes", "size": 16, "split": "test", "length": 4096})
+    params = [test.params(i) for i in range(len(test))]
     held = {tuple(c.split(",")) for c in HELD_OUT_COMBINATIONS}
     loaded = load_run(run)
+    prior = loaded.prior if mode == "data" else None
     model = evaluator_for(cfg["dataset"], progress=False)[0]
     names, col, s = loaded.parts.attr_names, list(S.ATTR_NAMES).index, cfg["sample"]
+    options = dict(sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"], cfg_null=s["cfg_null"])
     stats, grid, tv = {"seen": [], "held_out": []}, [], {f: [] for f in S.FEATURES}
+    free = {"seen": [], "held_out": []}
+
+    def data_frequency(keep) -> dict[str, float]:  # each feature's frequency among the test items ``keep`` picks
+        items = [p for p in params if keep(p)]
+        return {f: statistics.fmean(float(getattr(p, f)) for p in items) for f in S.FEATURES}
+
     for k, (sh, co) in enumerate((sh, co) for sh in S.SHAPES for co in S.COLOURS):
         indices = combination_indices(test, sh, co, per)
         attrs, known, compose = _combination_requests(test, names, loaded.parts.groups, sh, co, mode, indices,
-                                                      COMPOSED_WEIGHTS.get(arm))
-        images = generate(loaded.parts, attrs, sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"],
-                          seed=1000 * seed + k, known=known, compose=compose, cfg_null=s["cfg_null"]).float()
+                                                      COMPOSED_WEIGHTS.get(arm), prior=prior, seed=1000 * seed + k)
+        images = generate(loaded.parts, attrs, seed=1000 * seed + k, known=known, compose=compose, **options).float()
         pred = model.predict(images)
         probs = pred["probs"]
         ok = (probs[:, col(sh)] > 0.5) & (probs[:, col(co)] > 0.5)
@@ -639,11 +671,14 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
         cols = [c for c, defined in zip(S.NUISANCE_COLUMNS, S.defined_columns(sh)) if defined]
         fid = nuisance_fidelity(real["nuisances"].numpy(), pred["nuisances"].numpy(), S.NUISANCE_COLUMNS)
         defects = [S.check_image(img).defect for img in images]
-        stats["held_out" if (sh, co) in held else "seen"].append(
+        split = "held_out" if (sh, co) in held else "seen"
+        stats[split].append(
             (ok.float().mean().item(), sum(defects) / len(defects), statistics.fmean(fid[c]["spread_ratio"] for c in cols)))
-        if mode in ("partial", "composed"):  # unspecified features: data frequency given shape and colour is 0.5
+        if mode in ("partial", "composed", "data"):  # the five features are open: their frequency against the data's
             for f in S.FEATURES:
                 tv[f].append(abs((probs[:, col(f)] > 0.5).float().mean().item() - 0.5))
+            target = data_frequency(lambda p: p.shape == sh and p.colour == co)
+            free[split].append((_feature_error(probs, target, col), _feature_error(real["probs"], target, col)))
         if (sh, co) in held:
             grid.append((images[:8], f"{arm}: {sh},{co} (never seen)"))
     rec = {"per": per, "steps": latest_step(run)}
@@ -651,19 +686,37 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
         rec[f"conformity_{split}"] = statistics.fmean(v[0] for v in vals)
         rec[f"defects_{split}"] = statistics.fmean(v[1] for v in vals)
         rec[f"spread_{split}"] = statistics.fmean(v[2] for v in vals)
+        if free[split]:
+            rec[f"free_error_{split}"] = statistics.fmean(v[0] for v in free[split])
+            rec[f"free_floor_{split}"] = statistics.fmean(v[1] for v in free[split])
+            rec[f"free_error_ratio_{split}"] = rec[f"free_error_{split}"] / max(rec[f"free_floor_{split}"], 1e-9)
     rec["conformity_ratio"] = rec["conformity_held_out"] / max(rec["conformity_seen"], 1e-9)
     if tv[S.FEATURES[0]]:
         rec["unspecified_tv"] = {f: statistics.fmean(v) for f, v in tv.items()}
         rec["unspecified_tv_max"] = max(rec["unspecified_tv"].values())
-    if mode == "partial":
+    if mode in REQUEST_OPEN:
         right = []
         for k, (text, member) in enumerate(NEGATIONS.items()):
-            request = parse_expr(text, names, loaded.parts.groups)
-            images = generate(loaded.parts, request.values.expand(per, -1), sampler=s["sampler"], steps=s["steps"],
-                              cfg_scale=s["cfg_scale"], seed=1000 * seed + 100 + k, known=request.known.expand(per, -1),
-                              cfg_null=s["cfg_null"]).float()
+            attrs, known = _request_rows(parse_expr(text, names, loaded.parts.groups), per, mode, prior, 1000 * seed + 100 + k)
+            images = generate(loaded.parts, attrs, seed=1000 * seed + 100 + k, known=known, **options).float()
             right.append((model.predict(images)["probs"][:, col(member)] > 0.5).float().mean().item())
         rec["negation_conformity"] = statistics.fmean(right)
+        single = []
+        for k, text in enumerate(SINGLE_NEGATIONS):
+            shape, colour = text.split(",~")
+            left = [c for c in S.COLOURS if c != colour]
+            attrs, known = _request_rows(parse_expr(text, names, loaded.parts.groups), per, mode, prior, 1000 * seed + 200 + k)
+            images = generate(loaded.parts, attrs, seed=1000 * seed + 200 + k, known=known, **options).float()
+            probs = model.predict(images)["probs"]
+            items = [i for i, p in enumerate(params) if p.shape == shape and p.colour != colour]
+            share = {c: statistics.fmean(float(params[i].colour == c) for i in items) for c in left}
+            real = model.predict(torch.stack([test[i][0] for i in items[:per]]))["probs"]
+            ok = (probs[:, col(shape)] > 0.5) & (probs[:, col(colour)] <= 0.5)
+            single.append((ok.float().mean().item(), _feature_error(probs, share, col), _feature_error(real, share, col)))
+        rec["single_negation_conformity"] = statistics.fmean(v[0] for v in single)
+        rec["single_negation_error"] = statistics.fmean(v[1] for v in single)
+        rec["single_negation_floor"] = statistics.fmean(v[2] for v in single)
+    if mode == "partial":
         real = torch.stack([test[i][0] for i in range(128)])
         for pair in (("triangle", "red"), ("circle", "red")):
             rec[f"jsd_{'_'.join(pair)}"] = jsd_diagnostic(loaded.parts, real, names.index(pair[0]), names.index(pair[1]),
