@@ -17,7 +17,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated as an API
 from . import data, modeling, sampling  # noqa: E402,F401  (fill every registry)
 from .config import load_config  # noqa: E402,F401
 from .data import describe, parse_attrs, parse_expr  # noqa: E402,F401
-from .engine import load_run, train  # noqa: E402,F401
+from .engine import load_run, sample_requests, train  # noqa: E402,F401
 from .errors import (AttributeSpecError, CheckpointError, ConfigError, DatasetError, GmmcondError,  # noqa: E402,F401
                      PrecisionError, RegistryError, RunError, TrainingDiverged)
 from .modeling import BottleneckAttrs, Components, GMMAttrs, build  # noqa: E402,F401

@@ -46,4 +46,16 @@ class PrecisionError(GmmcondError):
 
 
 class Interrupted(GmmcondError):
-    """Training was stopped by Ctrl-C (SIGINT) after a checkpoint; ``--resume`` continues it exactly."""
+    """Training was stopped by a signal after a checkpoint; ``--resume`` continues it exactly. ``exit_code``: 2 for
+    Ctrl-C (SIGINT), :data:`REQUEUE_EXIT` for SIGTERM/SIGUSR1 (a scheduler's preemption or time limit)."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+REQUEUE_EXIT = 75  # EX_TEMPFAIL (sysexits.h): stopped cleanly, try again; a batch script requeues on it
+
+
+class StorageError(GmmcondError):
+    """A file could not be written (a full disk, a read-only folder): the previous file is left as it was."""

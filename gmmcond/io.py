@@ -9,28 +9,66 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
-from .errors import CheckpointError, RunError
+from .errors import CheckpointError, RunError, StorageError
 
 EXPORT_FORMAT = "gmmcond-ema-v1"
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one, never a part."""
+def free_space(path: Path) -> str:
+    """The free space of the file system holding ``path`` (its nearest existing folder), e.g. '1.2 MB'."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown space"
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if free < 1000 or unit == "GB":
+            return f"{free:.0f} {unit}" if unit == "bytes" else f"{free:.1f} {unit}"
+        free /= 1000
+    return f"{free:.1f} TB"
+
+
+DISK_MESSAGES = ("inline_container", "unexpected pos", "failed writing", "file write failed")  # torch.save's failed writes
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through ``write(tmp)`` on a temporary file beside it, synced, then renamed over it: a reader
+    sees the old file or the whole new one, never a part. A write that fails (a full disk, a read-only folder)
+    removes the temporary file, leaves ``path`` as it was and raises a :class:`StorageError` naming the path and
+    the free space."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        # torch.save reports a failed write as RuntimeError ("[enforce fail at inline_container.cc] unexpected
+        # pos", "PytorchStreamWriter failed writing file"); any other RuntimeError is not about the disk
+        if isinstance(exc, RuntimeError) and not any(m in str(exc) for m in DISK_MESSAGES):
+            raise
+        tmp.unlink(missing_ok=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:120]
+        raise StorageError(f"could not write {path} ({reason}; {free_space(path)} free there): free some space or "
+                           f"choose another folder, then run the command again; "
+                           + (f"the previous {path.name} is as it was" if path.exists() else "nothing was written")) from None
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`write_atomically`)."""
+    write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -52,10 +90,14 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def append_metrics(path: str | Path, records: Iterable[dict]) -> None:
-    """Append records to a metrics.jsonl file."""
-    with open(path, "a") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+    """Append records to a metrics.jsonl file (a failed write is a :class:`StorageError` naming it)."""
+    try:
+        with open(path, "a") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        raise StorageError(f"could not append to {path} ({exc.strerror}; {free_space(Path(path))} free there): free "
+                           f"some space, then run the command again") from None
 
 
 class ResultLog:
@@ -111,11 +153,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 2, 
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:07d}.pt"
-    tmp = folder / f".{path.name}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
     atomic_write_bytes(folder / "latest", path.name.encode())
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         if protect is None or old.name != Path(protect).name:
@@ -243,11 +281,7 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: 
     """Write tensors and string metadata to a safetensors file atomically (a temporary file, then a rename)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta))
 
 
 def read_safetensors(path: str | Path, error: type[Exception]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -63,7 +63,12 @@ def plot_metrics(records: Sequence[dict], out: Path, keys: Sequence[str] = ("los
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    save_figure(fig, out)
     plt.close(fig)
-    atomic_write_bytes(Path(out), buf.getvalue())
+
+
+def save_figure(fig, path: str | Path, **options) -> None:
+    """Save a matplotlib figure as PNG atomically (a full disk is one StorageError; the previous file stays)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **options)
+    atomic_write_bytes(Path(path), buf.getvalue())

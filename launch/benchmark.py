@@ -13,10 +13,10 @@ compiled: time per phase (data, forward, loss check, backward, optimiser, EMA), 
 time by kind (runs/benchmark/profile.json).
 """
 import argparse
-import json
 from pathlib import Path
 
 from gmmcond.cli import fail_cleanly
+from gmmcond.io import write_json
 
 
 def main() -> None:
@@ -45,14 +45,14 @@ def main() -> None:
         cfg = load_config(args.config, args.overrides)
         result = benchmarks.quality_over_time(cfg, out / f"quality_{cfg['name']}", every=args.every, n=args.n,
                                               train_first=not args.evaluate_only)
-        (out / "quality.json").write_text(json.dumps(result, indent=2))
+        write_json(out / "quality.json", result)
         benchmarks.plot_quality(result, out / "quality.png")
         print(benchmarks.quality_table(result))
         print(f"wrote {out / 'quality.json'} and {out / 'quality.png'}")
         return
     if args.what == "probes":
         results = benchmarks.recipe_probes(out / "probes", args.probes, n=args.n)
-        (out / "probes.json").write_text(json.dumps(results, indent=2))
+        write_json(out / "probes.json", results)
         print(benchmarks.probes_table(results))
         print(f"wrote {out / 'probes.json'}")
         return
@@ -61,14 +61,14 @@ def main() -> None:
         for compiled in (False, True):
             cfg = load_config(args.config, [*args.overrides, f"train.compile={str(compiled).lower()}"])
             results.append(benchmarks.profile_training(cfg))
-        (out / "profile.json").write_text(json.dumps(results, indent=2))
+        write_json(out / "profile.json", results)
         print(benchmarks.profile_table(results))
         print(f"wrote {out / 'profile.json'}")
         return
     if args.what == "train":
         cfg = load_config(args.config, args.overrides)
         result = benchmarks.train_step_time(cfg, rounds=args.rounds)
-        (out / "train.json").write_text(json.dumps(result, indent=2))
+        write_json(out / "train.json", result)
         print(benchmarks.train_table(result))
         print(f"wrote {out / 'train.json'}")
         return
@@ -79,7 +79,7 @@ def main() -> None:
     parts.denoiser.eval()
     result["step_time"] = benchmarks.sampler_step_time(parts)
     benchmarks.plot_samplers(result, out / "samplers.png")
-    (out / "samplers.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "samplers.json", result)
     print(benchmarks.markdown_table(result))
     print("\nx0_reproject renoise sweep (sliced W1, mode weights, within-mode spread); truth:",
           [[round(v, 3) for v in vs] for vs in result["renoise_sweep"]["true"]])

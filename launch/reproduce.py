@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from gmmcond.cli import fail_cleanly
+from gmmcond.io import write_json
 
 
 TRAINED = ("head", "distribution", "features-vs-classes", "precision", "combinations")  # experiments that train runs
@@ -97,7 +98,7 @@ def main() -> None:
         result = experiments.precision(png, out / "runs", out / "precision.jsonl", **steps)
     else:
         result = experiments.features_vs_classes(png, out / "runs", out / "features-vs-classes.jsonl", **steps)
-    (out / f"{args.experiment}.json").write_text(json.dumps(result, indent=2))
+    write_json(out / f"{args.experiment}.json", result)
     if args.experiment == "editing":
         from gmmcond.experiments.report import editing_table
 

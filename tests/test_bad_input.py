@@ -29,8 +29,9 @@ from gmmcond.cli import fail_cleanly
 from gmmcond.errors import CheckpointError, ConfigError, GmmcondError
 
 
-def run_entry(script: str, *args, capsys) -> tuple[int, str]:
-    """Run launch/SCRIPT.py in this process as ``python launch/SCRIPT.py ARGS``; return (exit code, stderr)."""
+def run_entry(script: str, *args, capsys, stdout: bool = False) -> tuple[int, str]:
+    """Run launch/SCRIPT.py in this process as ``python launch/SCRIPT.py ARGS``; return (exit code, stderr), or
+    (exit code, stdout and stderr) with ``stdout``."""
     old = sys.argv
     sys.argv = [str(ROOT / "launch" / f"{script}.py"), *map(str, args)]
     try:
@@ -40,7 +41,8 @@ def run_entry(script: str, *args, capsys) -> tuple[int, str]:
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
         sys.argv = old
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return code, (captured.out + captured.err) if stdout else captured.err
 
 
 def assert_one_line(code: int, err: str, fragment: str) -> None:

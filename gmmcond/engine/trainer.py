@@ -34,8 +34,9 @@ from ..config import dump_config, resolve
 from ..data.attrs import describe, parse_expr
 from ..data.cache import in_memory
 from ..data.prior import PRIOR_FILE, AttributePrior, save_prior
-from ..errors import AttributeSpecError, ConfigError, Interrupted, RunError, TrainingDiverged
-from ..io import (RunLock, append_metrics, checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint, previous_checkpoint,
+from ..errors import (REQUEUE_EXIT, AttributeSpecError, ConfigError, Interrupted, RunError, StorageError,
+                      TrainingDiverged)
+from ..io import (RunLock, append_metrics, atomic_write_bytes, checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint, previous_checkpoint,
                   read_metrics, save_checkpoint, truncate_metrics, write_json)
 from ..modeling.build import Components, build
 from ..sampling.generate import generate
@@ -316,6 +317,8 @@ class Trainer:
         acc = self.accelerator
         self.main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
         self.device = acc.device
+        if self.world > 1:  # one line per process, so a launcher that started fewer than asked shows it at once
+            print(f"gmmcond: process {self.rank} of {self.world} ({acc.distributed_type.value}, {self.device.type})", flush=True)
         self.lock = RunLock(self.run_dir)
         if self.main:
             note = self.lock.acquire()
@@ -363,7 +366,8 @@ class Trainer:
         self.watch = LossWatch()
         if self.ckpt_path is not None:
             self.watch.checkpointed(self.start)
-        self.stop_requested = False
+        # a stop signal: received here (signum), and agreed by every process at the next step (stop_requested, stop_signal)
+        self.received, self.stop_requested, self.stop_signal = 0, False, None
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _set_threads(self) -> None:
@@ -452,7 +456,7 @@ class Trainer:
         for sub in ("checkpoints", "samples", "plots"):
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
         resolved = dict(self.cfg, train=dict(self.t, precision=self.precision.name))
-        (self.run_dir / "config.yaml").write_text(dump_config(resolved))
+        atomic_write_bytes(self.run_dir / "config.yaml", dump_config(resolved).encode())
         write_json(self.run_dir / "dataset.json", dataset_info(self.parts.dataset))
         save_prior(self.run_dir / PRIOR_FILE, self.prior)
         truncate_metrics(self.metrics_file, self.start)  # lines logged after the checkpoint are logged again
@@ -494,11 +498,13 @@ class Trainer:
         """Gather the step's loss (and, on several processes, whether any was interrupted); stop on NaN/inf.
 
         One host sync per step: the loss must be known finite before the optimiser applies it."""
-        flags = torch.stack([loss.detach().float(), torch.tensor(float(self.stop_requested), device=loss.device)])
+        flags = torch.stack([loss.detach().float(), torch.tensor(float(self.received), device=loss.device)])
         synced = self.accelerator.gather(flags[None]) if self.world > 1 else flags[None]
         rows = synced.tolist()
         value = sum(r[0] for r in rows) / len(rows)
-        self.stop_requested = any(r[1] for r in rows)
+        signum = int(max(r[1] for r in rows))  # a signal any process received stops every process after this step
+        if signum and not self.stop_requested:
+            self.stop_requested, self.stop_signal = True, signal.Signals(signum).name
         finite = math.isfinite(value)
         weights_finite = finite or all(bool(torch.isfinite(p).all()) for p in self.module.parameters())
         self.watch.update(step + 1, value, weights_finite)
@@ -543,7 +549,13 @@ class Trainer:
             state = {"step": step, "model": self.unwrapped.state_dict(), "ema": self.ema.inner_model.state_dict(),
                      "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
                      "ema_sched": self.ema_sched.state_dict(), "rng": list(rng), "config": self.cfg}
-            save_checkpoint(self.run_dir, step, state, keep=self.t["keep_checkpoints"], protect=self.good_checkpoint())
+            try:
+                save_checkpoint(self.run_dir, step, state, keep=self.t["keep_checkpoints"], protect=self.good_checkpoint())
+            except StorageError as exc:
+                kept = latest_checkpoint(self.run_dir)
+                raise StorageError(f"{exc}. Training stopped at step {step}; " + (
+                    f"{kept} ('latest') is intact: continue from it with --resume" if kept else
+                    "no checkpoint was written yet: start again")) from None
         self.watch.checkpointed(step)
         self.accelerator.wait_for_everyone()
 
@@ -560,7 +572,12 @@ class Trainer:
         """Check the processes agree and write ema.safetensors."""
         check_in_sync(self.accelerator, self.unwrapped)
         if self.main:
-            export_run(self.run_dir / "ema.safetensors", self._ema_parts(), self.cfg, self.t["steps"])
+            export = self.run_dir / "ema.safetensors"
+            try:
+                export_run(export, self._ema_parts(), self.cfg, self.t["steps"])
+            except StorageError as exc:
+                raise StorageError(f"{exc}. The training finished and its last checkpoint is written: write the "
+                                   f"export with launch/sample.py --run {self.run_dir} --export {export}") from None
         self.accelerator.wait_for_everyone()
 
     def _ema_parts(self) -> Components:
@@ -568,37 +585,44 @@ class Trainer:
                           self.unwrapped.head, self.parts.attr_names, self.parts.groups)
 
     # ---------------------------------------------------------------------------------------------------- run
+    # the signals that stop a training cleanly: Ctrl-C, and what cluster schedulers send before SIGKILL (SIGTERM at
+    # preemption or the end of an allocation; SIGUSR1 where a job asks for a warning ahead of time)
+    STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
     def run(self) -> dict:
         """Train from the start (or resumed) step to ``train.steps``; return the last logged metrics.
 
-        Ctrl-C (SIGINT) finishes the current step, writes a checkpoint and raises :class:`Interrupted`; a
-        second Ctrl-C stops at once. The run lock is released however the run ends."""
-        previous = None
+        Ctrl-C (SIGINT), SIGTERM and SIGUSR1 finish the current step (every process stops at the same one), write
+        a checkpoint and raise :class:`Interrupted` (exit status 2 for Ctrl-C, 75 for the scheduler's signals: try
+        again); a second signal stops at once. The run lock is released however the run ends."""
+        previous = {}
         if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGINT, self._on_sigint)
+            previous = {sig: signal.signal(sig, self._on_signal) for sig in self.STOP_SIGNALS}
         try:
             return self._run()
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             if self.accelerator.trackers:
                 self.accelerator.end_training()  # flush and close the trackers however the run ended
             self.lock.release()
 
-    def _on_sigint(self, signum, frame) -> None:
-        if self.stop_requested:
+    def _on_signal(self, signum, frame) -> None:
+        if self.received:
             raise KeyboardInterrupt
-        self.stop_requested = True
+        self.received = signum
         if self.main:
-            print("\ngmmcond: interrupted; finishing this step and writing a checkpoint (Ctrl-C again to stop at once)",
-                  flush=True)
+            again = "Ctrl-C" if signum == signal.SIGINT else "a second signal"
+            print(f"\ngmmcond: {signal.Signals(signum).name} received; finishing this step and writing a checkpoint "
+                  f"({again} stops at once)", flush=True)
 
     def _stop(self, done: int) -> None:
-        """After an interrupt: checkpoint the finished step (unless just written) and raise Interrupted."""
+        """After a stop signal: checkpoint the finished step (unless just written) and raise Interrupted."""
         if done % self.t["checkpoint_every"]:  # decided alike on every process (checkpoint() is collective)
             self.checkpoint(done)
-        raise Interrupted(f"interrupted after step {done} of {self.t['steps']}; "
-                          f"checkpoint {latest_checkpoint(self.run_dir)}; continue with --resume")
+        how = "interrupted" if self.stop_signal in (None, "SIGINT") else f"stopped by {self.stop_signal}"
+        raise Interrupted(f"{how} after step {done} of {self.t['steps']}; checkpoint {latest_checkpoint(self.run_dir)}; "
+                          f"continue with --resume", 2 if how == "interrupted" else REQUEUE_EXIT)
 
     def _run(self) -> dict:
         t = self.t

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..io import ResultLog, write_json
-from ..visualize import pyplot
+from ..visualize import pyplot, save_figure
 
 SWEEP_SAMPLERS = {
     "x0_reproject r=1": {"type": "x0_reproject", "renoise": 1.0},
@@ -76,5 +76,5 @@ def _plot(out: Path, points: list[dict], samplers) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle("quality vs diversity over samplers; labels: guidance scale")
     fig.tight_layout()
-    fig.savefig(out)
+    save_figure(fig, out)
     plt.close(fig)

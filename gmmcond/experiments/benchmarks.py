@@ -94,7 +94,7 @@ def sampler_step_time(parts, batch: int = 16, steps: int = 10, repeats: int = 15
 
 def plot_samplers(result: dict, out) -> None:
     """Plot sliced W1 against model evaluations for every sampler, with the noise floor."""
-    from ..visualize import pyplot
+    from ..visualize import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
@@ -110,7 +110,7 @@ def plot_samplers(result: dict, out) -> None:
     ax.set_title("Samplers on the exact 3-mode Gaussian mixture (d=2)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out)
+    save_figure(fig, out)
     plt.close(fig)
 
 
@@ -365,12 +365,11 @@ def quality_over_time(cfg: dict, run_dir, *, every: int = 1000, n: int = 256, pe
 def plot_quality(result: dict, out) -> None:
     """Conformity, defects, per-set recall / coverage (as a fraction of their real references) and the
     spread ratio against training minutes (bottom axis) and steps (top axis)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     import numpy as np
+
+    from ..visualize import pyplot, save_figure
+
+    plt = pyplot()
 
     from ..eval.evaluate import SPREAD_BAND
 
@@ -392,7 +391,7 @@ def plot_quality(result: dict, out) -> None:
         top = ax.secondary_xaxis("top", functions=(lambda v: np.interp(v, x, steps), lambda v: np.interp(v, steps, x)))
         top.set_xlabel("steps", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out, dpi=110)
     plt.close(fig)
 
 

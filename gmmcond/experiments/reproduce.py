@@ -14,7 +14,7 @@ from torch import nn
 from ..math.gmm import expansion_means, normal_pdf
 from ..math.ngmg import density_learning
 from ..io import ResultLog, read_metrics
-from ..visualize import pyplot
+from ..visualize import pyplot, save_figure, save_png
 
 
 def mean_spread(curves: list[list[float]]) -> tuple[list[float], list[float]]:
@@ -60,7 +60,7 @@ def density(out: Path, bins: int = 50, steps: int = 10) -> dict:
     axes[1].set_xlabel("step")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out)
+    save_figure(fig, out)
     plt.close(fig)
     return result
 
@@ -202,7 +202,7 @@ def _plot_ngmg_vs_bce(out: Path, records: list[dict], lrs, seeds: int, eval_ever
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"NGMG entropy (surplus, deficit) vs BCE on shapes attributes, mean +- std over {seeds} seeds")
     fig.tight_layout()
-    fig.savefig(out)
+    save_figure(fig, out)
     plt.close(fig)
 
 
@@ -371,7 +371,7 @@ def plot_loss_bands(out: Path, log: "ResultLog", arms, seeds: int, title: str) -
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(out)
+    save_figure(fig, out)
     plt.close(fig)
 
 
@@ -497,7 +497,7 @@ def features_vs_classes(out: Path, runs: Path, log_path: Path, *, seeds: int = 3
             draw.text((x + 4, 15), f"shape+colour accuracy {rec['shared_accuracy']:.3f}, defects {rec['defect_rate']:.1%}",
                       fill=(0, 0, 0))
             x += g.width + 10
-        canvas.save(out)
+        save_png(canvas, out)
     return result
 
 
@@ -639,7 +639,7 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
     from ..eval.metrics import nuisance_fidelity
     from ..registry import DATASETS
     from ..sampling.generate import generate
-    from ..visualize import captioned_grid, save_png
+    from ..visualize import captioned_grid
 
     cfg = train_once(recipe, overrides, run)
     mode = COMBINATION_ARMS[arm][2]
