@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install gmmcond with its test and tensorboard extras. torch/torchvision are pinned to the builds that
-# import together on CPU machines (k-diffusion needs torchvision); see README "Install".
+# import together on CPU machines (k-diffusion needs torchvision); see README "Quickstart".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv

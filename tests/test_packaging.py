@@ -26,6 +26,7 @@ def test_a_wheel_ships_every_subpackage_and_the_recipes(tmp_path):
     proc = subprocess.run([PY, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "BuildBackendWarning" not in proc.stderr  # every importable folder is listed in pyproject.toml
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
     recipes = sorted(p.name for p in (ROOT / "registry").glob("*.yaml"))
     assert sorted(n.split("/")[-1] for n in names if n.startswith("gmmcond/recipes/")) == recipes

@@ -199,3 +199,17 @@ def test_kill_9_of_one_process_of_two_then_resume_gives_the_uninterrupted_losses
     a = load_checkpoint(tmp_path / "cut" / "checkpoints" / "step_0000120.pt")
     b = load_checkpoint(tmp_path / "full" / "checkpoints" / "step_0000120.pt")
     assert all(torch.equal(v, b["ema"][k]) for k, v in a["ema"].items())
+
+
+def test_accelerate_multi_gpu_flag_starts_two_processes_on_a_cpu_machine(tmp_path):
+    """The README's multi-process command on CPUs starts N processes, each with its start-up line."""
+    if torch.cuda.is_available():
+        pytest.skip("a machine with GPUs runs this on them")
+    accelerate = Path(PY).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541",
+           str(ROOT / "launch" / "train.py"), "--config", "shapes_tiny", "--runs", str(tmp_path), "train.steps=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "process 0 of 2 (MULTI_CPU, cpu)" in proc.stdout and "process 1 of 2 (MULTI_CPU, cpu)" in proc.stdout
+    assert "parameters identical across 2 processes" in proc.stdout

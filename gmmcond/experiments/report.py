@@ -92,6 +92,76 @@ COMBINATION_COLUMNS = (("conformity_seen", "conformity seen", 3), ("conformity_h
                        ("jsd_circle_red", "JSD circle-red", 4))
 
 
+# issue 38: what an open attribute means, measured (the combination experiment's arms that leave features open)
+OPEN_ARMS = {"features joint": "plain model, whole test rows named",
+             "features, open from data": "plain model, open=data",
+             "features + attr_dropout, all specified": "attr_dropout 0.25, whole test rows named",
+             "features + attr_dropout, open from data": "attr_dropout 0.25, open=data",
+             "features + attr_dropout joint": "attr_dropout 0.25, open=model"}
+OPEN_COLUMNS = (("conformity_seen", "conformity seen", 3), ("conformity_held_out", "conformity held-out", 3),
+                ("free_error_seen", "free-attribute error seen", 3), ("free_floor_seen", "real floor seen", 3),
+                ("free_error_held_out", "free-attribute error held-out", 3), ("free_floor_held_out", "real floor held-out", 3),
+                ("defects_seen", "defects seen", 3), ("defects_held_out", "defects held-out", 3),
+                ("spread_seen", "spread seen", 3), ("spread_held_out", "spread held-out", 3),
+                ("negation_conformity", "negation (pairs)", 3), ("single_negation_conformity", "single negation", 3),
+                ("single_negation_error", "single-negation share error", 3),
+                ("single_negation_floor", "its real floor", 3))
+# each open=data arm against the same model with whole rows named (paired by seed)
+OPEN_PAIRS = (("features, open from data", "features joint"),
+              ("features + attr_dropout, open from data", "features + attr_dropout, all specified"))
+
+
+def _per_seed(arm: dict, key: str) -> dict[int, float]:
+    return {r["seed"]: r[key] for r in arm.get("per_seed", []) if isinstance(r.get(key), (int, float))}
+
+
+def open_table(result: dict) -> str:
+    """Issue 38's table and its targets, from the combination experiment's JSON: per arm mean +- std over seeds,
+    then each target met or missed (free-attribute error <= 1.5x the real floor; a partial request's seen
+    conformity within 0.02 of the same model's with whole rows, paired by seed; negation >= 0.95; a single
+    negation's colour shares within their real floor)."""
+    from .reproduce import summarise
+
+    arms = {a: result["arms"][a] for a in OPEN_ARMS if a in result.get("arms", {})}
+    if not any("free_error_seen" in a for a in arms.values()):
+        return ""
+    cols = [c for c in OPEN_COLUMNS if any(c[0] in a for a in arms.values())]
+    lines = ["| arm | asked | seeds | " + " | ".join(c[1] for c in cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    for arm, stats in arms.items():
+        n = next(v["n"] for v in stats.values() if isinstance(v, dict) and "n" in v)
+        lines.append(f"| {arm} | {OPEN_ARMS[arm]} | {n} | "
+                     + " | ".join(pm(stats[k], d) if k in stats else "-" for k, _, d in cols) + " |")
+    lines += ["", "Targets (mean +- std over seeds of the per-seed value):", ""]
+    for arm, stats in arms.items():
+        if "free_error_seen" not in stats:
+            continue
+        for split in ("seen", "held_out"):
+            err, floor = _per_seed(stats, f"free_error_{split}"), _per_seed(stats, f"free_floor_{split}")
+            ratio = summarise([err[s] / floor[s] for s in err if floor.get(s)])
+            verdict = "met" if ratio["mean"] <= 1.5 else f"missed by {ratio['mean'] - 1.5:.2f}x"
+            lines.append(f"- {arm}, {split.replace('_', '-')}: free-attribute error / real floor {pm(ratio, 2)} "
+                         f"(target <= 1.5): {verdict}")
+        if "negation_conformity" in stats:
+            neg = stats["negation_conformity"]
+            lines.append(f"- {arm}: negation conformity {pm(neg)} (target >= 0.95): "
+                         + ("met" if neg["mean"] >= 0.95 else f"missed by {0.95 - neg['mean']:.3f}"))
+        if "single_negation_error" in stats:
+            err, floor = _per_seed(stats, "single_negation_error"), _per_seed(stats, "single_negation_floor")
+            d = summarise([err[s] - floor[s] for s in err if s in floor])
+            lines.append(f"- {arm}: single negation, colour-share error minus its real floor {d['mean']:+.3f} +- "
+                         f"{d['std']:.3f} (target <= 0): " + ("met" if d["mean"] <= 0 else f"missed by {d['mean']:.3f}"))
+    for arm, base in OPEN_PAIRS:
+        if arm in arms and base in arms:
+            a, b = _per_seed(arms[arm], "conformity_seen"), _per_seed(arms[base], "conformity_seen")
+            diff = [a[s] - b[s] for s in a if s in b]
+            if diff:
+                d = summarise(diff)
+                lines.append(f"- {arm} minus {base}, seen conformity paired by seed ({len(diff)} seeds): "
+                             f"{d['mean']:+.3f} +- {d['std']:.3f} (target >= -0.02): "
+                             + ("met" if d["mean"] >= -0.02 else f"missed by {-0.02 - d['mean']:.3f}"))
+    return "\n".join(lines)
+
+
 DISTRIBUTION_COLUMNS = (("all_attributes_correct", "conformity", 3), ("defect_rate", "defects", 3),
                         ("set_recall", "per-set recall", 3), ("set_coverage", "per-set coverage", 3),
                         ("set_mean_spread_ratio", "per-set spread", 3), ("attr_accuracy", "accuracy", 4),
@@ -177,7 +247,8 @@ def report(out: Path, sweep_json: Path | None = None, recipe_runs: list[Path] | 
         parts.append(f"### the default recipe (`python launch/evaluate.py --run RUN` per seed)\n\n{recipe_table(recipe_runs)}")
     headline = lambda r: "\n\n".join(filter(None, (arms_table(r, HEADLINE_ARM_COLUMNS), paired_table(r))))  # noqa: E731
     tables = {"ngmg-vs-bce": ngmg_table, "head": headline, "features-vs-classes": headline, "precision": arms_table,
-              "combinations": lambda r: arms_table(r, COMBINATION_COLUMNS), "editing": editing_table,
+              "combinations": lambda r: "\n\n".join(filter(None, (arms_table(r, COMBINATION_COLUMNS), open_table(r)))),
+              "editing": editing_table,
               "distribution": lambda r: arms_table(r, DISTRIBUTION_COLUMNS)}
     for name, fn in tables.items():
         path = out / f"{name}.json"
