@@ -183,7 +183,7 @@ def test_sample_cli_saves_each_sample_with_the_row_it_was_conditioned_on(tiny_cf
     with open(tmp_path / "out" / "samples.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 6 and all((tmp_path / "out" / r["file"]).exists() for r in table)
-    assert all(r["open"] == "data" for r in table)
+    assert all(r["open"] == "data" and r["drawn_from"] == "exact" for r in table)
     first = table[0]
     assert (first["request"], first["circle"], first["red"], first["large"]) == ("circle,red,large", "1", "1", "1")
     assert first["drawn"] == "left;top;dark_bg;outline"

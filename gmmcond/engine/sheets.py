@@ -120,7 +120,8 @@ def describe_resolved(requests: list[AttrRequest], resolved: Resolved, names: li
 
 def save_samples(folder: str | Path, samples: Samples, names: list[str], n: int) -> Path:
     """Write every sample as its own PNG (``00000.png``, ...) and ``samples.csv``: per file the request, what an
-    open attribute meant, the whole row it was conditioned on, and which attributes were drawn; returns the CSV."""
+    open attribute meant, the whole row it was conditioned on, which attributes were drawn and from what
+    (``exact``: the training rows that agree with the request; else the fallback's rule); returns the CSV."""
     folder = Path(folder)
     writer_rows = []
     for b, (image, row) in enumerate(zip(to_pil(samples.images), samples.rows.tolist())):
@@ -128,12 +129,14 @@ def save_samples(folder: str | Path, samples: Samples, names: list[str], n: int)
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         atomic_write_bytes(folder / f"{b:05d}.png", buf.getvalue())
-        drawn = open_attributes(request, names) if samples.resolved.open == "data" else []
+        data = samples.resolved.open == "data"
+        drawn = open_attributes(request, names) if data else []
+        rule = samples.resolved.conditionals[b // n].rule if data else ""
         writer_rows.append([f"{b:05d}.png", request.text, samples.resolved.open,
-                            *(int(v > 0.5) for v in row), ";".join(drawn)])
+                            *(int(v > 0.5) for v in row), ";".join(drawn), rule])
     text = io.StringIO()
     out = csv.writer(text, lineterminator="\n")
-    out.writerow(["file", "request", "open", *names, "drawn"])
+    out.writerow(["file", "request", "open", *names, "drawn", "drawn_from"])
     out.writerows(writer_rows)
     path = folder / "samples.csv"
     atomic_write_bytes(path, text.getvalue().encode())
