@@ -548,7 +548,9 @@ COMBINATION_ARMS = {  # arm: (recipe, label_mode, how requests are sampled, extr
 }
 # the request modes' open semantics (gmmcond.sampling.requests): how each mode asks for shape and colour only
 REQUEST_OPEN = {"partial": "model", "data": "data"}
-SINGLE_NEGATIONS = ("circle,~red", "square,~green", "triangle,~blue")  # the colour left is drawn in its data proportion
+# one colour negated, the two left drawn in their data proportion: the held-out colour of each shape is the one negated,
+# so both colours left were seen with the shape (the training rows' proportion is the data's)
+SINGLE_NEGATIONS = ("circle,~green", "square,~blue", "triangle,~red")
 COMPOSED_WEIGHTS = {  # the composed arms' per-term guidance weights (shape, colour)
     "features + attr_dropout composed": (2.0, 2.0), "features + attr_dropout composed, weights 1": (1.0, 1.0),
     "features + attr_dropout composed, weights 3": (3.0, 3.0),
