@@ -214,3 +214,23 @@ def test_the_open_table_reports_each_target_met_or_missed_from_the_records():
     # paired by seed: (0.85 - 0.86, 0.80 - 0.84) -> -0.025 +- 0.021: missed by 0.005
     assert "minus features joint, seen conformity paired by seed (2 seeds): -0.025 +- 0.021 (target >= -0.02): missed by 0.005" in table
     assert open_table({"arms": {"features joint": summarise_records(joint)}}) == ""  # nothing open: no table
+
+
+def test_the_prior_costs_the_training_nothing(tiny_cfg, tmp_path, monkeypatch):
+    """Counting the prior and drawing the grids' open attributes from it touch no random stream the training uses:
+    a run whose prior is a one-row stand-in (so its grids draw other rows, from no dataset) trains bit for bit as
+    the real one, grids every step in both."""
+    from gmmcond.engine import trainer
+    from gmmcond.io import load_checkpoint, read_metrics
+
+    cfg = tiny_cfg("train.steps=4", "train.grid_every=1", "train.checkpoint_every=4", "sample.grid_rows=[circle]")
+    train(cfg, tmp_path / "real")
+    stand_in = AttributePrior.from_rows(torch.eye(len(NAMES))[:1] + torch.eye(len(NAMES))[3], NAMES, GROUPS)
+    monkeypatch.setattr(trainer.AttributePrior, "from_dataset", classmethod(lambda cls, dataset: stand_in))
+    train(cfg, tmp_path / "stand_in")
+    assert load_prior(tmp_path / "stand_in" / PRIOR_FILE).total == 1 < load_prior(tmp_path / "real" / PRIOR_FILE).total
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "step_0000004.pt") for r in ("real", "stand_in"))
+    for key in ("model", "ema"):
+        assert all(torch.equal(v, b[key][k]) for k, v in a[key].items()), key
+    timeless = lambda run: [{k: v for k, v in m.items() if k not in ("sec_per_step", "peak_rss_mb")} for m in read_metrics(run / "metrics.jsonl")]
+    assert timeless(tmp_path / "real") == timeless(tmp_path / "stand_in")
