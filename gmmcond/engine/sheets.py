@@ -21,7 +21,7 @@ from ..errors import RunError
 from ..io import atomic_write_bytes
 from ..sampling import HeadGuidedDenoiser, generate
 from ..sampling.edit import apply_edit, edit_rows
-from ..sampling.requests import DEFAULT_OPEN, Resolved, check_open, resolve_requests
+from ..sampling.requests import DEFAULT_OPEN, Resolved, resolve_requests
 from ..visualize import to_pil
 from .precision import autocast, sampling_precision
 from .runs import LoadedRun
@@ -68,7 +68,6 @@ def sample_requests(run: LoadedRun, sets: list[str], *, n: int = 16, open: str =
     if terms:  # composed guidance: every term has its own condition; the rows are unused
         resolved = resolve_requests(requests, n, open="absent")
     else:
-        check_open(open, partial)
         resolved = resolve_requests(requests, n, open=open, prior=run.prior if open == "data" else None,
                                     partial=partial, seed=seed)
         describe_resolved(requests, resolved, names, n, run.prior if open == "data" else None, log)
