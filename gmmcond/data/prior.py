@@ -50,6 +50,10 @@ class Conditional:
     def exact(self) -> bool:
         return self.rule == "exact"
 
+    def marginals(self) -> torch.Tensor:
+        """Each attribute's probability under this distribution [K]."""
+        return (self.probs[:, None] * self.rows.double()).sum(0)
+
 
 def attribute_rows(dataset: Dataset) -> torch.Tensor:
     """Every item's attribute row [N, K] (0/1 floats): ``dataset.attribute_rows()`` where the dataset has one
@@ -182,8 +186,7 @@ class AttributePrior:
 
     def frequencies(self, request: AttrRequest) -> dict[str, float]:
         """Each open attribute's probability under p(a | request)."""
-        cond = self.conditional(request)
-        freq = (cond.probs[:, None] * cond.rows.double()).sum(0)
+        freq = self.conditional(request).marginals()
         return {n: float(f) for n, f, k in zip(self.names, freq, request.known) if k < 0.5}
 
 

@@ -16,7 +16,6 @@ import torch
 
 from ..data.attrs import AttrRequest, describe, parse_attrs, parse_compose, parse_expr
 from ..data.local import read_image
-from ..data.prior import AttributePrior
 from ..errors import RunError
 from ..io import atomic_write_bytes
 from ..sampling import HeadGuidedDenoiser, generate
@@ -70,7 +69,7 @@ def sample_requests(run: LoadedRun, sets: list[str], *, n: int = 16, open: str =
     else:
         resolved = resolve_requests(requests, n, open=open, prior=run.prior if open == "data" else None,
                                     partial=partial, seed=seed)
-        describe_resolved(requests, resolved, names, n, run.prior if open == "data" else None, log)
+        describe_resolved(requests, resolved, names, n, log)
     model = None
     if head_scale:
         if parts.head is None:
@@ -96,7 +95,7 @@ def sample_requests(run: LoadedRun, sets: list[str], *, n: int = 16, open: str =
 
 
 def describe_resolved(requests: list[AttrRequest], resolved: Resolved, names: list[str], n: int,
-                      prior: AttributePrior | None, log: Callable[[str], None]) -> None:
+                      log: Callable[[str], None]) -> None:
     """One line per request saying what its open attributes were: drawn (with the frequency drawn beside the
     data's), absent, or hidden by the model; and a line for each request drawn from the fallback."""
     for k, request in enumerate(requests):
@@ -106,8 +105,9 @@ def describe_resolved(requests: list[AttrRequest], resolved: Resolved, names: li
         label = request.text or "(no attributes)"
         if resolved.open == "data":
             block = resolved.attrs[k * n:(k + 1) * n]
-            data = prior.frequencies(request)
-            shown = ", ".join(f"{a} {block[:, names.index(a)].mean().item():.2f} (data {data[a]:.2f})" for a in left)
+            data = resolved.conditionals[k].marginals()  # the distribution the rows were drawn from
+            shown = ", ".join(f"{a} {block[:, names.index(a)].mean().item():.2f} (data {data[names.index(a)]:.2f})"
+                              for a in left)
             log(f"'{label}': open attributes drawn from the data, frequency over {n} samples: {shown}")
         elif resolved.open == "model":
             log(f"'{label}': left open (hidden by the model, trained with attr_dropout): {', '.join(left)}")
