@@ -75,7 +75,7 @@ class TrainConfig:
     lr_decay: str = "cosine"  # constant | cosine (to lr_final_frac * lr at the last step)
     lr_final_frac: float = 0.1
     grad_clip: float = 1.0  # Max grad norm; 0 disables clipping.
-    adamw_impl: str = "foreach"  # foreach | fused (one kernel, equal up to rounding; README, "Where the step goes").
+    adamw_impl: str = "foreach"  # foreach | fused (one kernel, equal up to rounding; launch/figures/RESULTS.md, "Cost over plain k-diffusion").
     ema_power: float = 0.75  # k-diffusion EMAWarmup power.
     ema_max: float = 0.999  # k-diffusion EMAWarmup max decay.
     log_every: int = 10  # Steps between metrics.jsonl lines.

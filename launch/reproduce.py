@@ -1,6 +1,8 @@
 """Reproduce the paper's experiments at small scale: ``python launch/reproduce.py {density,ngmg-vs-bce,head,features-vs-classes,precision,combinations,distribution}``,
 ``python launch/reproduce.py editing --run RUN`` (edits of held-out shapes by a trained run);
-``python launch/reproduce.py report`` prints the markdown tables of every finished experiment.
+``python launch/reproduce.py report`` prints the markdown tables of every finished experiment;
+``python launch/reproduce.py document`` regenerates launch/figures/RESULTS.md and the README's results summary from the
+committed JSON (``--check``: change nothing, fail if either differs).
 
 Each sub-command writes OUT/NAME.json (and OUT/NAME.png where there is a plot; default OUT: runs/reproduce).
 Long ones are resumable: finished (arm, seed) results are appended to OUT/NAME.jsonl as they land, and a
@@ -20,7 +22,7 @@ REUSING = ("head", "distribution", "features-vs-classes", "precision")  # those 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("experiment", choices=["density", "ngmg-vs-bce", "head", "features-vs-classes", "precision", "combinations", "editing", "distribution", "report"])
+    parser.add_argument("experiment", choices=["density", "ngmg-vs-bce", "head", "features-vs-classes", "precision", "combinations", "editing", "distribution", "report", "document"])
     parser.add_argument("--out", default="runs/reproduce", help="output folder")
     parser.add_argument("--seeds", type=int, help="seeds (default: ngmg-vs-bce 5, head 3, features-vs-classes 3, precision 2, combinations 2, "
                              "distribution 3, editing 3)")
@@ -42,10 +44,24 @@ def main() -> None:
                              "under launch/figures/results); an arm whose training and evaluation one of them already "
                              "holds (same resolved config, same n) is taken from it instead of trained again")
     parser.add_argument("--sweep", default="runs/shapes/sweep.json", help="report: the sweep to tabulate")
+    parser.add_argument("--check", action="store_true", help="document: write nothing; exit 1 if a file would change")
     parser.add_argument("--recipe-runs", nargs="*", default=[], help="report: evaluated runs of one recipe (seeds), one table row")
     args = parser.parse_args()
 
     out = Path(args.out)
+    if args.experiment == "document":
+        from gmmcond.experiments.document import build
+        from gmmcond.io import write_atomically
+
+        repo = Path(__file__).resolve().parent.parent
+        files = build(repo)
+        stale = [path for path, text in files.items() if not path.is_file() or path.read_text() != text]
+        for path in [] if args.check else stale:
+            write_atomically(path, lambda tmp, text=files[path]: tmp.write_text(text))
+        print("\n".join(f"{'stale' if args.check else 'wrote'} {p.relative_to(repo)}" for p in stale) or "up to date")
+        if args.check and stale:
+            raise SystemExit(1)
+        return
     if args.experiment == "report":
         from gmmcond.experiments.report import report
 

@@ -1,4 +1,4 @@
-"""Markdown tables from the experiments' JSON files, so the README's tables are regenerated, never typed:
+"""Markdown tables from the experiments' JSON files, so the results tables are regenerated, never typed:
 ``python launch/reproduce.py report`` prints every table whose JSON exists under runs/reproduce."""
 from __future__ import annotations
 

@@ -210,7 +210,7 @@ def _plot_ngmg_vs_bce(out: Path, records: list[dict], lrs, seeds: int, eval_ever
 # part of the key its result is stored under; each table's command names its scale and reproduces it.
 SCALES = {
     # the shapes recipe as the paper experiments first ran on it: 2000 steps, no self-attention, not compiled,
-    # Karras weighting (the tables measured before the recipe grew; README, "The default recipe")
+    # Karras weighting (the tables measured before the recipe grew; RESULTS.md, "The default recipe")
     "v1": ("train.steps=2000", "model.self_attn_depths=[false,false,false]", "train.compile=false",
            "denoiser.loss=karras"),
     # the default recipe as it is now (attention, compile, soft-min-SNR); an experiment's --steps sets the length

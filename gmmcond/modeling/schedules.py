@@ -46,7 +46,7 @@ class KarrasSchedule:
         loss is the soft-min-SNR objective divided by Z, but no sample in a batch is spent on a near-zero
         weight: importance sampling of the same objective, with lower gradient variance.
 
-        Measured on the shapes recipe it trains far worse than the weighting it stands in for (README, "The
+        Measured on the shapes recipe it trains far worse than the weighting it stands in for (launch/figures/RESULTS.md, "The
         default recipe": conformity 0.33 against 0.84 at equal steps). A likely reason, not isolated: the two are equal in expectation only
         for plain SGD: AdamW normalises each parameter's update, so under the weighting the rarely weighted
         noise levels (the high sigmas where composition is decided) still move the parameters that serve

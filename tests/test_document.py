@@ -1,0 +1,54 @@
+"""The results document and the README's summary of it are generated from the committed JSON: regenerating them
+changes nothing, and a number typed into the template's prose is refused."""
+import json
+from pathlib import Path
+
+import pytest
+
+from gmmcond.experiments import document
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_results_document_and_the_readme_summary_regenerate_byte_for_byte():
+    for path, text in document.build(REPO).items():
+        assert path.read_text() == text, f"{path.relative_to(REPO)} is stale: run python launch/reproduce.py document"
+
+
+def test_the_readme_summarises_the_numbers_of_the_results_document():
+    results = (REPO / "launch" / "figures" / "RESULTS.md").read_text()
+    readme = (REPO / "README.md").read_text()
+    block = document.summary(readme)
+    assert block.strip() and block == document.summary(results)
+
+
+def test_the_readme_is_a_manual_of_at_most_400_lines_of_120_characters():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) <= 400
+    assert [i for i, line in enumerate(lines, 1) if len(line) > 120] == []
+    assert lines.index("## Quickstart") < 25  # the two commands come first
+
+
+def test_placeholders_are_filled_from_the_json(tmp_path):
+    result = {"arms": {"a": {"x": {"mean": 0.5, "std": 0.25, "n": 2},
+                             "per_seed": [{"seed": 0, "x": 0.3}, {"seed": 1, "x": 0.7}]},
+                       "b": {"per_seed": [{"seed": 0, "x": 0.1}, {"seed": 1, "x": 0.2}]}},
+              "t": 12.3456}
+    (tmp_path / "r.json").write_text(json.dumps(result))
+    text = "{{v|r.json|t|.2f}} / {{pm|r.json|arms>a>x|2}} / {{paired|r.json|a|b|x|2}} / {{x|r.json|arms>a>x>mean|t|3}}"
+    assert document.render(text, tmp_path) == "12.35 / 0.50 +- 0.25 / +0.35 +- 0.21 (2 of 2 > 0) / 0.041x"
+
+
+def test_a_placeholder_that_cannot_be_filled_names_itself(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"a": 1}))
+    with pytest.raises(document.DocumentError, match=r"\{\{v\|r.json\|b\|d\}\}.*KeyError"):
+        document.render("{{v|r.json|b|d}}", tmp_path)
+    with pytest.raises(document.DocumentError, match="no such JSON"):
+        document.render("{{v|missing.json|a|d}}", tmp_path)
+
+
+def test_numbers_typed_into_the_prose_are_refused_and_settings_in_code_spans_are_not():
+    assert document.check_template("conformity 0.846 on four seeds") == ["conformity 0.846 on four seeds"]
+    assert document.check_template("defects fell to 4.9% here") != []
+    assert document.check_template("sampled at `renoise: 0.5`, 6000 steps, Sec. 3.3, {{v|a.json|b|.3f}}") == []
+    assert document.check_template("a `multi-line\ncode span 0.5` and [a link](x_0.5.png)") == []
