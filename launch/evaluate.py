@@ -7,7 +7,7 @@ import re
 
 
 from gmmcond.cli import fail_cleanly, guidance_scale, positive_int
-from gmmcond.engine.runs import RUN_WEIGHTS
+from gmmcond.modeling.runs import RUN_WEIGHTS
 
 
 def sampler_node(text: str):
@@ -84,11 +84,12 @@ def main() -> None:
         print(f"wrote {args.run}/sweep.json and {args.run}/sweep.png")
         return
 
-    from gmmcond.eval.evaluate import METRICS, eval_stem, evaluate_run
+    from gmmcond.eval.evaluate import METRICS, EvalSize, eval_stem, evaluate_run
 
-    result = evaluate_run(args.run, n=args.n or 512, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
-                          precision=args.precision, evaluator=args.evaluator, sets=args.sets, per_set=args.per_set, tag=args.tag,
-                          memorisation=args.memorisation, weights=args.weights)
+    sampling = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale, "seed": args.seed,
+                "precision": args.precision}
+    size = EvalSize(n=args.n or 512, sets=args.sets, per_set=args.per_set, memorisation=args.memorisation)
+    result = evaluate_run(args.run, sampling, size, evaluator=args.evaluator, tag=args.tag, weights=args.weights)
     h = result["headline"]
     print(f"all attributes correct {h['all_attributes_correct']:.4f}, defects {h['defect_rate']:.2%} "
           f"(real held-out images: {result['real_heldout_defect_rate']:.2%})")

@@ -56,12 +56,12 @@ def main() -> None:
     editing.add_argument("--strength", type=float,
                          help="how far into the noise an edit goes, in (0, 1] (default: invert 1, sdedit 0.6)")
     editing.add_argument("--inversion-iters", type=int, default=3,
-                         help="fixed-point iterations per inversion step (0: plain DDIM inversion; README, Editing)")
+                         help="fixed-point iterations per inversion step (0: plain DDIM inversion)")
     parser.add_argument("--list-attrs", action="store_true", help="print the run's attribute names and exit")
     args = parser.parse_args()
 
-    from gmmcond.engine.runs import export_run, load_run
-    from gmmcond.engine.sheets import edit_sheet, sample_sheet, save_samples, sheet_name
+    from gmmcond.modeling.runs import export_run, load_run
+    from gmmcond.sampling.sheets import edit_sheet, sample_sheet, save_samples, sheet_name
     from gmmcond.eval.evaluator import attribute_reader
     from gmmcond.visualize import captioned_grid, save_png
 
@@ -72,21 +72,21 @@ def main() -> None:
     if args.export:
         export_run(Path(args.export), run.parts, run.cfg, run.step)
         print(f"wrote {args.export}")
-    common = dict(sampler=args.sampler, steps=args.steps, seed=args.seed, cfg_scale=args.cfg_scale, precision=args.precision)
+    sampling = {"sampler": args.sampler, "steps": args.steps, "seed": args.seed, "cfg_scale": args.cfg_scale,
+                "precision": args.precision}
     if args.edit:
         if args.save:
             parser.error("--save applies to sampling, not to --edit")
         if args.cfg_null:
             parser.error("--cfg-null applies to sampling; edits guide with the dropped condition")
-        reader = None if args.source_attrs else attribute_reader(run.cfg["dataset"], run.parts.attr_names, run.parts.groups)
-        rows, captions = edit_sheet(run, args.edit, args.attrs, source_attrs=args.source_attrs, read_source=reader,
-                                    method=args.edit_method, n=args.n or 4, strength=args.strength,
-                                    iters=args.inversion_iters, **common)
+        source = args.source_attrs or attribute_reader(run.cfg["dataset"], run.parts.attr_names, run.parts.groups)
+        rows, captions = edit_sheet(run, args.edit, args.attrs, sampling, source=source, method=args.edit_method,
+                                    n=args.n or 4, strength=args.strength, iters=args.inversion_iters)
         default = f"edit_{Path(args.edit).stem}.png"
     else:
-        rows, captions, samples = sample_sheet(run, args.attrs, compose=args.compose, n=args.n or 16, mode=args.mode,
-                                               head_scale=args.head_scale, cols=args.cols, cfg_null=args.cfg_null,
-                                               open=args.open, **common)
+        sampling.update(head_scale=args.head_scale, cfg_null=args.cfg_null, open=args.open)
+        rows, captions, samples = sample_sheet(run, args.attrs, sampling, compose=args.compose, n=args.n or 16,
+                                               mode=args.mode, cols=args.cols)
         if args.save:
             print(f"wrote {len(samples.images)} PNGs and {save_samples(args.save, samples, run.parts.attr_names, args.n or 16)}")
         default = sheet_name(args.mode, [args.compose] if args.compose else args.attrs)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from gmmcond.config import load_config
-from gmmcond.engine.runs import load_run
+from gmmcond.modeling.runs import load_run
 from gmmcond.engine.trainer import LossWatch, train
 from gmmcond.errors import RunError, TrainingDiverged
 from gmmcond.io import RunLock, load_checkpoint
@@ -156,9 +156,9 @@ def test_loss_watch_marks_the_checkpoints_before_an_explosion():
 
 
 def test_nan_after_an_explosion_names_a_checkpoint_from_before_it(tiny_cfg, tmp_path, monkeypatch):
-    from gmmcond.engine.trainer import DiffusionTrainer
+    from gmmcond.modeling.objective import TrainingObjective
 
-    real = DiffusionTrainer.forward
+    real = TrainingObjective.forward
     calls = {"n": 0}
 
     def exploding(self, *args):
@@ -167,7 +167,7 @@ def test_nan_after_an_explosion_names_a_checkpoint_from_before_it(tiny_cfg, tmp_
         scale = 1.0 if calls["n"] < 5 else 1e8 if calls["n"] < 7 else float("nan")
         return {k: v * scale for k, v in out.items()}
 
-    monkeypatch.setattr(DiffusionTrainer, "forward", exploding)
+    monkeypatch.setattr(TrainingObjective, "forward", exploding)
     run = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 7; .*last good checkpoint .* is .*step_0000003.pt"):
         train(tiny_cfg("train.steps=10", "train.checkpoint_every=1"), run)
@@ -248,9 +248,9 @@ def test_a_truncated_export_falls_back_to_the_checkpoint(tiny_run, capsys):
 
 
 def test_evaluation_at_small_n_warns(tiny_run):
-    from gmmcond.eval.evaluate import evaluate_run
+    from gmmcond.eval.evaluate import EvalSize, evaluate_run
 
-    result = evaluate_run(tiny_run, n=8, sets=0, progress=False, write=False)
+    result = evaluate_run(tiny_run, None, EvalSize(n=8, sets=0), progress=False, write=False)
     assert result["warnings"] and "n=8 is below 64" in result["warnings"][0]
 
 

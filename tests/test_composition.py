@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from gmmcond.engine.trainer import DiffusionTrainer
+from gmmcond.modeling.objective import TrainingObjective
 from gmmcond.errors import ConfigError
 from gmmcond.eval.independence import factorisation_gap, js_divergence, jsd_diagnostic
 from gmmcond.modeling.build import Components, build
@@ -60,7 +60,7 @@ def test_the_coind_penalty_vanishes_exactly_for_a_composable_model():
     torch.manual_seed(0)
     for nonlinear, check in ((False, lambda p: p.abs().max() < 1e-10), (True, lambda p: p[:4].min() > 1e-4)):
         parts = Components(None, cond, LinearInCond(cond.dim, nonlinear).double(), None, None, [], [])
-        trainer = DiffusionTrainer(parts, coind_weight=1.0, coind_fraction=0.5)
+        trainer = TrainingObjective(parts, coind_weight=1.0, coind_fraction=0.5)
         penalty = trainer.coind_penalty(x.double(), attrs.double(), torch.arange(8), noise.double(), sigma.double())
         assert penalty.shape == (8,) and (penalty[4:] == 0).all() and check(penalty)
 

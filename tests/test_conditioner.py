@@ -176,10 +176,10 @@ def test_the_fixed_value_conditioner_is_the_attribute_vector_and_the_dropped_fla
 
 def test_a_fixed_value_run_trains_samples_and_is_checked_for_memorisation(tiny_cfg, tmp_path):
     from gmmcond.engine.trainer import train
-    from gmmcond.eval.evaluate import evaluate_run
+    from gmmcond.eval.evaluate import EvalSize, evaluate_run
 
     train(tiny_cfg("conditioner=attrs"), tmp_path / "run")
-    result = evaluate_run(tmp_path / "run", n=8, sets=0, steps=2, progress=False, memorisation=8)
+    result = evaluate_run(tmp_path / "run", {"steps": 2}, EvalSize(n=8, sets=0, memorisation=8), progress=False)
     mem = result["memorisation"]
     assert mem["latents"] == "none (no latent)" and mem["n"] == 8 and 0 <= mem["auth_pct"]["value"] <= 100
     assert 0 < mem["own_row_chance"] <= 1

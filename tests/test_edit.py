@@ -11,7 +11,9 @@ from gmmcond.data.shapes import ATTR_NAMES, COLOURS, SHAPES
 from gmmcond.errors import ConfigError
 from gmmcond.modeling.build import build
 from gmmcond.sampling import sample
-from gmmcond.sampling.edit import apply_edit, edit_by_inversion, invert_euler, read_attributes, sdedit, start_sigmas
+from gmmcond.sampling.edit import apply_edit, edit_by_inversion, invert_euler, sdedit, start_sigmas
+from gmmcond.data.attrs import read_attributes
+from gmmcond.sampling.settings import SamplingSettings
 from gmmcond.sampling.testbed import GaussianMixtureDenoiser
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
@@ -48,17 +50,17 @@ def parts():
 
 def test_inverting_then_regenerating_with_the_same_attributes_reproduces_the_image(parts):
     parts, x, a = parts
-    again = edit_by_inversion(parts, x, a, a, steps=10, iters=25, cfg_scale=2.0, seed=3)
+    again = edit_by_inversion(parts, x, a, a, SamplingSettings(sampler="euler", steps=10, cfg_scale=2.0, seed=3), iters=25)
     assert (again - x).abs().max().item() < 2e-3  # pixels in [-1, 1]
-    rough = edit_by_inversion(parts, x, a, a, steps=10, iters=0, cfg_scale=2.0, seed=3)
+    rough = edit_by_inversion(parts, x, a, a, SamplingSettings(sampler="euler", steps=10, cfg_scale=2.0, seed=3), iters=0)
     assert (rough - x).abs().max().item() > 0.1
 
 
 def test_an_edit_changes_the_output_and_depends_on_the_target(parts):
     parts, x, a = parts
     target = apply_edit(a, parse_expr("blue", NAMES, GROUPS), NAMES, GROUPS)
-    same = edit_by_inversion(parts, x, a, a, steps=5, iters=3)
-    edited = edit_by_inversion(parts, x, a, target, steps=5, iters=3)
+    same = edit_by_inversion(parts, x, a, a, SamplingSettings(sampler="euler", steps=5), iters=3)
+    edited = edit_by_inversion(parts, x, a, target, SamplingSettings(sampler="euler", steps=5), iters=3)
     assert (edited - same).abs().max().item() > 1e-3
 
 
@@ -70,10 +72,10 @@ def test_sdedit_starts_from_the_noised_image_at_the_strength(parts):
     for bad in (0.0, 1.5):
         with pytest.raises(ConfigError, match="strength must be in"):
             start_sigmas(parts, 10, bad, "cpu")
-    weak = sdedit(parts, x, a, strength=0.1, steps=10, seed=1)
-    strong = sdedit(parts, x, a, strength=1.0, steps=10, seed=1)
+    weak = sdedit(parts, x, a, SamplingSettings(sampler="euler", steps=10, seed=1), strength=0.1)
+    strong = sdedit(parts, x, a, SamplingSettings(sampler="euler", steps=10, seed=1), strength=1.0)
     assert (weak - x).abs().mean() < (strong - x).abs().mean()
-    assert torch.equal(sdedit(parts, x, a, strength=0.5, steps=10, seed=1), sdedit(parts, x, a, strength=0.5, steps=10, seed=1))
+    assert torch.equal(sdedit(parts, x, a, SamplingSettings(sampler="euler", steps=10, seed=1), strength=0.5), sdedit(parts, x, a, SamplingSettings(sampler="euler", steps=10, seed=1), strength=0.5))
 
 
 def test_sample_with_a_zero_init_is_sampling_from_noise():

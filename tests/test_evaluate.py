@@ -67,7 +67,7 @@ def test_evaluate_run_on_user_data_uses_confidence_and_nearest_neighbours(tiny_c
     from PIL import Image
 
     from gmmcond.engine.trainer import train
-    from gmmcond.eval.evaluate import evaluate_run
+    from gmmcond.eval.evaluate import EvalSize, evaluate_run
     from gmmcond.eval.evaluator import save_evaluator, train_evaluator
     from gmmcond.registry import DATASETS
 
@@ -91,14 +91,15 @@ def test_evaluate_run_on_user_data_uses_confidence_and_nearest_neighbours(tiny_c
     test_files = DATASETS.build(dict(cfg["dataset"], split="test")).files
     train_files = DATASETS.build(cfg["dataset"]).files
     assert not set(test_files) & set(train_files) and len(test_files) + len(train_files) == 24
-    result = evaluate_run(tmp_path / "run", n=6, steps=3, progress=False, evaluator=tmp_path / "ev.safetensors")
+    result = evaluate_run(tmp_path / "run", {"steps": 3}, EvalSize(n=6), progress=False, evaluator=tmp_path / "ev.safetensors")
     assert set(result["per_attribute"]) == {"warm", "cold", "big"}
     assert 0 <= result["defect_rate"] <= 1 and result["reference"].startswith("other held-out images with A's attribute rows")
     for key in ("fd", "kid", "precision", "recall", "density", "coverage"):
         assert set(result[key]) == {"value", "real_reference"}
     assert 0 <= result["attr_accuracy"] <= 1 and "nuisance" not in result  # no renderer, no nuisances
     assert (tmp_path / "run" / "eval.json").exists() and (tmp_path / "run" / "eval_worst.png").exists()
-    again = evaluate_run(tmp_path / "run", n=6, steps=3, progress=False, evaluator=tmp_path / "ev.safetensors", write=False)
+    again = evaluate_run(tmp_path / "run", {"steps": 3}, EvalSize(n=6), progress=False, evaluator=tmp_path / "ev.safetensors",
+                         write=False)
     assert again == result  # the same run, evaluator and seed: the same numbers
 
 
@@ -174,8 +175,10 @@ def test_a_collapsed_sampler_scores_perfect_conformity_but_no_per_set_coverage_o
     for i in range(len(held)):
         image, attrs, _ = held[i]
         canonical.setdefault(tuple(attrs.tolist()), image)
-    monkeypatch.setattr(evaluate, "sample_rows", lambda parts, attrs, **kw: torch.stack([canonical[tuple(a.tolist())] for a in attrs]))
-    result = evaluate.evaluate_run(run, n=128, sets=4, per_set=32, progress=False, write=False, memorisation=0)
+    monkeypatch.setattr(evaluate.RowSampler, "__call__",
+                        lambda self, attrs, *a, **kw: torch.stack([canonical[tuple(a.tolist())] for a in attrs]))
+    result = evaluate.evaluate_run(run, None, evaluate.EvalSize(n=128, sets=4, per_set=32, memorisation=0), progress=False,
+                                   write=False)
     h = result["headline"]
     assert list(result)[0] == "headline" and list(h)[:2] == ["all_attributes_correct", "defect_rate"]
     assert h["all_attributes_correct"] >= 0.98 and result["attr_accuracy"] >= 0.995

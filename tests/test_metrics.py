@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from gmmcond.data.shapes import ATTR_NAMES, ShapesDataset
-from gmmcond.eval.evaluator import FROZEN, config_hash, evaluator_for, heldout_scores, load_evaluator, training_config
+from gmmcond.eval.evaluator import (FROZEN, EvaluatorData, config_hash, evaluator_for, heldout_scores, load_evaluator,
+                                    training_config)
 from gmmcond.eval.metrics import knn_radii, nuisance_fidelity, prdc, set_metrics
 
 
@@ -83,7 +84,7 @@ def test_the_frozen_evaluator_is_for_the_default_recipe_and_decides_real_shapes(
     assert meta["command"] == "python launch/evaluate.py --train-evaluator" and meta["attr_names"] == list(ATTR_NAMES)
     assert evaluator_for(dataset)[2] == FROZEN
     assert evaluator_for(dict(dataset, exclude=["triangle,red"]))[2] == FROZEN  # held-out combinations: same judge
-    scores = heldout_scores(model, dataset, n=512)
+    scores = heldout_scores(model, EvaluatorData.of(dataset), n=512)
     assert scores["heldout_accuracy"] >= 0.99, scores
     x = torch.stack([ShapesDataset(split="test")[i][0] for i in range(256)])
     first, second = model.predict(x), model.predict(x)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from gmmcond.engine import precision as P
+from gmmcond.modeling import precision as P
 from gmmcond.engine.trainer import rng_state, set_rng_state, train
 from gmmcond.errors import PrecisionError, RunError
 from gmmcond.io import load_checkpoint

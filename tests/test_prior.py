@@ -12,8 +12,10 @@ from PIL import Image
 from gmmcond.data.attrs import parse_expr
 from gmmcond.data.prior import PRIOR_FILE, AttributePrior, load_prior
 from gmmcond.data.shapes import ATTR_NAMES, ShapesDataset
-from gmmcond.engine import load_run, train
-from gmmcond.engine.sheets import sample_requests
+from gmmcond.engine import train
+from gmmcond.modeling.runs import load_run
+from gmmcond.sampling.sheets import sample_requests
+from gmmcond.sampling.settings import SamplingSettings
 from gmmcond.errors import ConfigError, RunError
 from gmmcond.registry import DATASETS
 from gmmcond.sampling import generate
@@ -143,13 +145,13 @@ def test_an_old_run_counts_its_prior_and_absent_reproduces_its_samples(tiny_cfg,
     loaded = load_run(run)
     assert torch.equal(loaded.prior.rows, written.rows) and (run / PRIOR_FILE).exists()
     # open=absent is what sampling did before: the request's 0/1 row, nothing drawn, the same images
-    samples = sample_requests(loaded, ["circle,red", "~square"], n=3, open="absent", seed=5, precision="fp32",
+    samples = sample_requests(loaded, ["circle,red", "~square"], {"open": "absent", "seed": 5, "precision": "fp32"}, n=3,
                               log=lambda m: None)
+    s = loaded.cfg["sample"]
     before = generate(loaded.parts, torch.stack([parse_expr(t, NAMES, GROUPS).values for t in ("circle,red", "~square")])
-                      .repeat_interleave(3, 0), sampler=loaded.cfg["sample"]["sampler"], steps=loaded.cfg["sample"]["steps"],
-                      seed=5, cfg_scale=loaded.cfg["sample"]["cfg_scale"])
+                      .repeat_interleave(3, 0), SamplingSettings(s["sampler"], s["steps"], s["cfg_scale"], seed=5))
     assert torch.equal(samples.images, before)
-    drawn = sample_requests(loaded, ["circle,red"], n=6, seed=5, log=lambda m: None)  # open=data, the default
+    drawn = sample_requests(loaded, ["circle,red"], {"seed": 5}, n=6, log=lambda m: None)  # open=data, the default
     assert consistent(drawn.rows, parse_expr("circle,red", NAMES, GROUPS)) and drawn.rows[:, 6:].sum() > 0
 
 
@@ -169,7 +171,7 @@ def test_a_run_whose_data_is_gone_says_how_to_sample_it(tiny_cfg, tmp_path):
     loaded = load_run(tmp_path / "run")
     with pytest.raises(RunError, match=r"has no attr_prior.json .* ask with open=absent \(--open absent\)"):
         loaded.prior
-    assert sample_requests(loaded, ["warm"], n=2, open="absent", log=lambda m: None).images.shape == (2, 3, 16, 16)
+    assert sample_requests(loaded, ["warm"], {"open": "absent"}, n=2, log=lambda m: None).images.shape == (2, 3, 16, 16)
 
 
 def test_sample_cli_saves_each_sample_with_the_row_it_was_conditioned_on(tiny_cfg, tmp_path):

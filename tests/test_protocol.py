@@ -9,6 +9,7 @@ from gmmcond.errors import DatasetError
 from gmmcond.eval import evaluate
 from gmmcond.eval.evaluate import Heldout, defect_flags, heldout, per_set_diversity
 from gmmcond.eval.evaluator import FROZEN, load_evaluator
+from gmmcond.sampling.settings import SamplingSettings
 
 SHAPES = {"type": "shapes", "size": 16, "length": 20000, "seed": 0, "variation": 1.0, "label_mode": "features",
           "exclude": None}
@@ -107,20 +108,21 @@ def test_defect_flags_without_a_rule_mark_far_and_unsure_images():
     assert reasons == ["ok", "unsure evaluator", "far from real data", "unsure evaluator"]
 
 
-def test_per_set_metrics_of_an_identical_set_equal_their_perfect_values(monkeypatch):
+def test_per_set_metrics_of_an_identical_set_equal_their_perfect_values():
     """Samples that are the real per-set draws themselves: recall and coverage 1, W1 0, spread ratio 1."""
     protocol = protocol_for(SHAPES)
     real_x, cond = protocol.set_a(16)
     target, known = protocol.requested(16)
     sets = Heldout(protocol, real_x, cond, target, known, protocol.reference(16))
 
-    def copies(parts, attrs, **kw):
-        i = next(k for k in range(len(cond)) if torch.equal(cond[k], attrs[0]))
-        return protocol.set_draws(i, len(attrs), 100)
+    class Copies(evaluate.RowSampler):
+        def __call__(self, attrs, *args, **kw):
+            i = next(k for k in range(len(cond)) if torch.equal(cond[k], attrs[0]))
+            return protocol.set_draws(i, len(attrs), 100)
 
-    monkeypatch.setattr(evaluate, "sample_rows", copies)
     model = load_evaluator(FROZEN)[0]
-    rows, (grid, captions) = per_set_diversity(None, sets, model, 3, 24, 0, {})
+    rows, (grid, captions) = per_set_diversity(Copies(None, SamplingSettings()), sets, model,
+                                               evaluate.EvalSize(n=16, sets=3, per_set=24))
     assert len(rows) == 3 == len({r["attrs"] for r in rows}) and len(grid) == 6
     for r in rows:
         assert r["recall"] == r["coverage"] == r["precision"] == 1.0

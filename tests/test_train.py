@@ -9,7 +9,7 @@ import torch
 
 from gmmcond.errors import CheckpointError, RunError, TrainingDiverged
 from gmmcond.io import load_checkpoint
-from gmmcond.engine.runs import load_run
+from gmmcond.modeling.runs import load_run
 from gmmcond.engine.trainer import StepBatchSampler, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,7 +223,7 @@ def test_sweep_evaluates_each_point_once_and_resumes(tiny_cfg, tmp_path, monkeyp
     real = evaluate.evaluate_run
 
     def counted(*args, **kw):
-        calls.append(kw["cfg_scale"])
+        calls.append(args[1]["cfg_scale"])  # the sampling overrides
         return real(*args, **kw)
 
     monkeypatch.setattr(evaluate, "evaluate_run", counted)

@@ -79,3 +79,14 @@ def parse_compose(text: str, attr_names: list[str]) -> list[tuple[int, float]]:
     if not terms:
         raise AttributeSpecError("--compose needs at least one term, e.g. \"triangle:2,red:-1\"")
     return terms
+
+
+def read_attributes(probs: torch.Tensor, names: list[str], groups: list[list[str]] = ()) -> torch.Tensor:
+    """Turn evaluator probabilities [B, K] into 0/1 attributes: the most likely member of each mutually
+    exclusive group, and probability > 0.5 for every attribute outside the groups."""
+    out = (probs > 0.5).float()
+    for group in groups:
+        cols = torch.tensor([names.index(g) for g in group])
+        out[:, cols] = 0
+        out[torch.arange(len(probs)), cols[probs[:, cols].argmax(1)]] = 1
+    return out

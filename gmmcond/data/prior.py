@@ -17,7 +17,7 @@ it was trained on. :meth:`AttributePrior.conditional` gives that distribution:
   is left out (said in the rule); with none left the open attributes follow their marginal p(a_U).
 
 The table is written into the run directory (``attr_prior.json``) when training starts; for an older run
-it is counted from the dataset config when the data is at hand (:func:`gmmcond.engine.runs.run_prior`).
+it is counted from the dataset config when the data is at hand (:func:`gmmcond.modeling.runs.run_prior`).
 """
 from __future__ import annotations
 

@@ -1,4 +1,2 @@
-"""Training and trained runs: the trainer, precision/compile, loading run directories."""
-from .runs import LoadedRun, export_run, load_run  # noqa: F401
-from .sheets import Samples, sample_requests  # noqa: F401
+"""The training loop and what it alone uses (trackers)."""
 from .trainer import Trainer, train  # noqa: F401

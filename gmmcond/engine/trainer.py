@@ -39,12 +39,14 @@ from ..errors import (REQUEUE_EXIT, AttributeSpecError, ConfigError, Interrupted
 from ..io import (RunLock, append_metrics, atomic_write_bytes, checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint, previous_checkpoint,
                   read_metrics, save_checkpoint, truncate_metrics, write_json)
 from ..modeling.build import Components, build
+from ..modeling.objective import TrainingObjective
 from ..sampling.generate import generate
 from ..sampling.requests import DEFAULT_OPEN, resolve_requests
+from ..sampling.settings import SamplingSettings
 from ..utils import peak_rss_mb, usable_cores
 from ..visualize import captioned_grid, plot_metrics, save_png
-from .precision import autocast, compile_model, first_compiled_call, resolve_precision
-from .runs import dataset_info, export_run
+from ..modeling.precision import autocast, compile_model, first_compiled_call, resolve_precision
+from ..modeling.runs import dataset_info, export_run
 from .trackers import flat_config, log_image, logging_dir, tracker_names
 
 
@@ -82,54 +84,6 @@ class StepBatchSampler(Sampler):
 
     def __len__(self) -> int:
         return max(0, self.steps - self.start)
-
-
-class DiffusionTrainer(nn.Module):
-    """The module accelerate wraps: conditioner + Denoiser (+ head), returning per-sample losses.
-
-    ``coind_weight`` > 0 adds CoInD's independence penalty (Gaudi et al. 2025) on the first ``coind_fraction``
-    of each batch: for one attribute i per sample, (D(x; y, i unspecified) + D(x; i alone) - D(x; nothing
-    specified) - D(x; y))^2, averaged over pixels, so the model's joint composes from its marginals.
-    """
-
-    def __init__(self, parts: Components, coind_weight: float = 0.0, coind_fraction: float = 0.25):
-        super().__init__()
-        self.conditioner, self.denoiser, self.head = parts.conditioner, parts.denoiser, parts.head
-        if coind_weight and not self.conditioner.partial:
-            raise ConfigError("train.coind_weight > 0 compares conditions with attributes left unspecified, which needs "
-                              "conditioner.attr_dropout > 0 (e.g. the shapes_compose recipe)")
-        if not 0 < coind_fraction <= 1:
-            raise ConfigError(f"train.coind_fraction must be in (0, 1], got {coind_fraction}")
-        self.coind_weight, self.coind_fraction = coind_weight, coind_fraction
-
-    def forward(self, images, attrs, index, noise, sigma) -> dict[str, torch.Tensor]:
-        cond = self.conditioner(attrs, index)
-        kwargs = {} if cond is None else {"mapping_cond": cond}
-        diffusion = self.denoiser.loss(images, noise, sigma, **kwargs).float()
-        out = {"loss": diffusion, "diffusion": diffusion}
-        if self.head is not None:
-            out.update({k: v.float() for k, v in self.head.losses(attrs).items()})
-            out["loss"] = diffusion + self.head.weight * out["head"]
-        if self.coind_weight:
-            out["coind"] = self.coind_penalty(images, attrs, index, noise, sigma)
-            out["loss"] = out["loss"] + self.coind_weight * out["coind"]
-        return out
-
-    def coind_penalty(self, images, attrs, index, noise, sigma) -> torch.Tensor:
-        """CoInD's penalty per sample [B] (0 outside the first ``coind_fraction`` of the batch)."""
-        b, k = attrs.shape
-        m = max(1, math.ceil(self.coind_fraction * b))
-        cond = self.conditioner
-        z = cond.training_latents(m, index[:m]).to(images)
-        pick = torch.nn.functional.one_hot(torch.randint(0, k, (m,)), k).to(z)  # attribute i of each sample
-        a = attrs[:m].to(z)
-        ones = torch.ones_like(a)
-        conds = torch.cat([cond.encode(a, z, known=ones - pick), cond.encode(a, z, known=pick),
-                           cond.all_unknown(m).to(z), cond.encode(a, z, known=ones)])
-        noised = (images[:m] + noise[:m] * sigma[:m, None, None, None]).repeat(4, 1, 1, 1)
-        d = self.denoiser(noised, sigma[:m].repeat(4), mapping_cond=conds).float().view(4, m, -1)
-        gap = (d[0] + d[1] - d[2] - d[3]).pow(2).mean(-1)
-        return torch.cat([gap, gap.new_zeros(b - m)])
 
 
 def lr_lambda(cfg: dict) -> Callable[[int], float]:
@@ -221,8 +175,7 @@ def write_grid(cfg: dict, parts: Components, ema: nn.Module, path: Path, precisi
     resolved = resolve_requests(requests, s["grid_cols"], open=DEFAULT_OPEN if prior is not None else "absent",
                                 prior=prior, seed=s["seed"])
     with autocast(next(ema.parameters()).device, precision):
-        images = generate(parts, resolved.attrs, sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"],
-                          seed=s["seed"], model=ema, cfg_null=s["cfg_null"])
+        images = generate(parts, resolved.attrs, SamplingSettings.from_config(s), model=ema)
     grid = captioned_grid(list(images.float().split(s["grid_cols"])), rows)
     save_png(grid, path)
     return grid
@@ -343,7 +296,7 @@ class Trainer:
         # are drawn from (main process; nothing here touches a random stream)
         self.prior = AttributePrior.from_dataset(self.parts.dataset) if self.main else None
         t = self.t
-        module = DiffusionTrainer(self.parts, t["coind_weight"], t["coind_fraction"])
+        module = TrainingObjective(self.parts, t["coind_weight"], t["coind_fraction"])
         # foreach: a few kernels per step over all tensors, bit for bit the per-tensor loop; fused: one kernel,
         # rounding differently (its profiled phase half as long on a 2-core CPU, the training step not measurably)
         self.opt = torch.optim.AdamW(module.parameters(), lr=t["lr"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"],
@@ -395,7 +348,7 @@ class Trainer:
             raise RunError(f"--resume-from {path}: no such checkpoint")
         return path
 
-    def _restore(self, module: DiffusionTrainer, path: Path) -> None:
+    def _restore(self, module: TrainingObjective, path: Path) -> None:
         state = load_checkpoint(path)
         trained = resolve(state["config"])  # a setting added since the checkpoint was written takes its default
         changed = [k for k in ("dataset", "model", "conditioner", "head", "denoiser") if trained[k] != self.cfg[k]]

@@ -14,26 +14,29 @@ is unsure within a mutually exclusive group or when its features lie farther fro
 of real held-out images do.
 
 :func:`evaluate_run` is a pipeline of named steps: :func:`heldout` (sets A and B, what is asked),
-:func:`sample_rows`, the evaluator's predictions, :func:`score`, :func:`per_set_diversity`,
+:class:`RowSampler`, the evaluator's predictions, :func:`score`, :func:`per_set_diversity`,
 :func:`memorisation_check`, and :func:`write_outputs`.
 """
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..data.protocol import EvaluationProtocol, Reference, protocol_for, stack_items
-from ..engine.precision import autocast, sampling_precision
-from ..engine.runs import load_run
+from ..modeling.build import Components
+from ..modeling.precision import autocast
+from ..modeling.runs import load_run
 from ..errors import ConfigError, DatasetError
 from ..io import write_json
 from ..registry import DATASETS
 from ..sampling.generate import generate
+from ..sampling.settings import SamplingSettings
 from ..visualize import captioned_grid, save_png
 from .evaluator import evaluator_for
 from .metrics import authenticity, nuisance_fidelity, prdc, set_metrics
@@ -130,18 +133,44 @@ def heldout(dataset_cfg: dict, n: int, evaluator_names: list[str]) -> Heldout:
     return Heldout(protocol, real_x, cond_attrs, target, known, protocol.reference(n))
 
 
-def sample_rows(parts, attrs: torch.Tensor, *, sampler, steps: int, cfg_scale: float, seed: int, batch: int,
-                precision: str, progress: bool, desc: str, latents: torch.Tensor | None = None,
-                cfg_null: str = "dropped") -> torch.Tensor:
-    """Step 2: one sample per attribute row, in batches (batch i seeded ``seed + i``), under autocast."""
-    device = next(parts.denoiser.parameters()).device
-    out = []
-    z = [None] * len(attrs.split(batch)) if latents is None else latents.split(batch)
-    for i, chunk in enumerate(tqdm(attrs.split(batch), desc=desc, disable=not progress)):
-        with autocast(device, precision):
-            out.append(generate(parts, chunk, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed + i,
-                                latents=z[i], cfg_null=cfg_null).float())
-    return torch.cat(out)
+@dataclass(frozen=True)
+class EvalSize:
+    """How much an evaluation samples: ``n`` rows of set A, ``sets`` attribute sets of ``per_set`` for the per-set
+    diversity, ``memorisation`` samples on training rows (0 skips it), in batches of ``batch``."""
+
+    n: int = 512
+    sets: int = 6
+    per_set: int = 48
+    memorisation: int = MEMORISATION_N
+    batch: int = 64
+
+    def __post_init__(self):
+        if self.n <= 5 or (self.sets > 0 and self.per_set <= 5):
+            raise ConfigError(f"evaluation needs n and per_set above 5 (the k-NN metrics use k = 5), got n={self.n}, "
+                              f"per_set={self.per_set}")
+
+
+@dataclass(frozen=True)
+class RowSampler:
+    """Step 2: one sample per attribute row with the run's components and sampling settings (precision resolved),
+    in batches of ``batch``, batch i seeded ``seed + i``, under autocast."""
+
+    parts: Components
+    settings: SamplingSettings
+    batch: int = 64
+    progress: bool = True
+
+    def __call__(self, attrs: torch.Tensor, seed: int, desc: str, latents: torch.Tensor | None = None,
+                 progress: bool | None = None) -> torch.Tensor:
+        device = next(self.parts.denoiser.parameters()).device
+        chunks = attrs.split(self.batch)
+        z = [None] * len(chunks) if latents is None else latents.split(self.batch)
+        show = self.progress if progress is None else progress
+        out = []
+        for i, chunk in enumerate(tqdm(chunks, desc=desc, disable=not show)):
+            with autocast(device, self.settings.precision):
+                out.append(generate(self.parts, chunk, replace(self.settings, seed=seed + i), latents=z[i]).float())
+        return torch.cat(out)
 
 
 def score(sets: Heldout, images: torch.Tensor, fake: dict, real: dict, ref: dict) -> tuple[dict, list[str]]:
@@ -174,62 +203,61 @@ def eval_stem(tag: str | None) -> str:
     return "eval" if tag is None else f"eval_{tag}"
 
 
-def evaluate_run(run_dir: str | Path, *, n: int = 512, steps: int | None = None, sampler=None, cfg_scale: float | None = None,
-                 seed: int = 0, batch: int = 64, progress: bool = True, evaluator: str | Path | None = None,
-                 precision: str | None = None, sets: int = 6, per_set: int = 48, write: bool = True,
-                 tag: str | None = None, checkpoint: str | Path | None = None, memorisation: int = MEMORISATION_N,
-                 weights: str = "ema") -> dict:
+def evaluate_run(run_dir: str | Path, settings: SamplingSettings | Mapping | None = None, size: EvalSize | None = None,
+                 *, evaluator: str | Path | None = None, weights: str = "ema", checkpoint: str | Path | None = None,
+                 tag: str | None = None, write: bool = True, progress: bool = True) -> dict:
     """Evaluate a trained run offline; writes ``eval.json``, ``eval_worst.png``, ``eval_diversity.png`` and
     ``eval_memorisation.png`` (``eval_TAG.json`` and so on with a ``tag``, so evaluations under other settings
     sit beside it).
 
     Args:
-        n: samples conditioned on the attribute rows of the first ``n`` held-out real images (set A).
+        settings: how to sample (:class:`SamplingSettings`, or a mapping of overrides on the run's ``sample``
+            section, e.g. ``{"steps": 30, "sampler": "dpmpp_2m"}``; None: the run's own). Its seed seeds every
+            sample: set A's batch i is seeded ``seed + i``.
+        size: how much to sample (:class:`EvalSize`): ``n`` samples conditioned on the attribute rows of the first
+            ``n`` held-out real images (set A); ``sets`` attribute sets sampled ``per_set`` times each, against as
+            many real redraws, for the per-set diversity (where the protocol can redraw and every attribute is
+            fixed); ``memorisation`` samples on training rows for :func:`memorisation_check`.
         evaluator: an evaluator file to use instead of the default (the frozen one for the default shapes data).
-        sets, per_set: attribute sets sampled ``per_set`` times each, against as many real redraws, for the
-            per-set diversity metrics (recall, coverage, nuisance W1 and spread ratio); where the protocol can
-            redraw and every attribute is fixed.
-        checkpoint: evaluate the EMA weights of this checkpoint instead of the run's newest weights.
         weights: ``"live"`` evaluates the trained weights before averaging (from the checkpoint), to judge the EMA.
-        memorisation: samples conditioned on training rows for :func:`memorisation_check`; 0 skips it.
+        checkpoint: evaluate the EMA weights of this checkpoint instead of the run's newest weights.
+
+    Changed in 0.2: the sampling keywords moved into ``settings``, ``n``, ``sets``, ``per_set``, ``memorisation``
+    and ``batch`` into ``size``.
     """
-    if n <= 5 or (sets > 0 and per_set <= 5):
-        raise ConfigError(f"evaluation needs n and per_set above 5 (the k-NN metrics use k = 5), got n={n}, per_set={per_set}")
+    size = size or EvalSize()
     warnings = []
-    if n < SMALL_N:
-        warnings.append(f"n={n} is below {SMALL_N}: precision, recall, density, coverage (k-NN radii) and KID are not "
-                        f"meaningful at this size; use --n {SMALL_N} or more")
+    if size.n < SMALL_N:
+        warnings.append(f"n={size.n} is below {SMALL_N}: precision, recall, density, coverage (k-NN radii) and KID are "
+                        f"not meaningful at this size; use --n {SMALL_N} or more")
         print(f"warning: {warnings[-1]}", file=sys.stderr)
     run_dir = Path(run_dir)
     run = load_run(run_dir, checkpoint=checkpoint, weights=weights)
     cfg, parts = run.cfg, run.parts
     model, meta, evaluator_path = evaluator_for(cfg["dataset"], evaluator, progress=progress)
-    s = cfg["sample"]
-    sampler, steps = sampler or s["sampler"], steps or s["steps"]
-    cfg_scale = s["cfg_scale"] if cfg_scale is None else cfg_scale
-    precision = precision or sampling_precision(cfg, next(parts.denoiser.parameters()).device.type)
-    opts = dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale, batch=batch, precision=precision, progress=progress,
-                cfg_null=s["cfg_null"])
+    settings = SamplingSettings.of_run(cfg, settings)
+    settings = replace(settings, precision=settings.precision_for(cfg, next(parts.denoiser.parameters()).device))
+    sample_rows = RowSampler(parts, settings, size.batch, progress)
 
-    real_side = heldout(cfg["dataset"], n, meta["attr_names"])
-    images = sample_rows(parts, real_side.cond_attrs, seed=seed, desc="sample", **opts)
+    real_side = heldout(cfg["dataset"], size.n, meta["attr_names"])
+    images = sample_rows(real_side.cond_attrs, settings.seed, "sample")
     real, ref, fake = (model.predict(x) for x in (real_side.real_x, real_side.reference.images, images))
     scores, reasons = score(real_side, images, fake, real, ref)
     result = {
-        "run": str(run_dir), "step": run.step, "weights": weights, "n": n, "sampler": sampler, "steps": steps, "cfg_scale": cfg_scale,
-        "cfg_null": s["cfg_null"],
-        "autocast": precision, "evaluator": str(evaluator_path), "evaluator_hash": meta.get("dataset_hash"),
+        "run": str(run_dir), "step": run.step, "weights": weights, "n": size.n, "sampler": settings.sampler,
+        "steps": settings.steps, "cfg_scale": settings.cfg_scale, "cfg_null": settings.cfg_null,
+        "autocast": settings.precision, "evaluator": str(evaluator_path), "evaluator_hash": meta.get("dataset_hash"),
         "evaluator_weights_sha256": meta["weights_sha256"], "evaluator_heldout": meta["scores"],
         "reference": real_side.reference.description, "reference_rows_matched": real_side.reference.rows_matched,
         **scores, "warnings": warnings,
     }
     figures = {}
-    if real_side.protocol.can_redraw and sets > 0 and bool(real_side.known.all()):  # every attribute fixed
-        result["per_set"], figures["diversity"] = per_set_diversity(parts, real_side, model, sets, per_set, seed, opts)
+    if real_side.protocol.can_redraw and size.sets > 0 and bool(real_side.known.all()):  # every attribute fixed
+        result["per_set"], figures["diversity"] = per_set_diversity(sample_rows, real_side, model, size)
         result.update(per_set_means(result["per_set"], real_side.protocol.nuisance_columns))
-    if memorisation:
-        result["memorisation"], figures["memorisation"] = memorisation_check(parts, cfg["dataset"], real_side, memorisation,
-                                                                             seed, opts)
+    if size.memorisation:
+        result["memorisation"], figures["memorisation"] = memorisation_check(sample_rows, cfg["dataset"], real_side,
+                                                                             size.memorisation)
     result = {"headline": headline(result), **result}
     if write:
         write_outputs(run_dir, eval_stem(tag), result, images, reasons, fake, real_side.protocol, figures)
@@ -249,7 +277,7 @@ def write_outputs(run_dir: Path, stem: str, result: dict, images: torch.Tensor, 
     write_json(run_dir / f"{stem}.json", result)
 
 
-def memorisation_check(parts, dataset_cfg: dict, sets: Heldout, m: int, seed: int, opts: dict) -> tuple[dict, tuple[list, list]]:
+def memorisation_check(sample_rows: RowSampler, dataset_cfg: dict, sets: Heldout, m: int) -> tuple[dict, tuple[list, list]]:
     """Do samples copy training images? ``m`` samples are conditioned on the first ``m`` training rows, each with
     the GMM latent that training paired with that row (``fixed_latents``; under fixed pairing the one channel
     through which a sample could recall its own training image); the first ``m`` held-out images are the
@@ -263,9 +291,9 @@ def memorisation_check(parts, dataset_cfg: dict, sets: Heldout, m: int, seed: in
     m = min(m, k, len(sets.protocol.cond_set))
     train_x, train_attrs = stack_items(train, range(k))  # the first k only (the in-memory cache would render them all)
     index = torch.arange(m)
-    latents = parts.conditioner.fixed_latents(index) if parts.conditioner.pairs_latents else None
-    images = sample_rows(parts, train_attrs[:m], seed=seed + 104729, desc="memorisation", latents=latents,
-                         **{**opts, "progress": False})
+    conditioner = sample_rows.parts.conditioner
+    latents = conditioner.fixed_latents(index) if conditioner.pairs_latents else None
+    images = sample_rows(train_attrs[:m], sample_rows.settings.seed + 104729, "memorisation", latents, progress=False)
     held = sets.real_x[:m] if m <= len(sets.real_x) else sets.protocol.set_a(m)[0]  # set A's first m, as far as it goes
     fake, real = authenticity(images, train_x), authenticity(held, train_x)
     out = {"n": m, "train_images": k, "space": "pixels",
@@ -294,17 +322,18 @@ def distinct_rows(attrs: torch.Tensor, count: int) -> list[int]:
     return chosen
 
 
-def per_set_diversity(parts, sets: Heldout, model, count: int, per_set: int, seed: int, opts: dict) -> tuple[list, tuple]:
-    """Step 5: per attribute set (the first ``count`` distinct rows of A), ``per_set`` samples (fresh latents)
+def per_set_diversity(sample_rows: RowSampler, sets: Heldout, model, size: EvalSize) -> tuple[list, tuple]:
+    """Step 5: per attribute set (the first ``size.sets`` distinct rows of A), ``size.per_set`` samples (fresh latents)
     against ``per_set`` real draws, and a second real draw as the reference: recall, coverage, precision and
     the nuisance W1 / spread ratio of each. Returns the rows and a figure (samples above real images)."""
     protocol, names = sets.protocol, sets.protocol.attr_names
     out, grid_rows, captions = [], [], []
-    for j, i in enumerate(distinct_rows(sets.cond_attrs, count)):
+    per_set = size.per_set
+    for j, i in enumerate(distinct_rows(sets.cond_attrs, size.sets)):
         label = ",".join(nm for nm, v in zip(names, sets.target[i].tolist()) if v > 0.5)
         real_x, ref_x = protocol.set_draws(i, per_set, 100), protocol.set_draws(i, per_set, 1000)
         attrs = sets.cond_attrs[i].expand(per_set, -1).clone()
-        fake_x = sample_rows(parts, attrs, seed=seed + 7919 * (j + 1), desc=f"set {j + 1}", **{**opts, "progress": False})
+        fake_x = sample_rows(attrs, sample_rows.settings.seed + 7919 * (j + 1), f"set {j + 1}", progress=False)
         real, ref, fake = model.predict(real_x), model.predict(ref_x), model.predict(fake_x)
         valid = [c for c, ok in enumerate(protocol.nuisance_valid(i)) if ok]
         cols = [protocol.nuisance_columns[c] for c in valid]

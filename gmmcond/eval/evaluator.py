@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import sys
@@ -22,11 +23,11 @@ import torch
 from torch import nn
 from tqdm.auto import trange
 
-from ..data.protocol import protocol_class, stack_items
+from ..data.attrs import read_attributes
+from ..data.protocol import EvaluationProtocol, protocol_class, stack_items
 from ..errors import GmmcondError, RunError
 from ..io import read_safetensors, write_safetensors
 from ..registry import DATASETS
-from ..sampling.edit import read_attributes
 
 FROZEN = Path(__file__).resolve().parent / "weights" / "shapes16.safetensors"
 TRAIN_COMMAND = "python launch/evaluate.py --train-evaluator"
@@ -74,9 +75,37 @@ class Evaluator(nn.Module):
         return {k: torch.cat(v) if v else None for k, v in out.items()}
 
 
+@dataclass(frozen=True)
+class EvaluatorData:
+    """The data an evaluator of one dataset config learns from and is scored on, through that config's evaluation
+    protocol (looked up once, here)."""
+
+    dataset_cfg: dict
+    protocol: type[EvaluationProtocol]
+
+    @classmethod
+    def of(cls, dataset: "dict | EvaluatorData") -> "EvaluatorData":
+        """``dataset`` as is if it already is one, else the evaluator data of that dataset config."""
+        return dataset if isinstance(dataset, EvaluatorData) else cls(dataset, protocol_class(dataset))
+
+    @property
+    def training_config(self) -> dict:
+        """The data config the evaluator trains on (its cache key)."""
+        return self.protocol.training_config(self.dataset_cfg)
+
+    def items(self, cfg: dict, n: int):
+        """The first ``n`` items of ``cfg``'s data: images, attributes and the protocol's nuisance targets."""
+        dataset = DATASETS.build(cfg)
+        idx = range(min(n, len(dataset)))
+        x, y = stack_items(dataset, idx)
+        targets = self.protocol.nuisance_targets(dataset, idx)
+        nuis, mask = targets if targets is not None else (None, None)
+        return x, y, nuis, mask
+
+
 def training_config(dataset_cfg: dict) -> dict:
     """The data an evaluator for ``dataset_cfg`` learns from (its evaluation protocol's ``training_config``)."""
-    return protocol_class(dataset_cfg).training_config(dataset_cfg)
+    return EvaluatorData.of(dataset_cfg).training_config
 
 
 def config_hash(cfg: dict) -> str:
@@ -84,20 +113,11 @@ def config_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _data(cfg: dict, n: int):
-    dataset = DATASETS.build(cfg)
-    idx = range(min(n, len(dataset)))
-    x, y = stack_items(dataset, idx)
-    targets = protocol_class(cfg).nuisance_targets(dataset, idx)
-    nuis, mask = targets if targets is not None else (None, None)
-    return dataset, x, y, nuis, mask
-
-
-def train_evaluator(dataset_cfg: dict, *, steps: int = TRAIN_STEPS, batch: int = 128, lr: float = 2e-3, seed: int = 0,
+def train_evaluator(dataset_cfg: "dict | EvaluatorData", *, steps: int = TRAIN_STEPS, batch: int = 128, lr: float = 2e-3, seed: int = 0,
                     progress: bool = True) -> tuple[Evaluator, dict]:
     """Train an evaluator on the train split of ``dataset_cfg``; return it and its held-out scores."""
-    cfg = training_config(dataset_cfg)
-    dataset, x, y, nuis, mask = _data(cfg, TRAIN_ITEMS)
+    data = EvaluatorData.of(dataset_cfg)
+    x, y, nuis, mask = data.items(data.training_config, TRAIN_ITEMS)
     torch.manual_seed(seed)
     model = Evaluator(y.shape[1], 0 if nuis is None else nuis.shape[1])
     opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=1e-4)
@@ -115,19 +135,18 @@ def train_evaluator(dataset_cfg: dict, *, steps: int = TRAIN_STEPS, batch: int =
         opt.step()
         sched.step()
     model.eval()
-    return model, heldout_scores(model, dataset_cfg)
+    return model, heldout_scores(model, data)
 
 
-def heldout_scores(model: Evaluator, dataset_cfg: dict, n: int = 1024) -> dict:
+def heldout_scores(model: Evaluator, data: EvaluatorData, n: int = 1024) -> dict:
     """Score an evaluator on held-out real images: attribute accuracy and nuisance RMSE."""
-    cfg = protocol_class(dataset_cfg).scoring_config(dataset_cfg, n)
-    _, x, y, nuis, mask = _data(cfg, n)
+    x, y, nuis, mask = data.items(data.protocol.scoring_config(data.dataset_cfg, n), n)
     out = model.predict(x)
     correct = ((out["probs"] > 0.5).float() == y).float()
     scores = {"heldout_accuracy": correct.mean().item(), "heldout_all_correct": correct.all(1).float().mean().item(), "n": len(x)}
     if nuis is not None:
         err = ((out["nuisances"] - nuis) ** 2 * mask).sum(0) / mask.sum(0)
-        scores["heldout_nuisance_rmse"] = dict(zip(protocol_class(dataset_cfg).nuisance_columns, err.sqrt().tolist()))
+        scores["heldout_nuisance_rmse"] = dict(zip(data.protocol.nuisance_columns, err.sqrt().tolist()))
     return scores
 
 
@@ -142,9 +161,10 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_evaluator(path: Path, model: Evaluator, dataset_cfg: dict, attr_names: list[str], scores: dict) -> None:
+def save_evaluator(path: Path, model: Evaluator, dataset_cfg: "dict | EvaluatorData", attr_names: list[str],
+                   scores: dict) -> None:
     """Write an evaluator as safetensors with its data config, hash, command and held-out scores in the metadata."""
-    cfg = training_config(dataset_cfg)
+    cfg = EvaluatorData.of(dataset_cfg).training_config
     meta = {"format": "gmmcond-evaluator-v1", "dataset": json.dumps(cfg, sort_keys=True), "dataset_hash": config_hash(cfg),
             "command": TRAIN_COMMAND, "attr_names": json.dumps(attr_names), "scores": json.dumps(scores),
             "weights_sha256": weights_sha256(model.state_dict()),
@@ -180,7 +200,8 @@ def cache_dir() -> Path:
 def evaluator_for(dataset_cfg: dict, path: str | Path | None = None, *, progress: bool = True) -> tuple[Evaluator, dict, Path]:
     """Return the evaluator for a run's data: ``path`` if given, the frozen one for the default shapes data,
     else one cached under the data config's hash (trained now if missing)."""
-    cfg = training_config(dataset_cfg)
+    data = EvaluatorData.of(dataset_cfg)
+    cfg = data.training_config
     if path is None:
         frozen = load_evaluator(FROZEN)[1]["dataset"] if FROZEN.exists() else None
         if frozen == cfg:
@@ -192,9 +213,9 @@ def evaluator_for(dataset_cfg: dict, path: str | Path | None = None, *, progress
                 print(f"gmmcond: no frozen evaluator for this data (it differs from the frozen one's in "
                       f"{', '.join(differs)}): training one now ({TRAIN_STEPS} steps, a few minutes on a CPU), "
                       f"cached at {path}; --evaluator PATH pins one", file=sys.stderr)
-                model, scores = train_evaluator(dataset_cfg, progress=progress)
+                model, scores = train_evaluator(data, progress=progress)
                 names = list(DATASETS.build(cfg).attr_names)
-                save_evaluator(path, model, dataset_cfg, names, scores)
+                save_evaluator(path, model, data, names, scores)
     model, meta = load_evaluator(Path(path))
     return model, meta, Path(path)
 

@@ -27,7 +27,7 @@ KEPT = ("attr_accuracy", "all_attributes_correct", "defect_rate", "recall", "cov
 def sweep(run_dir: str | Path, *, n: int = 256, sets: int = 4, per_set: int = 32, samplers=None, scales=SWEEP_SCALES,
           progress=print) -> dict:
     """Evaluate ``run_dir`` at every (sampler, scale); return the points and write sweep.json / sweep.png."""
-    from .evaluate import eval_summary, evaluate_run
+    from .evaluate import EvalSize, eval_summary, evaluate_run
 
     run_dir = Path(run_dir)
     samplers = samplers or SWEEP_SAMPLERS
@@ -36,8 +36,8 @@ def sweep(run_dir: str | Path, *, n: int = 256, sets: int = 4, per_set: int = 32
         for scale in scales:
             if log.done(("sampler", "cfg_scale", "n"), sampler=name, cfg_scale=scale, n=n):
                 continue
-            ev = evaluate_run(run_dir, n=n, sampler=dict(node), cfg_scale=scale, sets=sets, per_set=per_set,
-                              progress=False, write=False)
+            ev = evaluate_run(run_dir, {"sampler": dict(node), "cfg_scale": scale},
+                              EvalSize(n=n, sets=sets, per_set=per_set), progress=False, write=False)
             summary = eval_summary(ev)
             rec = log.add({"sampler": name, "cfg_scale": scale, "n": n, **{k: summary[k] for k in KEPT if k in summary},
                            "references": {k: summary[f"{k}_real_reference"] for k in KEPT if f"{k}_real_reference" in summary}})

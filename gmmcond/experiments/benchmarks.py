@@ -162,15 +162,15 @@ def _plain_step(cfg: dict):
 
 def _gmmcond_step(cfg: dict, precision: str, compiled: bool):
     """Arms (b)-(e): the trainer's module (conditioner + Denoiser), under autocast and/or torch.compile."""
-    from ..engine.precision import autocast
-    from ..engine.trainer import DiffusionTrainer
+    from ..modeling.precision import autocast
+    from ..modeling.objective import TrainingObjective
     from ..modeling.build import build
 
     torch.manual_seed(0)
     parts = build(cfg)
     if compiled:
         parts.denoiser.inner_model.compile()
-    module = DiffusionTrainer(parts).train()
+    module = TrainingObjective(parts).train()
     opt = torch.optim.AdamW(module.parameters(), 1e-4, **{cfg["train"]["adamw_impl"]: True})
 
     def step(images, attrs, index, noise, sigma):
@@ -333,7 +333,7 @@ def quality_over_time(cfg: dict, run_dir, *, every: int = 1000, n: int = 256, pe
     from pathlib import Path
 
     from ..engine.trainer import train
-    from ..eval.evaluate import eval_summary, evaluate_run
+    from ..eval.evaluate import EvalSize, eval_summary, evaluate_run
     from ..io import ResultLog, checkpoint_step, list_checkpoints, read_metrics
     from .reproduce import median_step_time
 
@@ -354,8 +354,8 @@ def quality_over_time(cfg: dict, run_dir, *, every: int = 1000, n: int = 256, pe
         record = results.done(fields, step=step, n=n, per_set=per_set)
         if record is None:
             log(f"quality: evaluating step {step}")
-            ev = evaluate_run(run_dir, n=n, per_set=per_set, checkpoint=path, tag=f"step{step:07d}", progress=False,
-                              memorisation=0)
+            ev = evaluate_run(run_dir, None, EvalSize(n=n, per_set=per_set, memorisation=0), checkpoint=path,
+                              tag=f"step{step:07d}", progress=False)
             record = results.add({"step": step, "n": n, "per_set": per_set, **eval_summary(ev)})
         marks.append(dict(record, minutes=minutes.get(step)))
     return {"config": cfg, "every": every, "n": n, "per_set": per_set, "marks": marks,

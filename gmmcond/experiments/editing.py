@@ -31,6 +31,7 @@ from ..errors import RunError
 from ..io import ResultLog
 from ..sampling import generate
 from ..sampling.edit import edit_by_inversion, sdedit
+from ..sampling.settings import SamplingSettings
 from .reproduce import summarise
 
 EDIT_KINDS = ("colour", "shape", "feature")
@@ -119,7 +120,7 @@ def _held_out(dataset_cfg: dict, n: int, offset: int):
 def editing(run_dir: Path, out: Path, log_path: Path, *, seeds: int = 3, n: int = 128, iters: int = 3,
             steps: int | None = None, progress=print) -> dict:
     """Edit ``n`` held-out images per seed (different images per seed) with every method and kind; resumable."""
-    from ..engine.runs import load_run
+    from ..modeling.runs import load_run
     from ..eval.evaluator import evaluator_for
 
     run = load_run(run_dir)
@@ -130,6 +131,7 @@ def editing(run_dir: Path, out: Path, log_path: Path, *, seeds: int = 3, n: int 
     evaluator, _, _ = evaluator_for(cfg["dataset"])
     s = cfg["sample"]
     steps = steps or s["steps"]
+    settings = lambda seed: SamplingSettings.of_run(cfg, {"steps": steps, "seed": seed})  # noqa: E731
     log = ResultLog(log_path)
     base = {"run": str(run_dir), "step": run.step, "n": n, "steps": steps, "cfg_scale": s["cfg_scale"]}
     for seed in range(seeds):
@@ -138,8 +140,7 @@ def editing(run_dir: Path, out: Path, log_path: Path, *, seeds: int = 3, n: int 
             key = {**base, "seed": seed, "method": "reconstruct", "kind": "none", "iters": iters_r}
             if log.done(KEY, **key):
                 continue
-            rec = edit_by_inversion(parts, images, attrs, attrs, steps=steps, cfg_scale=s["cfg_scale"], seed=seed,
-                                    iters=iters_r)
+            rec = edit_by_inversion(parts, images, attrs, attrs, settings(seed), iters=iters_r)
             err = (rec - images).float()
             log.add({**key, "rmse": err.pow(2).mean().sqrt().item(), "max_abs": err.abs().max().item(),
                      "psnr_db": (10 * torch.log10(4 / err.pow(2).mean())).item()})
@@ -153,31 +154,28 @@ def editing(run_dir: Path, out: Path, log_path: Path, *, seeds: int = 3, n: int 
                 if how == "oracle":
                     edited = torch.stack([test.image(oracle_params(test, seed * n + i, kind, i)) for i in range(n)])
                 else:
-                    edited = edit_with(parts, cfg, how, strength, images, attrs, target, steps=steps, seed=seed, iters=iters)
+                    edited = edit_with(parts, settings(seed), how, strength, images, attrs, target, iters=iters)
                 scores = edit_scores(evaluator, check_image, names, images, edited.float(), attrs, target)
                 log.add({**key, **scores})
                 progress(f"seed {seed} {method} {kind}: requested {scores['requested_right']:.3f} "
                          f"kept {scores['unrequested_kept']:.3f} |dcx| {scores['cx_abs_delta']:.3f}")
     _, images, attrs = _held_out(cfg["dataset"], 10, 0)
-    figure(out, parts, cfg, images, attrs, names, steps=steps, iters=iters)
+    figure(out, parts, settings(0), images, attrs, names, iters=iters)
     return summarise_editing(log, base, seeds, iters)
 
 
-def edit_with(parts, cfg: dict, how: str, strength, images, attrs, target, *, steps: int, seed: int, iters: int):
+def edit_with(parts, settings: SamplingSettings, how: str, strength, images, attrs, target, *, iters: int):
     """Edit ``images`` from ``attrs`` to ``target`` by one method of ``EDIT_METHODS`` with the run's sampling settings."""
-    s = cfg["sample"]
     if how == "invert":
-        return edit_by_inversion(parts, images, attrs, target, steps=steps, strength=strength, cfg_scale=s["cfg_scale"],
-                                 seed=seed, iters=iters)
+        return edit_by_inversion(parts, images, attrs, target, settings, strength=strength, iters=iters)
     if how == "sdedit":
-        return sdedit(parts, images, target, strength=strength, sampler=s["sampler"], steps=steps,
-                      cfg_scale=s["cfg_scale"], seed=seed)
+        return sdedit(parts, images, target, settings, strength=strength)
     if how == "oracle":
         raise ValueError("the oracle edit is rendered, not sampled: use oracle_edit")
-    return generate(parts, target, sampler=s["sampler"], steps=steps, cfg_scale=s["cfg_scale"], seed=seed)
+    return generate(parts, target, settings)
 
 
-def figure(path: Path, parts, cfg: dict, images, attrs, names, *, steps: int, iters: int, k: int = 10) -> None:
+def figure(path: Path, parts, settings: SamplingSettings, images, attrs, names, *, iters: int, k: int = 10) -> None:
     """A grid per edit kind: the originals, then each method's edit of them."""
     from ..visualize import captioned_grid, save_png
 
@@ -189,8 +187,7 @@ def figure(path: Path, parts, cfg: dict, images, attrs, names, *, steps: int, it
         for method, (how, strength) in EDIT_METHODS.items():
             if how == "oracle":
                 continue
-            rows.append(edit_with(parts, cfg, how, strength, images[:k], attrs[:k], target, steps=steps, seed=0,
-                                  iters=iters).float())
+            rows.append(edit_with(parts, settings, how, strength, images[:k], attrs[:k], target, iters=iters).float())
             captions.append(method)
     save_png(captioned_grid(rows, captions), path)
 

@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -248,13 +249,14 @@ def head_share(rows: list[dict]) -> float | None:
 
 def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) -> dict:
     """:func:`train_once`, then evaluate the run; return the diffusion-loss curve and :func:`eval_summary`."""
-    from ..eval.evaluate import eval_summary, evaluate_run
+    from ..eval.evaluate import EvalSize, eval_summary, evaluate_run
 
     cfg = train_once(recipe, overrides, run)
     records = [r for r in read_metrics(run / "metrics.jsonl") if "diffusion" in r]
     steps = records[-1]["step"]
     # the recipe's sampler as it is now (not the one saved with the run), so every arm is sampled alike
-    ev = evaluate_run(run, n=n, progress=False, sampler=cfg["sample"]["sampler"], cfg_scale=cfg["sample"]["cfg_scale"])
+    ev = evaluate_run(run, {"sampler": cfg["sample"]["sampler"], "cfg_scale": cfg["sample"]["cfg_scale"]}, EvalSize(n=n),
+                      progress=False)
     return {"steps": steps, "curve_steps": [r["step"] for r in records], "curve": [r["diffusion"] for r in records],
             "last100": statistics.fmean(r["diffusion"] for r in records if r["step"] > steps - 100),
             "sec_per_step_median": median_step_time(records),
@@ -635,12 +637,13 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
     writes a grid of the held-out combinations."""
     from ..data import shapes as S
     from ..data.attrs import parse_expr
-    from ..engine.runs import load_run
+    from ..modeling.runs import load_run
     from ..eval.evaluator import evaluator_for
     from ..eval.independence import jsd_diagnostic
     from ..eval.metrics import nuisance_fidelity
     from ..registry import DATASETS
     from ..sampling.generate import generate
+    from ..sampling.settings import SamplingSettings
     from ..visualize import captioned_grid
 
     cfg = train_once(recipe, overrides, run)
@@ -651,8 +654,8 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
     loaded = load_run(run)
     prior = loaded.prior if mode == "data" else None
     model = evaluator_for(cfg["dataset"], progress=False)[0]
-    names, col, s = loaded.parts.attr_names, list(S.ATTR_NAMES).index, cfg["sample"]
-    options = dict(sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"], cfg_null=s["cfg_null"])
+    names, col = loaded.parts.attr_names, list(S.ATTR_NAMES).index
+    settings = SamplingSettings.of_run(cfg)
     stats, grid, tv = {"seen": [], "held_out": []}, [], {f: [] for f in S.FEATURES}
     free = {"seen": [], "held_out": []}
 
@@ -664,7 +667,7 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
         indices = combination_indices(test, sh, co, per)
         attrs, known, compose = _combination_requests(test, names, loaded.parts.groups, sh, co, mode, indices,
                                                       COMPOSED_WEIGHTS.get(arm), prior=prior, seed=1000 * seed + k)
-        images = generate(loaded.parts, attrs, seed=1000 * seed + k, known=known, compose=compose, **options).float()
+        images = generate(loaded.parts, attrs, replace(settings, seed=1000 * seed + k), known=known, compose=compose).float()
         pred = model.predict(images)
         probs = pred["probs"]
         ok = (probs[:, col(sh)] > 0.5) & (probs[:, col(co)] > 0.5)
@@ -700,7 +703,7 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
         right = []
         for k, (text, member) in enumerate(NEGATIONS.items()):
             attrs, known = _request_rows(parse_expr(text, names, loaded.parts.groups), per, mode, prior, 1000 * seed + 100 + k)
-            images = generate(loaded.parts, attrs, seed=1000 * seed + 100 + k, known=known, **options).float()
+            images = generate(loaded.parts, attrs, replace(settings, seed=1000 * seed + 100 + k), known=known).float()
             right.append((model.predict(images)["probs"][:, col(member)] > 0.5).float().mean().item())
         rec["negation_conformity"] = statistics.fmean(right)
         single = []
@@ -708,7 +711,7 @@ def combination_scores(arm: str, seed: int, recipe: str, overrides: list[str], r
             shape, colour = text.split(",~")
             left = [c for c in S.COLOURS if c != colour]
             attrs, known = _request_rows(parse_expr(text, names, loaded.parts.groups), per, mode, prior, 1000 * seed + 200 + k)
-            images = generate(loaded.parts, attrs, seed=1000 * seed + 200 + k, known=known, **options).float()
+            images = generate(loaded.parts, attrs, replace(settings, seed=1000 * seed + 200 + k), known=known).float()
             probs = model.predict(images)["probs"]
             items = [i for i, p in enumerate(params) if p.shape == shape and p.colour != colour]
             share = {c: statistics.fmean(float(params[i].colour == c) for i in items) for c in left}

@@ -15,8 +15,6 @@ names (:func:`apply_edit`), so the unrequested attributes are asked for as they 
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -26,6 +24,7 @@ from ..modeling.build import Components
 from ..registry import SAMPLERS
 from .generate import conditioned, draw_latents
 from .samplers import sample
+from .settings import SamplingSettings
 
 
 def apply_edit(source: torch.Tensor, request: AttrRequest, names: list[str], groups: list[list[str]] = ()) -> torch.Tensor:
@@ -43,17 +42,6 @@ def apply_edit(source: torch.Tensor, request: AttrRequest, names: list[str], gro
     return out
 
 
-def read_attributes(probs: torch.Tensor, names: list[str], groups: list[list[str]] = ()) -> torch.Tensor:
-    """Turn evaluator probabilities [B, K] into 0/1 attributes: the most likely member of each mutually
-    exclusive group, and probability > 0.5 for every attribute outside the groups."""
-    out = (probs > 0.5).float()
-    for group in groups:
-        cols = torch.tensor([names.index(g) for g in group])
-        out[:, cols] = 0
-        out[torch.arange(len(probs)), cols[probs[:, cols].argmax(1)]] = 1
-    return out
-
-
 def start_sigmas(parts: Components, steps: int, strength: float, device) -> torch.Tensor:
     """The tail of the run's ``steps``-step schedule that starts at ``strength`` (1: sigma_max; 0.5: halfway)."""
     if not 0 < strength <= 1:
@@ -63,18 +51,23 @@ def start_sigmas(parts: Components, steps: int, strength: float, device) -> torc
     return sigmas[start:]
 
 
+# what an edit samples with where no settings are given: k-diffusion's Euler sampler (DDIM), 30 steps
+EDIT_DEFAULTS = SamplingSettings(sampler="euler", steps=30)
+
+
 @torch.no_grad()
-def sdedit(parts: Components, images: torch.Tensor, attrs: torch.Tensor, *, strength: float = 0.6,
-           sampler: Any = "euler", steps: int = 30, cfg_scale: float = 1.0, seed: int = 0,
-           latents: torch.Tensor | None = None, model: nn.Module | None = None) -> torch.Tensor:
-    """Noise ``images`` [B, 3, H, W] in [-1, 1] to the sigma at ``strength`` and denoise them under ``attrs`` [B, K]."""
+def sdedit(parts: Components, images: torch.Tensor, attrs: torch.Tensor, settings: SamplingSettings | None = None, *,
+           strength: float = 0.6, latents: torch.Tensor | None = None, model: nn.Module | None = None) -> torch.Tensor:
+    """Noise ``images`` [B, 3, H, W] in [-1, 1] to the sigma at ``strength`` and denoise them under ``attrs`` [B, K]
+    with the sampler, steps, guidance and seed of ``settings`` (default :data:`EDIT_DEFAULTS`)."""
+    settings = settings or EDIT_DEFAULTS
     device = next(parts.denoiser.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(settings.seed)
     z = draw_latents(parts, len(images), gen, latents)
-    denoiser, extra_args = conditioned(parts, attrs, z, model=model, cfg_scale=cfg_scale)
+    denoiser, extra_args = conditioned(parts, attrs, z, model=model, cfg_scale=settings.cfg_scale)
     noise = torch.randn(images.shape, generator=gen).to(device)
-    sigmas = start_sigmas(parts, steps, strength, device)
-    return sample(sampler, denoiser, noise, sigmas, extra_args=extra_args, generator=gen, init=images.to(device))
+    sigmas = start_sigmas(parts, settings.steps, strength, device)
+    return sample(settings.sampler, denoiser, noise, sigmas, extra_args=extra_args, generator=gen, init=images.to(device))
 
 
 @torch.no_grad()
@@ -101,35 +94,39 @@ def invert_euler(model: nn.Module, x: torch.Tensor, sigmas: torch.Tensor, extra_
 
 
 @torch.no_grad()
-def invert(parts: Components, images: torch.Tensor, attrs: torch.Tensor, *, steps: int = 30, strength: float = 1.0,
-           cfg_scale: float = 1.0, latents: torch.Tensor | None = None, seed: int = 0, iters: int = 3,
+def invert(parts: Components, images: torch.Tensor, attrs: torch.Tensor, settings: SamplingSettings | None = None, *,
+           strength: float = 1.0, latents: torch.Tensor | None = None, iters: int = 3,
            model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Invert ``images`` under their attributes ``attrs``; return (x at the start sigma, the GMM latents used)."""
+    """Invert ``images`` under their attributes ``attrs`` with the steps, guidance and seed (of the latents) of
+    ``settings``; return (x at the start sigma, the GMM latents used)."""
+    settings = settings or EDIT_DEFAULTS
     device = next(parts.denoiser.parameters()).device
-    z = draw_latents(parts, len(images), torch.Generator().manual_seed(seed), latents)
-    denoiser, extra_args = conditioned(parts, attrs, z, model=model, cfg_scale=cfg_scale)
-    sigmas = start_sigmas(parts, steps, strength, device)
+    z = draw_latents(parts, len(images), torch.Generator().manual_seed(settings.seed), latents)
+    denoiser, extra_args = conditioned(parts, attrs, z, model=model, cfg_scale=settings.cfg_scale)
+    sigmas = start_sigmas(parts, settings.steps, strength, device)
     return invert_euler(denoiser, images.to(device), sigmas, extra_args, iters), z
 
 
 @torch.no_grad()
-def regenerate(parts: Components, x: torch.Tensor, attrs: torch.Tensor, latents: torch.Tensor | None, *, steps: int = 30,
-               strength: float = 1.0, cfg_scale: float = 1.0, model: nn.Module | None = None) -> torch.Tensor:
+def regenerate(parts: Components, x: torch.Tensor, attrs: torch.Tensor, latents: torch.Tensor | None,
+               settings: SamplingSettings | None = None, *, strength: float = 1.0,
+               model: nn.Module | None = None) -> torch.Tensor:
     """Run ``sample_euler`` from an inverted ``x`` under ``attrs`` with the same sigmas and latents as :func:`invert`."""
+    settings = settings or EDIT_DEFAULTS
     device = next(parts.denoiser.parameters()).device
-    denoiser, extra_args = conditioned(parts, attrs, latents, model=model, cfg_scale=cfg_scale)
-    sigmas = start_sigmas(parts, steps, strength, device)
+    denoiser, extra_args = conditioned(parts, attrs, latents, model=model, cfg_scale=settings.cfg_scale)
+    sigmas = start_sigmas(parts, settings.steps, strength, device)
     return SAMPLERS.get("euler")(denoiser, x.to(device), sigmas, extra_args=extra_args, disable=True)
 
 
 @torch.no_grad()
-def edit_by_inversion(parts: Components, images: torch.Tensor, source: torch.Tensor, target: torch.Tensor, *,
-                      steps: int = 30, strength: float = 1.0, cfg_scale: float = 1.0, seed: int = 0, iters: int = 3,
+def edit_by_inversion(parts: Components, images: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
+                      settings: SamplingSettings | None = None, *, strength: float = 1.0, iters: int = 3,
                       latents: torch.Tensor | None = None, model: nn.Module | None = None) -> torch.Tensor:
-    """Invert ``images`` under ``source`` attributes, then regenerate them under ``target`` (same latents, same sigmas)."""
-    kw = dict(steps=steps, strength=strength, cfg_scale=cfg_scale, model=model)
-    x, z = invert(parts, images, source, latents=latents, seed=seed, iters=iters, **kw)
-    return regenerate(parts, x, target, z, **kw)
+    """Invert ``images`` under ``source`` attributes, then regenerate them under ``target`` (same latents, same
+    sigmas). Changed in 0.2: ``steps``, ``cfg_scale`` and ``seed`` moved into ``settings``."""
+    x, z = invert(parts, images, source, settings, strength=strength, latents=latents, iters=iters, model=model)
+    return regenerate(parts, x, target, z, settings, strength=strength, model=model)
 
 
 METHODS = ("invert", "sdedit")
@@ -137,8 +134,8 @@ METHODS = ("invert", "sdedit")
 
 @torch.no_grad()
 def edit_rows(parts: Components, image: torch.Tensor, source: torch.Tensor, targets: list[torch.Tensor],
-              labels: list[str], *, methods=METHODS, n: int = 4, strength: float | None = None, sampler: Any = "euler",
-              steps: int = 30, cfg_scale: float = 1.0, seed: int = 0, iters: int = 3) -> tuple[list[torch.Tensor], list[str]]:
+              labels: list[str], settings: SamplingSettings | None = None, *, methods=METHODS, n: int = 4,
+              strength: float | None = None, iters: int = 3) -> tuple[list[torch.Tensor], list[str]]:
     """Edit one ``image`` [3, H, W] with source attributes ``source`` [K] into each target row [K]: per target
     and method, a grid row of the original followed by ``n`` edits (n GMM latents; for SDEdit, n noises too).
 
@@ -151,11 +148,10 @@ def edit_rows(parts: Components, image: torch.Tensor, source: torch.Tensor, targ
         for method in methods:
             if method == "invert":
                 s = 1.0 if strength is None else strength
-                out = edit_by_inversion(parts, images, src, tgt, steps=steps, strength=s, cfg_scale=cfg_scale,
-                                        seed=seed, iters=iters)
+                out = edit_by_inversion(parts, images, src, tgt, settings, strength=s, iters=iters)
             elif method == "sdedit":
                 s = 0.6 if strength is None else strength
-                out = sdedit(parts, images, tgt, strength=s, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed)
+                out = sdedit(parts, images, tgt, settings, strength=s)
             else:
                 raise ConfigError(f"unknown edit method '{method}'; choose from {', '.join(METHODS)}")
             rows.append(torch.cat([image[None].to(out), out.float()]))

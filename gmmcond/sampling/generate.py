@@ -8,6 +8,7 @@ from torch import nn
 
 from ..modeling.build import Components
 from ..errors import ConfigError
+from .settings import SamplingSettings
 from .guidance import CFGDenoiser, ComposedGuidanceDenoiser
 from .samplers import sample
 
@@ -30,33 +31,34 @@ def composed_conditions(conditioner, terms: list[tuple[int, float]], z: torch.Te
 def generate(
     parts: Components,
     attrs: torch.Tensor,  # [B, K] 0/1 attributes.
+    settings: SamplingSettings | None = None,  # Sampler, steps, guidance, seed; None: SamplingSettings() defaults.
     *,
-    sampler: Any = "dpmpp_2m",  # SAMPLERS key or {type, **options}.
-    steps: int = 50,
-    cfg_scale: float = 1.0,
-    seed: int = 0,
     latents: torch.Tensor | None = None,  # [B, K, N] GMM latents; None draws them from the conditioner.
     callback=None,
     model: nn.Module | None = None,  # Overrides parts.denoiser (e.g. a guidance wrapper).
     head_target: torch.Tensor | None = None,  # [B, K] targets for a HeadGuidedDenoiser model.
     known: torch.Tensor | None = None,  # [B, K] 1 = specified; 0 = unspecified (needs a run with attr_dropout > 0).
     compose: list[tuple[int, float]] | None = None,  # (attribute index, weight) terms for composed guidance.
-    cfg_null: str = "dropped",  # What guidance pushes away from: dropped (trained null) or all_unknown (partial runs).
 ) -> torch.Tensor:
     """Sample images for the given attribute rows; returns images [B, 3, H, W] in [-1, 1].
 
     With ``compose``, the condition is D_null + sum_t w_t (D_t - D_null), term t specifying its attribute
     alone as present (``attrs`` and ``cfg_scale`` are then unused): :class:`ComposedGuidanceDenoiser`.
+
+    Changed in 0.2: ``sampler``, ``steps``, ``cfg_scale``, ``cfg_null`` and ``seed`` moved into ``settings``
+    (:class:`gmmcond.sampling.settings.SamplingSettings`): ``generate(parts, attrs, SamplingSettings(steps=30,
+    seed=1))`` where ``generate(parts, attrs, steps=30, seed=1)`` was written before.
     """
-    gen = torch.Generator().manual_seed(seed)
+    settings = settings or SamplingSettings()
+    gen = torch.Generator().manual_seed(settings.seed)
     n, size = len(attrs), parts.dataset.size
     device = next(parts.denoiser.parameters()).device
     z = draw_latents(parts, n, gen, latents)
-    denoiser, extra_args = conditioned(parts, attrs, z, model=model, cfg_scale=cfg_scale, known=known, compose=compose,
-                                       head_target=head_target, cfg_null=cfg_null)
+    denoiser, extra_args = conditioned(parts, attrs, z, model=model, cfg_scale=settings.cfg_scale, known=known,
+                                       compose=compose, head_target=head_target, cfg_null=settings.cfg_null)
     noise = torch.randn(n, 3, size, size, generator=gen).to(device)
-    sigmas = parts.schedule.sigmas(steps).to(device)
-    return sample(sampler, denoiser, noise, sigmas, extra_args=extra_args, callback=callback, generator=gen)
+    sigmas = parts.schedule.sigmas(settings.steps).to(device)
+    return sample(settings.sampler, denoiser, noise, sigmas, extra_args=extra_args, callback=callback, generator=gen)
 
 
 def draw_latents(parts: Components, n: int, gen: torch.Generator, latents: torch.Tensor | None = None):

@@ -17,7 +17,7 @@ from ..data import upgrade_dataset_config
 from ..data.prior import PRIOR_FILE, AttributePrior, load_prior, save_prior
 from ..errors import CheckpointError, DatasetError, RunError
 from ..io import checkpoint_step, export_safetensors, latest_checkpoint, load_checkpoint, load_safetensors, read_json
-from ..modeling.build import Components, build
+from .build import Components, build
 from ..registry import DATASETS
 
 HEAD_PREFIX = "head."

@@ -1,6 +1,6 @@
 """Sample sheets of a trained run: the grids ``launch/sample.py`` writes (samples, x0 strips, edits).
 
-Each function takes a :class:`gmmcond.engine.runs.LoadedRun` and returns the grid's rows and captions;
+Each function takes a :class:`gmmcond.modeling.runs.LoadedRun` and returns the grid's rows and captions;
 the entry point only parses arguments and saves the PNG.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -18,12 +18,14 @@ from ..data.attrs import AttrRequest, describe, parse_attrs, parse_compose, pars
 from ..data.local import read_image
 from ..errors import RunError
 from ..io import atomic_write_bytes
-from ..sampling import HeadGuidedDenoiser, generate
-from ..sampling.edit import apply_edit, edit_rows
-from ..sampling.requests import DEFAULT_OPEN, Resolved, resolve_requests
+from ..modeling.runs import LoadedRun
 from ..visualize import to_pil
-from .precision import autocast, sampling_precision
-from .runs import LoadedRun
+from .edit import apply_edit, edit_rows
+from .generate import generate
+from .guidance import HeadGuidedDenoiser
+from .requests import Resolved, resolve_requests
+from .settings import SamplingSettings
+
 
 def device_of_choice() -> str:
     """CUDA where present, else the CPU."""
@@ -46,51 +48,53 @@ class Samples:
     strips: list[torch.Tensor] = field(default_factory=list)  # predicted x0 per step (mode x0-strip)
 
 
-def sample_requests(run: LoadedRun, sets: list[str], *, n: int = 16, open: str = DEFAULT_OPEN, compose: str | None = None,
-                    mode: str = "latents", seed: int = 0, sampler=None, steps: int | None = None,
-                    cfg_scale: float | None = None, cfg_null: str | None = None, head_scale: float = 0.0,
-                    precision: str | None = None, log: Callable[[str], None] = print) -> Samples:
+def sample_requests(run: LoadedRun, sets: list[str], settings: SamplingSettings | Mapping | None = None, *, n: int = 16,
+                    compose: str | None = None, mode: str = "latents", log: Callable[[str], None] = print) -> Samples:
     """Sample ``n`` images for each attribute request of ``sets`` (``"triangle,~red,large"``; listed present, ``~``
     absent, the rest open) from a loaded run; returns the images and the rows they were conditioned on.
 
-    ``open`` says what an open attribute means (:mod:`gmmcond.sampling.requests`): ``data`` (default, drawn from
-    the run's training rows given what was named, seeded by ``seed``), ``absent`` or ``model`` (runs trained with
-    ``attr_dropout > 0``). ``compose`` (``"triangle:2,red:-1"``) samples composed guidance instead, each term
-    with its own semantics (one attribute specified, the rest hidden). ``mode``: latents, a fresh GMM latent per
-    sample (paper Fig. 4); fixed-latent, one latent per request and many noise seeds (Fig. 5); x0-strip, also
-    keep the predicted x0 of every step (Fig. 6)."""
-    parts, names, s = run.parts, run.parts.attr_names, run.cfg["sample"]
+    ``settings`` (:class:`SamplingSettings`, or a mapping of overrides on the run's ``sample`` section, e.g.
+    ``{"open": "absent", "seed": 3}``) carries the sampler, guidance, seed and ``open``, what an open attribute
+    means (:mod:`gmmcond.sampling.requests`): ``data`` (default, drawn from the run's training rows given what was
+    named, seeded by the seed), ``absent`` or ``model`` (runs trained with ``attr_dropout > 0``). ``compose``
+    (``"triangle:2,red:-1"``) samples composed guidance instead, each term with its own semantics (one attribute
+    specified, the rest hidden). ``mode``: latents, a fresh GMM latent per sample (paper Fig. 4); fixed-latent, one
+    latent per request and many noise seeds (Fig. 5); x0-strip, also keep the predicted x0 of every step (Fig. 6).
+
+    Changed in 0.2: the sampling keywords (``open``, ``seed``, ``sampler``, ``steps``, ``cfg_scale``, ``cfg_null``,
+    ``head_scale``, ``precision``) moved into ``settings``."""
+    settings = SamplingSettings.of_run(run.cfg, settings)
+    parts, names = run.parts, run.parts.attr_names
     sets = [compose] if compose else list(sets) or [""]
     terms = parse_compose(compose, names) if compose else None
     requests = [parse_expr("" if terms else text, names, parts.groups) for text in sets]
-    partial = parts.conditioner.partial
     if terms:  # composed guidance: every term has its own condition; the rows are unused
         resolved = resolve_requests(requests, n, open="absent")
     else:
-        resolved = resolve_requests(requests, n, open=open, prior=run.prior if open == "data" else None,
-                                    partial=partial, seed=seed)
+        resolved = resolve_requests(requests, n, open=settings.open, prior=run.prior if settings.open == "data" else None,
+                                    partial=parts.conditioner.partial, seed=settings.seed)
         describe_resolved(requests, resolved, names, n, log)
     model = None
-    if head_scale:
+    if settings.head_scale:
         if parts.head is None:
             raise RunError("--head-scale needs a run trained with a head (head: bottleneck_attrs); this run has none")
-        model = HeadGuidedDenoiser(parts.denoiser, parts.head, head_scale, only_present=True)
+        model = HeadGuidedDenoiser(parts.denoiser, parts.head, settings.head_scale, only_present=True)
     latents = None
     if mode == "fixed-latent":  # one latent per attribute set, shared by its n samples
         if not parts.conditioner.dim:
             raise RunError("--mode fixed-latent needs a run trained with a conditioner; this run is unconditional")
-        latents = parts.conditioner.sample_latents(len(sets), torch.Generator().manual_seed(seed + 1)).repeat_interleave(n, 0)
+        gen = torch.Generator().manual_seed(settings.seed + 1)
+        latents = parts.conditioner.sample_latents(len(sets), gen).repeat_interleave(n, 0)
     strips = []
     callback = (lambda info: strips.append(info["denoised"].cpu())) if mode == "x0-strip" else None
     device = device_of_choice()
     parts.denoiser.to(device)
     if parts.head is not None:
         parts.head.to(device)
-    with autocast(device, precision or sampling_precision(run.cfg, device)):
-        images = generate(parts, resolved.attrs, sampler=sampler or s["sampler"], steps=steps or s["steps"], seed=seed,
-                          latents=latents, cfg_scale=s["cfg_scale"] if cfg_scale is None else cfg_scale,
-                          callback=callback, model=model, head_target=resolved.attrs if head_scale else None,
-                          known=resolved.known, compose=terms, cfg_null=cfg_null or s["cfg_null"]).float()
+    with settings.autocast(run.cfg, device):
+        images = generate(parts, resolved.attrs, settings, latents=latents, callback=callback, model=model,
+                          head_target=resolved.attrs if settings.head_scale else None, known=resolved.known,
+                          compose=terms).float()
     return Samples(images, resolved.attrs, requests, resolved, strips)
 
 
@@ -142,13 +146,14 @@ def save_samples(folder: str | Path, samples: Samples, names: list[str], n: int)
     return path
 
 
-def sample_sheet(run: LoadedRun, sets: list[str], *, n: int = 16, mode: str = "latents", cols: int = 8,
-                 **options) -> tuple[list[torch.Tensor], list[str], Samples]:
-    """Sample ``n`` images per attribute request of ``sets`` (:func:`sample_requests`, which takes ``options``)
-    and lay them out: rows of ``cols`` per request, or for mode x0-strip the predicted x0 at up to 12 steps, a
-    row per sample. Returns the grid rows, their captions and the samples."""
-    samples = sample_requests(run, sets, n=n, mode=mode, **options)
-    labels = [options["compose"]] if options.get("compose") else list(sets) or [""]
+def sample_sheet(run: LoadedRun, sets: list[str], settings: SamplingSettings | Mapping | None = None, *, n: int = 16,
+                 compose: str | None = None, mode: str = "latents", cols: int = 8,
+                 log: Callable[[str], None] = print) -> tuple[list[torch.Tensor], list[str], Samples]:
+    """Sample ``n`` images per attribute request of ``sets`` (:func:`sample_requests`) and lay them out: rows of
+    ``cols`` per request, or for mode x0-strip the predicted x0 at up to 12 steps, a row per sample. Returns the
+    grid rows, their captions and the samples."""
+    samples = sample_requests(run, sets, settings, n=n, compose=compose, mode=mode, log=log)
+    labels = [compose] if compose else list(sets) or [""]
     rows, captions = [], []
     if mode == "x0-strip":  # row b: predicted x0 of sample b at (up to) 12 evenly spaced steps
         strips = samples.strips
@@ -170,36 +175,37 @@ def sheet_name(mode: str, sets: list[str]) -> str:
     return f"{mode}_{slug[:80]}.png"
 
 
-def edit_sheet(run: LoadedRun, image_file: str | Path, edits: list[str], *, source_attrs: str | None = None,
-               read_source: Callable[[torch.Tensor], torch.Tensor] | None = None, method: str = "both", n: int = 4,
-               strength: float | None = None, sampler=None, steps: int | None = None, seed: int = 0, iters: int = 3, cfg_scale: float | None = None, precision: str | None = None,
-               log: Callable[[str], None] = print) -> tuple[list[torch.Tensor], list[str]]:
+def edit_sheet(run: LoadedRun, image_file: str | Path, edits: list[str], settings: SamplingSettings | Mapping | None = None,
+               *, source: str | Callable[[torch.Tensor], torch.Tensor] | None = None, method: str = "both", n: int = 4,
+               strength: float | None = None, iters: int = 3, log: Callable[[str], None] = print
+               ) -> tuple[list[torch.Tensor], list[str]]:
     """The image beside ``n`` edits per request and method (invert, sdedit or both); returns rows and captions.
-    The source attributes are ``source_attrs`` or, where not given, ``read_source(image)`` (launch/sample.py
-    passes :func:`gmmcond.eval.evaluator.attribute_reader`, the run's evaluator)."""
+    The source attributes are ``source``: a request naming them (``"circle,red,large"``), or a function reading
+    them from the image (launch/sample.py passes :func:`gmmcond.eval.evaluator.attribute_reader`, the run's
+    evaluator). Changed in 0.2: ``source_attrs`` and ``read_source`` became ``source``; the sampler, steps,
+    guidance, seed and precision moved into ``settings``."""
+    settings = SamplingSettings.of_run(run.cfg, settings)
     parts, names = run.parts, run.parts.attr_names
     if not parts.conditioner.dim:
         raise RunError("--edit needs a run trained with a conditioner; this run is unconditional")
     if not edits:
         raise RunError('--edit needs at least one --attrs edit request, e.g. --attrs "square,blue"')
     image = read_image(Path(image_file), parts.dataset.size)
-    if source_attrs:
-        source = parse_attrs(source_attrs, names, parts.groups)
-    elif read_source is not None:
-        source = read_source(image)
+    if isinstance(source, str) and source:
+        source_row = parse_attrs(source, names, parts.groups)
+    elif callable(source):
+        source_row = source(image)
     else:
         raise RunError("--edit needs the image's attributes: give --source-attrs")
-    log(f"source attributes: {describe(source, names)} (an edit keeps this whole row and changes only what it "
+    log(f"source attributes: {describe(source_row, names)} (an edit keeps this whole row and changes only what it "
         f"names, so nothing is open and --open does not apply)")
-    targets = [apply_edit(source[None], parse_expr(r, names, parts.groups), names, parts.groups)[0] for r in edits]
+    targets = [apply_edit(source_row[None], parse_expr(r, names, parts.groups), names, parts.groups)[0] for r in edits]
     labels = [describe(t, names) for t in targets]
     for request, label in zip(edits, labels):
         log(f"edit '{request}' asks for: {label}")
-    s = run.cfg["sample"]
     device = device_of_choice()
     parts.denoiser.to(device)
     methods = ("invert", "sdedit") if method == "both" else (method,)
-    with autocast(device, precision or sampling_precision(run.cfg, device)):
-        return edit_rows(parts, image, source, targets, labels, methods=methods, n=n, strength=strength,
-                         sampler=sampler or s["sampler"], steps=steps or s["steps"], seed=seed, iters=iters,
-                         cfg_scale=s["cfg_scale"] if cfg_scale is None else cfg_scale)
+    with settings.autocast(run.cfg, device):
+        return edit_rows(parts, image, source_row, targets, labels, settings, methods=methods, n=n, strength=strength,
+                         iters=iters)

@@ -1,0 +1,60 @@
+"""The training objective, kept apart from the training loop (as EDM keeps its losses apart from its loop): what a
+step minimises, given a batch, its noise and its noise levels."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .build import Components
+
+
+class TrainingObjective(nn.Module):
+    """The training objective, the module accelerate wraps: conditioner + Denoiser (+ head), returning per-sample
+    losses: the diffusion loss (the Denoiser's weighting), the head's weighted loss and CoInD's penalty.
+
+    ``coind_weight`` > 0 adds CoInD's independence penalty (Gaudi et al. 2025) on the first ``coind_fraction``
+    of each batch: for one attribute i per sample, (D(x; y, i unspecified) + D(x; i alone) - D(x; nothing
+    specified) - D(x; y))^2, averaged over pixels, so the model's joint composes from its marginals.
+    """
+
+    def __init__(self, parts: Components, coind_weight: float = 0.0, coind_fraction: float = 0.25):
+        super().__init__()
+        self.conditioner, self.denoiser, self.head = parts.conditioner, parts.denoiser, parts.head
+        if coind_weight and not self.conditioner.partial:
+            raise ConfigError("train.coind_weight > 0 compares conditions with attributes left unspecified, which needs "
+                              "conditioner.attr_dropout > 0 (e.g. the shapes_compose recipe)")
+        if not 0 < coind_fraction <= 1:
+            raise ConfigError(f"train.coind_fraction must be in (0, 1], got {coind_fraction}")
+        self.coind_weight, self.coind_fraction = coind_weight, coind_fraction
+
+    def forward(self, images, attrs, index, noise, sigma) -> dict[str, torch.Tensor]:
+        cond = self.conditioner(attrs, index)
+        kwargs = {} if cond is None else {"mapping_cond": cond}
+        diffusion = self.denoiser.loss(images, noise, sigma, **kwargs).float()
+        out = {"loss": diffusion, "diffusion": diffusion}
+        if self.head is not None:
+            out.update({k: v.float() for k, v in self.head.losses(attrs).items()})
+            out["loss"] = diffusion + self.head.weight * out["head"]
+        if self.coind_weight:
+            out["coind"] = self.coind_penalty(images, attrs, index, noise, sigma)
+            out["loss"] = out["loss"] + self.coind_weight * out["coind"]
+        return out
+
+    def coind_penalty(self, images, attrs, index, noise, sigma) -> torch.Tensor:
+        """CoInD's penalty per sample [B] (0 outside the first ``coind_fraction`` of the batch)."""
+        b, k = attrs.shape
+        m = max(1, math.ceil(self.coind_fraction * b))
+        cond = self.conditioner
+        z = cond.training_latents(m, index[:m]).to(images)
+        pick = torch.nn.functional.one_hot(torch.randint(0, k, (m,)), k).to(z)  # attribute i of each sample
+        a = attrs[:m].to(z)
+        ones = torch.ones_like(a)
+        conds = torch.cat([cond.encode(a, z, known=ones - pick), cond.encode(a, z, known=pick),
+                           cond.all_unknown(m).to(z), cond.encode(a, z, known=ones)])
+        noised = (images[:m] + noise[:m] * sigma[:m, None, None, None]).repeat(4, 1, 1, 1)
+        d = self.denoiser(noised, sigma[:m].repeat(4), mapping_cond=conds).float().view(4, m, -1)
+        gap = (d[0] + d[1] - d[2] - d[3]).pow(2).mean(-1)
+        return torch.cat([gap, gap.new_zeros(b - m)])
