@@ -90,8 +90,10 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def append_metrics(path: str | Path, records: Iterable[dict]) -> None:
-    """Append records to a metrics.jsonl file (a failed write is a :class:`StorageError` naming it)."""
+    """Append records to a metrics.jsonl file, its folder made if missing (a failed write is a
+    :class:`StorageError` naming it)."""
     try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             for record in records:
                 f.write(json.dumps(record) + "\n")
@@ -121,6 +123,13 @@ class ResultLog:
         append_metrics(self.path, [record])
         self.records.append(record)
         return record
+
+    def once(self, key: dict, compute: Callable[[], dict]) -> dict:
+        """The record logged under ``key`` (every key field equal) if there is one, else ``compute()`` logged under
+        it the moment it returns: the one resumable unit of every experiment, probe, sweep and measurement (a
+        killed one reruns only what it had not logged)."""
+        done = self.done(tuple(key), **key)
+        return done if done is not None else self.add({**key, **compute()})
 
 
 def truncate_metrics(path: str | Path, last_step: int) -> None:

@@ -333,7 +333,8 @@ def test_only_gmmcond_errors_become_one_line_messages(capsys):
 
 
 def test_an_experiment_runs_only_the_arms_named_and_rejects_an_unknown_one():
-    from gmmcond.experiments.reproduce import DISTRIBUTION_ARMS, select_arms
+    from gmmcond.experiments.reproduce import DISTRIBUTION_ARMS
+    from gmmcond.experiments.runner import select_arms
 
     picked = select_arms(DISTRIBUTION_ARMS, ["gmm_attrs, fixed pairing (paper)", "fixed value (attrs)"])
     assert list(picked) == ["fixed value (attrs)", "gmm_attrs, fixed pairing (paper)"]  # the table's order

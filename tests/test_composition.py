@@ -105,6 +105,7 @@ def test_arms_that_differ_only_in_sampling_share_one_training(tmp_path, monkeypa
     attr_dropout rate's two arms share that rate's run; every other arm trains its own."""
     from gmmcond.experiments import reproduce
     from gmmcond.experiments.reproduce import ResultLog, combination_arms, combination_training, combinations
+    from gmmcond.experiments.runner import Options
 
     joint, cfg_arm = "features + attr_dropout joint", "features + attr_dropout, CFG from all-unknown"
     samplers = (*reproduce.COMPOSED_WEIGHTS, cfg_arm, "features + attr_dropout, all specified",
@@ -123,7 +124,7 @@ def test_arms_that_differ_only_in_sampling_share_one_training(tmp_path, monkeypa
     seen = []
     monkeypatch.setattr(reproduce, "combination_scores",  # no training: record which run folder each arm gets
                         lambda arm, seed, recipe, full, run, per, out: seen.append((arm, run)) or {"x": 1.0})
-    combinations(tmp_path / "c.png", tmp_path / "runs", tmp_path / "log.jsonl", seeds=1, steps=500, scale="recipe")
+    combinations(Options(tmp_path, seeds=1, steps=500, n=64, scale="recipe"))
     runs = dict(seen)
     assert set(runs) == set(arms) and all(runs[a] == runs[joint] for a in samplers)
     # the rate sweep: each rate's model asked two ways shares its own run, not the default rate's
@@ -133,11 +134,10 @@ def test_arms_that_differ_only_in_sampling_share_one_training(tmp_path, monkeypa
     # the plain model asked for shape and colour with the rest drawn from the data is the "features joint" training
     assert owners["features, open from data"] == "features joint" and runs["features, open from data"] == runs["features joint"]
     assert len(set(runs.values())) == len(set(owners.values())) == len(arms) - len(samplers) - 3
-    assert {r["arm"] for r in ResultLog(tmp_path / "log.jsonl").records} == set(arms)
+    assert {r["arm"] for r in ResultLog(tmp_path / "combinations.jsonl").records} == set(arms)
     # --no-train tabulates what is logged and starts nothing: seed 1 is missing, each row says it has one seed
     monkeypatch.setattr(reproduce, "combination_scores", lambda *a, **k: pytest.fail("--no-train trained an arm"))
-    table = combinations(tmp_path / "c.png", tmp_path / "runs", tmp_path / "log.jsonl", seeds=2, steps=500,
-                         scale="recipe", train=False)
+    table = combinations(Options(tmp_path, seeds=2, steps=500, n=64, scale="recipe", train=False))
     assert set(table["arms"]) == set(arms) and all(a["x"]["n"] == 1 for a in table["arms"].values())
 
 
@@ -146,7 +146,8 @@ def test_an_arm_another_experiment_already_ran_is_reused_not_retrained(tmp_path,
     cadence, same evaluation): with Fig. 7's log passed as ``reuse`` it is logged from there, the head arms
     train; a log evaluated with another n, or a record without a key, is not taken."""
     from gmmcond.experiments import reproduce
-    from gmmcond.experiments.reproduce import HEAD_ARMS, ResultLog, features_vs_classes, head, result_key
+    from gmmcond.experiments.reproduce import HEAD_ARMS, ResultLog, features_vs_classes, head
+    from gmmcond.experiments.runner import Options, result_key
 
     trained = []
 
@@ -159,13 +160,11 @@ def test_an_arm_another_experiment_already_ran_is_reused_not_retrained(tmp_path,
 
     monkeypatch.setattr(reproduce, "train_and_evaluate", fake)
     monkeypatch.setattr(reproduce, "plot_loss_bands", lambda *a, **k: None)
-    features_vs_classes(tmp_path / "f.png", tmp_path / "runs", tmp_path / "fvc.jsonl", seeds=2, steps=6000, n=256,
-                        scale="recipe")
+    features_vs_classes(Options(tmp_path, seeds=2, steps=6000, n=256, scale="recipe"))
     assert len(trained) == 6
-    fvc = ResultLog(tmp_path / "fvc.jsonl")
+    fvc = ResultLog(tmp_path / "features-vs-classes.jsonl")
     trained.clear()
-    head(tmp_path / "h.png", tmp_path / "runs", tmp_path / "head.jsonl", seeds=2, steps=6000, n=256, scale="recipe",
-         reuse=(fvc,))
+    head(Options(tmp_path, seeds=2, steps=6000, n=256, scale="recipe", reuse=(fvc,)))
     assert len(trained) == 4 and all("head=none" not in full for _, full, _ in trained)  # only the two head arms
     log = ResultLog(tmp_path / "head.jsonl")
     for seed in range(2):
@@ -181,8 +180,7 @@ def test_an_arm_another_experiment_already_ran_is_reused_not_retrained(tmp_path,
     assert key != result_key("shapes", [*base, "train.lr=1e-3"], "train_and_evaluate n=256")
     # evaluated with another n: nothing to reuse, every arm trains
     trained.clear()
-    head(tmp_path / "h.png", tmp_path / "runs", tmp_path / "head512.jsonl", seeds=1, steps=6000, n=512,
-         scale="recipe", reuse=(fvc,))
+    head(Options(tmp_path / "n512", seeds=1, steps=6000, n=512, scale="recipe", reuse=(fvc,)))
     assert len(trained) == len(HEAD_ARMS)
 
 
@@ -216,3 +214,32 @@ def test_guidance_can_push_away_from_the_all_unknown_condition(tiny_cfg):
         conditioned(build(tiny_cfg()), attrs, z[:, :, :], cfg_scale=2.0, cfg_null="all_unknown")
     with pytest.raises(ConfigError, match="sample.cfg_null: must be one of dropped, all_unknown"):
         load_config("shapes_tiny", ["sample.cfg_null=unknown"])
+
+
+def test_the_experiment_registry_says_which_options_each_experiment_takes(tmp_path):
+    """launch/reproduce.py is a thin entry point over EXPERIMENTS: an option an experiment does not take is an error
+    naming the experiments that do; what is not given comes from the experiment's defaults."""
+    from gmmcond.errors import ConfigError
+    from gmmcond.experiments import editing, reproduce  # noqa: F401  (fill the registry)
+    from gmmcond.experiments.runner import EXPERIMENTS
+
+    assert {"density", "ngmg-vs-bce", "head", "features-vs-classes", "distribution", "precision", "combinations",
+            "editing"} <= set(EXPERIMENTS)
+    opts = EXPERIMENTS["head"].options({"out": tmp_path, "seeds": 5, "steps": None, "arms": ("no head",)})
+    assert (opts.seeds, opts.steps, opts.n, opts.scale, opts.arms) == (5, 1000, 512, "v1", ("no head",))
+    with pytest.raises(ConfigError, match="--arms applies to head, distribution, combinations, not precision"):
+        EXPERIMENTS["precision"].options({"out": tmp_path, "arms": ("fp32",)})
+    with pytest.raises(ConfigError, match="--run applies to editing, not density"):
+        EXPERIMENTS["density"].options({"out": tmp_path, "run": tmp_path})
+
+
+def test_a_logged_result_is_computed_once_and_read_back(tmp_path):
+    """ResultLog.once, the resumable unit of every experiment: a key already logged is read back, not computed."""
+    from gmmcond.io import ResultLog
+
+    calls = []
+    log = ResultLog(tmp_path / "log.jsonl")
+    first = log.once({"arm": "a", "seed": 0}, lambda: calls.append(1) or {"x": 1.5})
+    again = ResultLog(tmp_path / "log.jsonl").once({"arm": "a", "seed": 0}, lambda: calls.append(2) or {"x": 9.0})
+    other = log.once({"arm": "a", "seed": 1}, lambda: calls.append(3) or {"x": 2.5})
+    assert calls == [1, 3] and first == again == {"arm": "a", "seed": 0, "x": 1.5} and other["x"] == 2.5

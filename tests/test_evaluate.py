@@ -145,7 +145,8 @@ def test_paper_experiments_keep_the_scale_they_were_measured_at():
 
 def test_an_experiment_scale_leads_each_arm_and_its_result_key(tmp_path):
     from gmmcond.config import load_config
-    from gmmcond.experiments.reproduce import EXPERIMENT_SCALE, SCALES, arm_config, combination_arms
+    from gmmcond.experiments.reproduce import EXPERIMENT_SCALE, SCALES, combination_arms
+    from gmmcond.experiments.runner import arm_config
 
     recipe, overrides = combination_arms(500)["features joint"]
     full, key = arm_config(recipe, overrides, 1)

@@ -196,7 +196,7 @@ def test_sample_cli_saves_each_sample_with_the_row_it_was_conditioned_on(tiny_cf
 
 def test_the_open_table_reports_each_target_met_or_missed_from_the_records():
     from gmmcond.experiments.report import open_table
-    from gmmcond.experiments.reproduce import summarise_records
+    from gmmcond.experiments.runner import summarise_records
 
     def rec(seed, **kw):
         return {"seed": seed, "steps": 1, **kw}

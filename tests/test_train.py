@@ -67,7 +67,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
 def test_bookkeeping_settings_leave_the_trained_weights_and_the_loss_curve_unchanged(tiny_cfg, tmp_path):
     """What ``reproduce.BOOKKEEPING`` names (grid and checkpoint cadence, grid rows) may differ between two runs
     an experiment treats as one: a grid every step and a checkpoint every step against neither, bit for bit."""
-    from gmmcond.experiments.reproduce import BOOKKEEPING
+    from gmmcond.experiments.runner import BOOKKEEPING
 
     assert {"train.grid_every", "train.checkpoint_every"} <= set(BOOKKEEPING)
     busy = tiny_cfg("train.steps=4", "train.grid_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=1",

@@ -34,16 +34,18 @@ def sweep(run_dir: str | Path, *, n: int = 256, sets: int = 4, per_set: int = 32
     log = ResultLog(run_dir / "sweep.jsonl")
     for name, node in samplers.items():
         for scale in scales:
-            if log.done(("sampler", "cfg_scale", "n"), sampler=name, cfg_scale=scale, n=n):
-                continue
-            ev = evaluate_run(run_dir, {"sampler": dict(node), "cfg_scale": scale},
-                              EvalSize(n=n, sets=sets, per_set=per_set), progress=False, write=False)
-            summary = eval_summary(ev)
-            rec = log.add({"sampler": name, "cfg_scale": scale, "n": n, **{k: summary[k] for k in KEPT if k in summary},
-                           "references": {k: summary[f"{k}_real_reference"] for k in KEPT if f"{k}_real_reference" in summary}})
-            progress(f"  {name} cfg {scale:g}: accuracy {rec['attr_accuracy']:.4f}, defects {rec['defect_rate']:.3f}, "
-                     f"recall {rec['recall']:.3f}, coverage {rec['coverage']:.3f}, "
-                     f"spread {rec.get('set_mean_spread_ratio', float('nan')):.3f}")
+            def compute(node=node, scale=scale, name=name) -> dict:
+                ev = evaluate_run(run_dir, {"sampler": dict(node), "cfg_scale": scale},
+                                  EvalSize(n=n, sets=sets, per_set=per_set), progress=False, write=False)
+                summary = eval_summary(ev)
+                rec = {**{k: summary[k] for k in KEPT if k in summary},
+                       "references": {k: summary[f"{k}_real_reference"] for k in KEPT if f"{k}_real_reference" in summary}}
+                progress(f"  {name} cfg {scale:g}: accuracy {rec['attr_accuracy']:.4f}, defects {rec['defect_rate']:.3f}, "
+                         f"recall {rec['recall']:.3f}, coverage {rec['coverage']:.3f}, "
+                         f"spread {rec.get('set_mean_spread_ratio', float('nan')):.3f}")
+                return rec
+
+            log.once({"sampler": name, "cfg_scale": scale, "n": n}, compute)
     points = [r for r in log.records if r["n"] == n and r["sampler"] in samplers and r["cfg_scale"] in scales]
     result = {"run": str(run_dir), "n": n, "sets": sets, "per_set": per_set, "points": points}
     write_json(run_dir / "sweep.json", result)

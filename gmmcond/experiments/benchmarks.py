@@ -345,18 +345,19 @@ def quality_over_time(cfg: dict, run_dir, *, every: int = 1000, n: int = 256, pe
     metrics = read_metrics(run_dir / "metrics.jsonl")
     minutes = training_minutes(metrics)
     results = ResultLog(run_dir / "quality.jsonl")
-    fields = ("step", "n", "per_set")
     marks = []
     for path in list_checkpoints(run_dir):
         step = checkpoint_step(path)
         if step % every and step != steps:
             continue
-        record = results.done(fields, step=step, n=n, per_set=per_set)
-        if record is None:
+
+        def compute(path=path, step=step) -> dict:
             log(f"quality: evaluating step {step}")
             ev = evaluate_run(run_dir, None, EvalSize(n=n, per_set=per_set, memorisation=0), checkpoint=path,
                               tag=f"step{step:07d}", progress=False)
-            record = results.add({"step": step, "n": n, "per_set": per_set, **eval_summary(ev)})
+            return eval_summary(ev)
+
+        record = results.once({"step": step, "n": n, "per_set": per_set}, compute)
         marks.append(dict(record, minutes=minutes.get(step)))
     return {"config": cfg, "every": every, "n": n, "per_set": per_set, "marks": marks,
             "sec_per_step_median": median_step_time(metrics)}
@@ -434,12 +435,11 @@ PROBES = {
 
 def probe_dir(out, name: str, overrides: list[str]):
     """The run folder of one probe: its name and a hash of its overrides (other overrides, another folder)."""
-    import hashlib
     from pathlib import Path
 
-    from .reproduce import arm_slug
+    from .runner import arm_slug, run_folder
 
-    return Path(out) / f"probe_{arm_slug(name)}_{hashlib.sha256(' '.join(overrides).encode()).hexdigest()[:8]}"
+    return run_folder(Path(out), f"probe_{arm_slug(name)}", " ".join(overrides))
 
 
 def recipe_probes(out, names=None, *, n: int = 256, log=print) -> dict:

@@ -32,7 +32,7 @@ from ..io import ResultLog
 from ..sampling import generate
 from ..sampling.edit import edit_by_inversion, sdedit
 from ..sampling.settings import SamplingSettings
-from .reproduce import summarise
+from .runner import Options, experiment, summarise
 
 EDIT_KINDS = ("colour", "shape", "feature")
 EDIT_METHODS = {"invert": ("invert", 1.0), "sdedit 0.5": ("sdedit", 0.5),
@@ -117,12 +117,16 @@ def _held_out(dataset_cfg: dict, n: int, offset: int):
     return test, torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
 
 
-def editing(run_dir: Path, out: Path, log_path: Path, *, seeds: int = 3, n: int = 128, iters: int = 3,
-            steps: int | None = None, progress=print) -> dict:
-    """Edit ``n`` held-out images per seed (different images per seed) with every method and kind; resumable."""
-    from ..modeling.runs import load_run
+@experiment("editing", takes=("run", "seeds", "steps", "n"), seeds=3, n=128)
+def editing(opts: Options, *, iters: int = 3) -> dict:
+    """Edit ``opts.n`` held-out images per seed (different images per seed) with every method and kind, with the
+    run ``opts.run`` (its sampler at ``opts.steps`` steps, default its own); resumable through OUT/editing.jsonl."""
     from ..eval.evaluator import evaluator_for
+    from ..modeling.runs import load_run
 
+    if opts.run is None:
+        raise RunError("editing needs --run RUN, a run trained on the shapes data (e.g. by launch/train.py --config shapes)")
+    run_dir, n, seeds = Path(opts.run), opts.n, opts.seeds
     run = load_run(run_dir)
     parts, cfg, names = run.parts, run.cfg, run.parts.attr_names
     if cfg["dataset"]["type"] != "shapes" or cfg["dataset"].get("label_mode", "features") != "features":
@@ -130,38 +134,46 @@ def editing(run_dir: Path, out: Path, log_path: Path, *, seeds: int = 3, n: int 
                        f"recipe); {run_dir} has {cfg['dataset']['type']} data")
     evaluator, _, _ = evaluator_for(cfg["dataset"])
     s = cfg["sample"]
-    steps = steps or s["steps"]
+    steps = opts.steps or s["steps"]
     settings = lambda seed: SamplingSettings.of_run(cfg, {"steps": steps, "seed": seed})  # noqa: E731
-    log = ResultLog(log_path)
+    log = ResultLog(opts.path("editing", "jsonl"))
     base = {"run": str(run_dir), "step": run.step, "n": n, "steps": steps, "cfg_scale": s["cfg_scale"]}
     for seed in range(seeds):
         test, images, attrs = _held_out(cfg["dataset"], n, seed * n)
         for iters_r in RECONSTRUCT_ITERS:
-            key = {**base, "seed": seed, "method": "reconstruct", "kind": "none", "iters": iters_r}
-            if log.done(KEY, **key):
-                continue
-            rec = edit_by_inversion(parts, images, attrs, attrs, settings(seed), iters=iters_r)
-            err = (rec - images).float()
-            log.add({**key, "rmse": err.pow(2).mean().sqrt().item(), "max_abs": err.abs().max().item(),
-                     "psnr_db": (10 * torch.log10(4 / err.pow(2).mean())).item()})
-            progress(f"seed {seed} reconstruct iters {iters_r}: rmse {log.records[-1]['rmse']:.4f}")
+            def reconstruct(seed=seed, iters_r=iters_r, images=images, attrs=attrs) -> dict:
+                rec = edit_by_inversion(parts, images, attrs, attrs, settings(seed), iters=iters_r)
+                err = (rec - images).float()
+                out = {"rmse": err.pow(2).mean().sqrt().item(), "max_abs": err.abs().max().item(),
+                       "psnr_db": (10 * torch.log10(4 / err.pow(2).mean())).item()}
+                opts.progress(f"seed {seed} reconstruct iters {iters_r}: rmse {out['rmse']:.4f}")
+                return out
+
+            log.once(ordered({**base, "seed": seed, "method": "reconstruct", "kind": "none", "iters": iters_r}), reconstruct)
         for method, (how, strength) in EDIT_METHODS.items():
             for kind in EDIT_KINDS:
+                def edit(seed=seed, method=method, how=how, strength=strength, kind=kind, test=test, images=images,
+                         attrs=attrs) -> dict:
+                    target = edit_targets(attrs, kind, names)
+                    if how == "oracle":
+                        edited = torch.stack([test.image(oracle_params(test, seed * n + i, kind, i)) for i in range(n)])
+                    else:
+                        edited = edit_with(parts, settings(seed), how, strength, images, attrs, target, iters=iters)
+                    scores = edit_scores(evaluator, check_image, names, images, edited.float(), attrs, target)
+                    opts.progress(f"seed {seed} {method} {kind}: requested {scores['requested_right']:.3f} "
+                                  f"kept {scores['unrequested_kept']:.3f} |dcx| {scores['cx_abs_delta']:.3f}")
+                    return scores
+
                 key = {**base, "seed": seed, "method": method, "kind": kind, "iters": iters if how == "invert" else 0}
-                if log.done(KEY, **key):
-                    continue
-                target = edit_targets(attrs, kind, names)
-                if how == "oracle":
-                    edited = torch.stack([test.image(oracle_params(test, seed * n + i, kind, i)) for i in range(n)])
-                else:
-                    edited = edit_with(parts, settings(seed), how, strength, images, attrs, target, iters=iters)
-                scores = edit_scores(evaluator, check_image, names, images, edited.float(), attrs, target)
-                log.add({**key, **scores})
-                progress(f"seed {seed} {method} {kind}: requested {scores['requested_right']:.3f} "
-                         f"kept {scores['unrequested_kept']:.3f} |dcx| {scores['cx_abs_delta']:.3f}")
+                log.once(ordered(key), edit)
     _, images, attrs = _held_out(cfg["dataset"], 10, 0)
-    figure(out, parts, settings(0), images, attrs, names, iters=iters)
+    figure(opts.path("editing", "png"), parts, settings(0), images, attrs, names, iters=iters)
     return summarise_editing(log, base, seeds, iters)
+
+
+def ordered(key: dict) -> dict:
+    """``key`` in the field order of ``KEY`` (what a logged edit is keyed by)."""
+    return {f: key[f] for f in KEY}
 
 
 def edit_with(parts, settings: SamplingSettings, how: str, strength, images, attrs, target, *, iters: int):

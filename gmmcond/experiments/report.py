@@ -60,7 +60,7 @@ def paired_table(result: dict, columns=HEADLINE_ARM_COLUMNS) -> str:
     """Each arm minus the first arm, paired by seed: mean +- std (n - 1) of the per-seed differences over the seeds
     both ran, and on how many of them the difference is positive. Seed-to-seed variation shared by both arms
     (a harder seed for every arm) cancels here, which the unpaired table's spread cannot show."""
-    from .reproduce import summarise
+    from .runner import summarise
 
     arms = result["arms"]
     names = list(arms)
@@ -120,7 +120,7 @@ def open_table(result: dict) -> str:
     then each target met or missed (free-attribute error <= 1.5x the real floor; a partial request's seen
     conformity within 0.02 of the same model's with whole rows, paired by seed; negation >= 0.95; a single
     negation's colour shares within their real floor)."""
-    from .reproduce import summarise
+    from .runner import summarise
 
     arms = {a: result["arms"][a] for a in OPEN_ARMS if a in result.get("arms", {})}
     if not any("free_error_seen" in a for a in arms.values()):
@@ -196,7 +196,8 @@ def recipe_table(runs: list[Path]) -> str:
     training step time; the real-vs-real references below it."""
     from ..eval.evaluate import eval_summary
     from ..io import read_json, read_metrics
-    from .reproduce import median_step_time, shape_accuracy, summarise_records
+    from .reproduce import median_step_time, shape_accuracy
+    from .runner import summarise_records
 
     recs = []
     for run in runs:

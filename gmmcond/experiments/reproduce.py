@@ -1,8 +1,6 @@
 """The paper's experiments at small scale: each returns numbers (for JSON) and writes a PNG."""
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import statistics
 from dataclasses import replace
@@ -16,6 +14,7 @@ from ..math.gmm import expansion_means, normal_pdf
 from ..math.ngmg import density_learning
 from ..io import ResultLog, read_metrics
 from ..visualize import pyplot, save_figure, save_png
+from .runner import Options, arm_records, experiment, run_arms, select_arms, summarise, summarise_arms
 
 
 def mean_spread(curves: list[list[float]]) -> tuple[list[float], list[float]]:
@@ -32,8 +31,10 @@ def plot_band(ax, x: list[int], curves: list[list[float]], label: str) -> dict:
     return {"mean": mean, "std": std}
 
 
-def density(out: Path, bins: int = 50, steps: int = 10) -> dict:
+@experiment("density", takes=("steps",), steps=10)
+def density(opts: Options, bins: int = 50) -> dict:
     """Paper Fig. 11: Algorithm 1 moves a uniform pi_hat to a bimodal target; W1 per step for three settings."""
+    out, steps = opts.path("density", "png"), opts.steps
     means = expansion_means(bins)
     target = normal_pdf(means, 0.25, 0.06) + normal_pdf(means, 0.75, 0.06)
     target = target / target.sum()
@@ -73,11 +74,6 @@ def small_classifier(k: int) -> nn.Module:
         nn.Conv2d(16, 32, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(32 * 16, 64), nn.GELU(), nn.Linear(64, k),
     )
-
-
-def summarise(values: list[float]) -> dict:
-    """Mean, standard deviation (n - 1) and n of per-seed values."""
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
 
 def median_step_time(rows: list[dict]) -> float:
@@ -139,12 +135,13 @@ def train_classifier(loss_name: str, xs, ys, xt, yt, *, lr: float, seed: int, st
             "per_attribute_w1": per_attr_w1, "per_attribute_accuracy": acc}
 
 
-def ngmg_vs_bce(out: Path, log_path: Path, *, seeds: int = 5, lrs=(3e-4, 1e-3, 3e-3, 1e-2), steps: int = 300,
-                eval_every: int = 10, size: int = 16, rare_attr: str = "outline", rare_fraction: float = 0.05,
-                progress=print) -> dict:
+@experiment("ngmg-vs-bce", takes=("seeds", "steps"), seeds=5, steps=300)
+def ngmg_vs_bce(opts: Options, *, lrs=(3e-4, 1e-3, 3e-3, 1e-2), eval_every: int = 10, size: int = 16,
+                rare_attr: str = "outline", rare_fraction: float = 0.05) -> dict:
     """Paper Fig. 12: the same small CNN trained with BCE and both readings of NGMG entropy, over seeds and
     learning rates, on the shapes attributes as they are ("balanced") and with ``rare_attr`` present in
-    ``rare_fraction`` of the training images ("rare"). Resumable: finished runs are read from ``log_path``."""
+    ``rare_fraction`` of the training images ("rare"). Resumable: finished runs are read from OUT/ngmg-vs-bce.jsonl."""
+    seeds, steps, progress = opts.seeds, opts.steps, opts.progress
     from ..data.shapes import ShapesDataset
     from ..data.protocol import stack_items
 
@@ -152,19 +149,20 @@ def ngmg_vs_bce(out: Path, log_path: Path, *, seeds: int = 5, lrs=(3e-4, 1e-3, 3
     xs, ys = stack_items(train_set, range(len(train_set)))
     xt, yt = stack_items(test_set, range(len(test_set)))
     rare_col = list(train_set.attr_names).index(rare_attr)
-    log = ResultLog(log_path)
-    fields = ("setting", "lr", "loss", "seed")
+    log = ResultLog(opts.path("ngmg-vs-bce", "jsonl"))
     for setting in ("balanced", "rare"):
         sub = _rare_subset(ys, rare_col, rare_fraction, 0) if setting == "rare" else torch.arange(len(ys))
         for lr in lrs:
             for loss in NGMG_LOSSES:
                 for seed in range(seeds):
-                    if log.done(fields, setting=setting, lr=lr, loss=loss, seed=seed):
-                        continue
-                    r = train_classifier(loss, xs[sub], ys[sub], xt, yt, lr=lr, seed=seed, steps=steps, eval_every=eval_every)
-                    log.add({"setting": setting, "lr": lr, "loss": loss, "seed": seed, "steps": steps, **r})
-                    progress(f"  {setting} lr={lr:g} {loss} seed {seed}: test SSE {r['final_sse']:.3f}, "
-                             f"{rare_attr} W1 {r['per_attribute_w1'][rare_col]:.3f}")
+                    def compute(loss=loss, lr=lr, seed=seed, setting=setting, sub=sub) -> dict:
+                        r = train_classifier(loss, xs[sub], ys[sub], xt, yt, lr=lr, seed=seed, steps=steps,
+                                             eval_every=eval_every)
+                        progress(f"  {setting} lr={lr:g} {loss} seed {seed}: test SSE {r['final_sse']:.3f}, "
+                                 f"{rare_attr} W1 {r['per_attribute_w1'][rare_col]:.3f}")
+                        return {"steps": steps, **r}
+
+                    log.once({"setting": setting, "lr": lr, "loss": loss, "seed": seed}, compute)
     table: dict = {"steps": steps, "seeds": seeds, "lrs": list(lrs), "rare_attr": rare_attr,
                    "rare_fraction": rare_fraction, "settings": {}}
     for setting in ("balanced", "rare"):
@@ -179,7 +177,7 @@ def ngmg_vs_bce(out: Path, log_path: Path, *, seeds: int = 5, lrs=(3e-4, 1e-3, 3
                              "rare_attr_accuracy": summarise([r["per_attribute_accuracy"][rare_col] for r in rs]),
                              "per_seed_final_sse": [r["final_sse"] for r in rs]}
             table["settings"][setting][str(lr)] = row
-    _plot_ngmg_vs_bce(out, log.records, lrs, seeds, eval_every)
+    _plot_ngmg_vs_bce(opts.path("ngmg-vs-bce", "png"), log.records, lrs, seeds, eval_every)
     return table
 
 
@@ -265,101 +263,6 @@ def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) 
             "per_attribute": ev["per_attribute"], **eval_summary(ev)}
 
 
-# Settings that change neither the trained weights, the logged loss curve nor the evaluation (grids are drawn from
-# their own generator, checkpoints only save): two runs whose resolved configs differ only here are the same run
-# (tests/test_train.py trains both ways and compares the weights bit for bit).
-BOOKKEEPING = ("train.grid_every", "train.checkpoint_every", "train.keep_checkpoints", "sample.grid_rows",
-               "sample.grid_cols")
-
-
-def result_key(recipe: str, overrides: list[str], protocol: str) -> str:
-    """A digest of what a logged result depends on: the resolved config less ``BOOKKEEPING``, and how the run
-    was evaluated (``protocol``). Equal keys in two experiments' logs are one training and one evaluation."""
-    from ..config import load_config
-
-    cfg = load_config(recipe, overrides)
-    for dotted in BOOKKEEPING:
-        section, key = dotted.split(".")
-        cfg.get(section, {}).pop(key, None)
-    blob = json.dumps({"config": cfg, "protocol": protocol}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def run_arms(arms: dict[str, tuple[str, list[str]]], runs: Path, log: "ResultLog", prefix: str, *, seeds: int, n: int,
-             progress=print, evaluate=None, trained_by: dict[str, tuple] | None = None, train: bool = True,
-             reuse: tuple[ResultLog, ...] = ()) -> None:
-    """Train and evaluate every (arm, seed) not yet in ``log``, seed by seed, so each seed's arms land together.
-    ``arms`` maps a name to (recipe, overrides), the overrides led by the experiment's scale (``SCALES``); seed
-    ``s`` adds ``train.seed=s conditioner.seed=s``. A result is keyed by its arm, seed and full override list
-    (``config``), and its run folder carries a hash of that list, so a rerun with other settings (``--steps``)
-    trains afresh instead of reusing a finished run.
-    ``evaluate(arm, seed, recipe, overrides, run, n) -> record`` replaces :func:`train_and_evaluate` (and must
-    train too, e.g. through :func:`train_once`). ``trained_by`` maps an arm to (another arm, its (recipe,
-    overrides)) whose run folder it uses: arms that differ only in how they are sampled train once. ``train=False``
-    starts nothing (tabulate what is logged: each arm's summary then says how many seeds it has).
-    ``reuse``: other experiments' logs. Where the standard :func:`train_and_evaluate` would run, a record of theirs
-    with the same :func:`result_key` (the same training and evaluation, e.g. Fig. 9's "no head" and Fig. 7's
-    "features" at one scale) is logged again under this arm (``reused_from`` names its config) instead of
-    training the run a second time."""
-    if not train:
-        return
-    protocol = None if evaluate else f"train_and_evaluate n={n}"
-    for seed in range(seeds):
-        for arm, (recipe, overrides) in arms.items():
-            full, config = arm_config(recipe, overrides, seed)
-            if log.done(("arm", "seed", "config"), arm=arm, seed=seed, config=config):
-                continue
-            owner, trains = (trained_by or {}).get(arm, (arm, (recipe, overrides)))
-            digest = hashlib.sha256(arm_config(*trains, seed)[1].encode()).hexdigest()[:8]
-            run = runs / f"{prefix}_{arm_slug(owner)}_seed{seed}_{digest}"
-            key = result_key(recipe, full, protocol) if protocol else None
-            twin = next((r for other in reuse for r in other.records if key and r.get("result_key") == key), None)
-            if twin:
-                rec = {k: v for k, v in twin.items() if k not in ("arm", "seed", "config")}
-                rec["reused_from"] = twin["config"]
-                progress(f"  {arm} seed {seed}: the same run as {twin['arm']!r} seed {twin['seed']} in another log, reused")
-            else:
-                rec = evaluate(arm, seed, recipe, full, run, n) if evaluate else train_and_evaluate(recipe, full, run, n=n)
-                rec = {"run": str(run), **({"result_key": key} if key else {}), **rec}
-            log.add({"arm": arm, "seed": seed, "config": config, **rec})
-            progress(f"  {arm} seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items()
-                                                            if isinstance(v, float) and "reference" not in k))
-
-
-def arm_config(recipe: str, overrides: list[str], seed: int) -> tuple[list[str], str]:
-    """An arm's full override list at ``seed`` and the key its result is stored under."""
-    full = [*overrides, f"train.seed={seed}", f"conditioner.seed={seed}"]
-    return full, f"{recipe}: " + " ".join(full)
-
-
-def arm_slug(arm: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in arm).strip("_")
-
-
-def arm_records(log: "ResultLog", arms, arm: str, seeds: int) -> list[dict]:
-    """The finished records of ``arm`` for seeds below ``seeds`` under its current settings (``arms[arm]``)."""
-    want = {s: arm_config(*arms[arm], s)[1] for s in range(seeds)}
-    return [r for r in log.records if r["arm"] == arm and r["seed"] < seeds and r.get("config") == want[r["seed"]]]
-
-
-def summarise_arms(log: "ResultLog", arms, seeds: int) -> dict:
-    """Per arm: mean +- std over seeds of every number all its records share, and the per-seed records."""
-    out = {}
-    for arm in arms:
-        rs = arm_records(log, arms, arm, seeds)
-        if rs:
-            out[arm] = summarise_records(rs)
-    return out
-
-
-def summarise_records(rs: list[dict]) -> dict:
-    """Mean +- std over records (one per seed) of every number they all share, and the records themselves."""
-    keys = [k for k, v in rs[0].items() if isinstance(v, (int, float)) and k not in ("seed", "steps")
-            and all(isinstance(r.get(k), (int, float)) for r in rs)]
-    return {**{k: summarise([r[k] for r in rs]) for k in keys},
-            "per_seed": [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in rs]}
-
-
 def plot_loss_bands(out: Path, log: "ResultLog", arms, seeds: int, title: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
@@ -382,42 +285,34 @@ HEAD_ARMS = {"no head": ("shapes", ["head=none"]),
              "head bce": ("shapes", ["head=bottleneck_attrs", "head.loss=bce"])}
 
 
-def select_arms(table: dict, names: list[str] | None) -> dict:
-    """The arms of ``table`` named in ``names`` (all of them when ``names`` is empty), in the table's order; an
-    unknown name is a ConfigError that lists the arms."""
-    from ..errors import ConfigError
-
-    unknown = sorted(set(names or ()) - set(table))
-    if unknown:
-        raise ConfigError(f"unknown arm(s) {unknown}; this experiment's arms are: {', '.join(map(repr, table))}")
-    return {a: v for a, v in table.items() if not names or a in names}
-
-
-def loss_arms(arm_table: dict, prefix: str, title: str, out: Path, runs: Path, log_path: Path, *, seeds: int, steps: int,
-              n: int, scale: str, arms: list[str] | None = None, progress=print, train: bool = True,
-              reuse: tuple[ResultLog, ...] = ()) -> dict:
-    """Train and evaluate the arms of ``arm_table`` (those named in ``arms``, else all) at ``scale`` for ``steps``
-    steps and ``seeds`` seeds (:func:`run_arms`), plot their diffusion-loss bands, and summarise them."""
-    log = ResultLog(log_path)
-    base = [*scale_overrides(scale), f"train.steps={steps}", f"train.checkpoint_every={min(250, steps)}",
+def loss_arms(arm_table: dict, name: str, prefix: str, title: str, opts: Options) -> dict:
+    """Train and evaluate the arms of ``arm_table`` (those named in ``opts.arms``, else all) at ``opts.scale`` for
+    ``opts.steps`` steps and ``opts.seeds`` seeds (:func:`run_arms`, logged in OUT/NAME.jsonl), plot their
+    diffusion-loss bands (OUT/NAME.png), and summarise them."""
+    log = ResultLog(opts.path(name, "jsonl"))
+    steps = opts.steps
+    base = [*scale_overrides(opts.scale), f"train.steps={steps}", f"train.checkpoint_every={min(250, steps)}",
             "train.grid_every=0"]
-    chosen = select_arms(arm_table, arms)
+    chosen = select_arms(arm_table, opts.arms)
     if len(chosen) < len(arm_table):  # a subset: the legend names the arms drawn; the title must not name the rest
         title = f"{title.split(':')[0]}: {len(chosen)} of its {len(arm_table)} arms"
     arms = {arm: (recipe, [*base, *extra]) for arm, (recipe, extra) in chosen.items()}
-    run_arms(arms, runs, log, prefix, seeds=seeds, n=n, progress=progress, train=train, reuse=reuse)
-    plot_loss_bands(out, log, arms, seeds, f"{title}, {steps} steps ({scale} scale)")
-    return {"steps": steps, "seeds": seeds, "n": n, "scale": scale, "arms": summarise_arms(log, arms, seeds)}
+    run_arms(arms, log, opts, prefix, protocol=f"train_and_evaluate n={opts.n}",
+             evaluate=lambda arm, seed, recipe, full, run, n: train_and_evaluate(recipe, full, run, n=n))
+    plot_loss_bands(opts.path(name, "png"), log, arms, opts.seeds, f"{title}, {steps} steps ({opts.scale} scale)")
+    return {"steps": steps, "seeds": opts.seeds, "n": opts.n, "scale": opts.scale,
+            "arms": summarise_arms(log, arms, opts.seeds)}
 
 
-def head(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 1000, n: int = 512, scale: str = "v1",
-         arms: list[str] | None = None, progress=print, train: bool = True,
-         reuse: tuple[ResultLog, ...] = ()) -> dict:
+ARM_OPTIONS = ("seeds", "steps", "n", "scale", "arms", "train", "reuse")
+
+
+@experiment("head", takes=ARM_OPTIONS, seeds=3, steps=1000, n=512)
+def head(opts: Options) -> dict:
     """Paper Fig. 9: the default recipe's model and batch with no head, a head trained with NGMG entropy
     (surplus) and a head trained with BCE; diffusion-loss curves and the evaluation of each arm's samples.
-    Resumable per (arm, seed, config) through ``log_path``."""
-    result = loss_arms(HEAD_ARMS, "head", "shapes: no head / NGMG head / BCE head", out, runs, log_path, seeds=seeds,
-                       steps=steps, n=n, scale=scale, arms=arms, progress=progress, train=train, reuse=reuse)
+    Resumable per (arm, seed, config) through OUT/head.jsonl."""
+    result = loss_arms(HEAD_ARMS, "head", "head", "shapes: no head / NGMG head / BCE head", opts)
     for stats in result["arms"].values():  # results logged before head_share was: from their run folders, where present
         for r in stats["per_seed"]:
             metrics = Path(r["run"]) / "metrics.jsonl"
@@ -438,17 +333,15 @@ DISTRIBUTION_ARMS = {
 }
 
 
-def distribution(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 1000, n: int = 256,
-                 scale: str = "v1", arms: list[str] | None = None, progress=print, train: bool = True,
-                 reuse: tuple[ResultLog, ...] = ()) -> dict:
+@experiment("distribution", takes=ARM_OPTIONS, seeds=3, steps=1000, n=256)
+def distribution(opts: Options) -> dict:
     """The paper's central claim (Sec. 3.2, Eqs. 8-9): attributes embedded as a distribution (the GMM latent,
     with the paper's fixed pairing of one latent per training image, and with a fresh latent each step) against
     the same attributes as a fixed value (``attrs``, and ``gmm_attrs`` with every latent entry the mixture's
     mean: only the randomness removed); same model, steps and seeds. Conformity, defects, per-set
     recall / coverage / spread, memorisation (authenticity) and the loss. Resumable per (arm, seed, config)."""
-    return loss_arms(DISTRIBUTION_ARMS, "dist", "shapes: fixed value / GMM fixed pairing / GMM resample", out, runs,
-                     log_path, seeds=seeds, steps=steps, n=n, scale=scale, arms=arms, progress=progress, train=train,
-                     reuse=reuse)
+    return loss_arms(DISTRIBUTION_ARMS, "distribution", "dist",
+                     "shapes: fixed value / GMM fixed pairing / GMM resample", opts)
 
 
 CLASS_GRID_ROWS = "[circle_red,square_green,triangle_blue,circle_blue,square_red,triangle_green]"
@@ -461,8 +354,8 @@ FVC_ARMS = {
 }
 
 
-def features_vs_classes(out: Path, runs: Path, log_path: Path, *, seeds: int = 3, steps: int = 2000, n: int = 512,
-                        scale: str = "v1", progress=print, train: bool = True, reuse: tuple[ResultLog, ...] = ()) -> dict:
+@experiment("features-vs-classes", takes=("seeds", "steps", "n", "scale", "train", "reuse"), seeds=3, steps=2000, n=512)
+def features_vs_classes(opts: Options) -> dict:
     """Paper Fig. 7 on the shapes recipe at ``scale`` (``SCALES``) for ``steps`` steps: the 11 features vs one-hot
     shape x colour classes vs, as a control for information content, one-hot classes over all 288 attribute
     combinations; all through gmm_attrs, same model, steps and seeds. Accuracy on the attributes each labelling
@@ -472,10 +365,12 @@ def features_vs_classes(out: Path, runs: Path, log_path: Path, *, seeds: int = 3
     from ..data import shapes as S
     from ..io import read_json
 
-    log = ResultLog(log_path)
+    seeds, steps, n, scale, out = opts.seeds, opts.steps, opts.n, opts.scale, opts.path("features-vs-classes", "png")
+    log = ResultLog(opts.path("features-vs-classes", "jsonl"))
     arms = {arm: (recipe, [*scale_overrides(scale), f"train.steps={steps}", *extra])
             for arm, (recipe, extra) in FVC_ARMS.items()}
-    run_arms(arms, runs, log, "fvc", seeds=seeds, n=n, progress=progress, train=train, reuse=reuse)
+    run_arms(arms, log, opts, "fvc", protocol=f"train_and_evaluate n={n}",
+             evaluate=lambda arm, seed, recipe, full, run, n: train_and_evaluate(recipe, full, run, n=n))
     shared = S.SHAPES + S.COLOURS  # what every arm's labels fix: compare accuracy on these alone
     for rec in [r for arm in arms for r in arm_records(log, arms, arm, seeds)]:
         per = rec.get("per_attribute") or read_json(Path(rec["run"]) / "eval.json")["per_attribute"]
@@ -507,17 +402,18 @@ PRECISION_ARMS = {"fp32": ("shapes", ["train.precision=fp32", "train.compile=fal
                   "bf16 compiled": ("shapes", ["train.precision=bf16", "train.compile=true"])}
 
 
-def precision(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, n: int = 512, progress=print,
-              train: bool = True, reuse: tuple[ResultLog, ...] = ()) -> dict:
+@experiment("precision", takes=("seeds", "n", "train", "reuse"), seeds=2, n=512)
+def precision(opts: Options) -> dict:
     """Quality kept under the fastest setting: the shapes recipe at 2000 steps (``EXPERIMENT_SCALE``) trained
     at fp32 and at bf16 + torch.compile, ``seeds`` seeds each, every run evaluated the same way; per-seed
     values and mean +- std per arm."""
-    log = ResultLog(log_path)
+    log = ResultLog(opts.path("precision", "jsonl"))
     arms = {arm: (recipe, [*EXPERIMENT_SCALE, *extra, "train.grid_every=0"])
             for arm, (recipe, extra) in PRECISION_ARMS.items()}
-    run_arms(arms, runs, log, "precision", seeds=seeds, n=n, progress=progress, train=train, reuse=reuse)
-    plot_loss_bands(out, log, arms, seeds, "shapes: fp32 vs bf16 + torch.compile")
-    return {"seeds": seeds, "n": n, "arms": summarise_arms(log, arms, seeds)}
+    run_arms(arms, log, opts, "precision", protocol=f"train_and_evaluate n={opts.n}",
+             evaluate=lambda arm, seed, recipe, full, run, n: train_and_evaluate(recipe, full, run, n=n))
+    plot_loss_bands(opts.path("precision", "png"), log, arms, opts.seeds, "shapes: fp32 vs bf16 + torch.compile")
+    return {"seeds": opts.seeds, "n": opts.n, "arms": summarise_arms(log, arms, opts.seeds)}
 
 
 HELD_OUT_COMBINATIONS = ("triangle,red", "circle,green", "square,blue")
@@ -737,16 +633,17 @@ def latest_step(run: Path) -> int:
     return read_metrics(run / "metrics.jsonl")[-1]["step"]
 
 
-def combinations(out: Path, runs: Path, log_path: Path, *, seeds: int = 2, steps: int = 2000, per: int = 64,
-                 arms: list[str] | None = None, scale: str = "v1", progress=print, train: bool = True) -> dict:
+@experiment("combinations", takes=("seeds", "steps", "n", "scale", "arms", "train"), seeds=2, steps=2000, n=64)
+def combinations(opts: Options) -> dict:
     """Attribute combinations never seen in training (red triangle, green circle, blue square): conformity and
     defects on seen vs held-out combinations per arm and seed (:func:`combination_scores`), through
     :func:`run_arms` (resumable, keyed by the full arm config); ``arms`` picks some of ``COMBINATION_ARMS``."""
-    log = ResultLog(log_path)
-    table = combination_arms(steps, scale)
-    arms = select_arms(table, arms)
+    log = ResultLog(opts.path("combinations", "jsonl"))
+    table = combination_arms(opts.steps, opts.scale)
+    arms = select_arms(table, opts.arms)
     trained_by = {arm: (owner, table[owner]) for arm, owner in combination_training().items()}
-    run_arms(arms, runs, log, "comb", seeds=seeds, n=per, progress=progress, trained_by=trained_by, train=train,
+    out = opts.path("combinations", "png")
+    run_arms(arms, log, opts, "comb", trained_by=trained_by,
              evaluate=lambda *args: combination_scores(*args, out=out))
-    return {"held_out": list(HELD_OUT_COMBINATIONS), "seeds": seeds, "steps": steps, "scale": scale, "per": per,
-            "arms": summarise_arms(log, arms, seeds)}
+    return {"held_out": list(HELD_OUT_COMBINATIONS), "seeds": opts.seeds, "steps": opts.steps, "scale": opts.scale,
+            "per": opts.n, "arms": summarise_arms(log, arms, opts.seeds)}

@@ -1,16 +1,14 @@
 """Generate images for attribute rows from built components, with optional CFG and guidance wrappers."""
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from ..modeling.build import Components
 from ..errors import ConfigError
-from .settings import SamplingSettings
+from ..modeling.build import Components
 from .guidance import CFGDenoiser, ComposedGuidanceDenoiser
 from .samplers import sample
+from .settings import SamplingSettings
 
 
 def composed_conditions(conditioner, terms: list[tuple[int, float]], z: torch.Tensor) -> torch.Tensor:

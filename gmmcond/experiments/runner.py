@@ -1,0 +1,206 @@
+"""One experiment runner: what an experiment is asked for (:class:`Options`), the registry of experiments and the
+options each takes (:data:`EXPERIMENTS`, filled by ``@experiment``), and the one resumable unit every experiment,
+recipe probe and the editing measurement is built from: a result keyed by its full config, logged the moment it
+is done and read back on a rerun (:meth:`gmmcond.io.ResultLog.once`), with its run folder named by a hash of that config
+(:func:`run_folder`), so a rerun with other settings trains afresh instead of reusing a finished run.
+
+``python launch/reproduce.py NAME`` is a thin entry point over this registry.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+from ..errors import ConfigError
+from ..io import ResultLog
+
+
+@dataclass(frozen=True)
+class Options:
+    """What an experiment is asked for; each experiment takes the fields its registry entry lists (``takes``) and
+    fills the rest it needs from its ``defaults``."""
+
+    out: Path = Path("runs/reproduce")  # OUT: NAME.json, NAME.png, NAME.jsonl (the result log), runs/
+    seeds: int | None = None
+    steps: int | None = None  # training steps (editing: sampling steps)
+    n: int | None = None  # evaluated samples per run (combinations: per combination)
+    scale: str = "v1"  # SCALES key: the recipe scale every arm's overrides start from
+    arms: tuple[str, ...] = ()  # some of the experiment's arms (default all)
+    train: bool = True  # False: train and evaluate nothing, tabulate what is logged
+    reuse: tuple[ResultLog, ...] = ()  # other experiments' result logs whose identical arms are taken over
+    run: Path | None = None  # editing: the trained run whose edits are measured
+    progress: Callable[[str], None] = field(default=print, compare=False)
+
+    def path(self, name: str, suffix: str) -> Path:
+        """OUT/NAME.suffix."""
+        return self.out / f"{name}.{suffix}"
+
+    @property
+    def runs(self) -> Path:
+        """The folder the experiment's runs train into."""
+        return self.out / "runs"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A registered experiment: its function (Options -> the JSON result), the options it takes, its defaults."""
+
+    name: str
+    fn: Callable[[Options], dict]
+    takes: frozenset[str]
+    defaults: dict
+    summary: str
+
+    def options(self, given: dict) -> Options:
+        """Options from ``given`` (None values unset): an option this experiment does not take is an error that
+        names the experiments that do; unset ones come from the defaults."""
+        valid = {f.name for f in fields(Options)}
+        for key, value in given.items():
+            if key not in valid:
+                raise ConfigError(f"unknown experiment option {key!r}; valid: {', '.join(sorted(valid))}")
+            if value is not None and value != () and key not in self.takes | {"out", "progress"}:
+                users = [e.name for e in EXPERIMENTS.values() if key in e.takes]
+                raise ConfigError(f"--{key.replace('_', '-')} applies to {', '.join(users) or 'no experiment'}, "
+                                  f"not {self.name}")
+        merged = {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
+        return Options(**merged)
+
+    def __call__(self, opts: Options) -> dict:
+        return self.fn(opts)
+
+
+EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def experiment(name: str, takes: tuple[str, ...], **defaults) -> Callable:
+    """Register ``fn(opts: Options) -> dict`` as experiment ``name`` taking the options ``takes``."""
+    def register(fn: Callable[[Options], dict]) -> Callable[[Options], dict]:
+        EXPERIMENTS[name] = Experiment(name, fn, frozenset(takes), defaults, (fn.__doc__ or "").split("\n")[0])
+        return fn
+    return register
+
+
+# ------------------------------------------------------------------------------------------- the resumable unit
+
+def run_folder(runs: Path, stem: str, config: str) -> Path:
+    """The run folder of an arm: RUNS/STEM_HASH, the hash of its full config (other settings, another folder: a
+    finished run is only ever reused under the same config)."""
+    return runs / f"{stem}_{hashlib.sha256(config.encode()).hexdigest()[:8]}"
+
+
+def arm_slug(arm: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in arm).strip("_")
+
+
+def arm_config(recipe: str, overrides: list[str], seed: int) -> tuple[list[str], str]:
+    """An arm's full override list at ``seed`` and the key its result is stored under."""
+    full = [*overrides, f"train.seed={seed}", f"conditioner.seed={seed}"]
+    return full, f"{recipe}: " + " ".join(full)
+
+
+# Settings that change neither the trained weights, the logged loss curve nor the evaluation (grids are drawn from
+# their own generator, checkpoints only save): two runs whose resolved configs differ only here are the same run
+# (tests/test_train.py trains both ways and compares the weights bit for bit).
+BOOKKEEPING = ("train.grid_every", "train.checkpoint_every", "train.keep_checkpoints", "sample.grid_rows",
+               "sample.grid_cols")
+
+
+def result_key(recipe: str, overrides: list[str], protocol: str) -> str:
+    """A digest of what a logged result depends on: the resolved config less ``BOOKKEEPING``, and how the run
+    was evaluated (``protocol``). Equal keys in two experiments' logs are one training and one evaluation."""
+    from ..config import load_config
+
+    cfg = load_config(recipe, overrides)
+    for dotted in BOOKKEEPING:
+        section, key = dotted.split(".")
+        cfg.get(section, {}).pop(key, None)
+    blob = json.dumps({"config": cfg, "protocol": protocol}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+ArmEval = Callable[[str, int, str, list, Path, int], dict]  # (arm, seed, recipe, full overrides, run, n) -> record
+
+
+def run_arms(arms: dict[str, tuple[str, list[str]]], log: ResultLog, opts: Options, prefix: str, *,
+             evaluate: ArmEval, protocol: str | None = None, trained_by: dict[str, tuple] | None = None) -> None:
+    """Train and evaluate every (arm, seed) not yet in ``log``, seed by seed, so each seed's arms land together.
+    ``arms`` maps a name to (recipe, overrides), the overrides led by the experiment's scale; seed ``s`` adds
+    ``train.seed=s conditioner.seed=s``. A result is keyed by its arm, seed and full override list (``config``),
+    its run folder by a hash of that list (:func:`run_folder`). ``evaluate(arm, seed, recipe, full, run, n)``
+    trains (resuming a partial run) and scores one arm. ``trained_by`` maps an arm to (another arm, its (recipe,
+    overrides)) whose run folder it uses: arms that differ only in how they are sampled train once.
+    ``opts.train=False`` starts nothing. ``opts.reuse``: other experiments' logs; where ``protocol`` names how an
+    arm is evaluated, a record of theirs with the same :func:`result_key` (the same training and evaluation, e.g.
+    Fig. 9's "no head" and Fig. 7's "features" at one scale) is logged again under this arm (``reused_from`` names
+    its config) instead of training the run a second time."""
+    if not opts.train:
+        return
+    for seed in range(opts.seeds):
+        for arm, (recipe, overrides) in arms.items():
+            full, config = arm_config(recipe, overrides, seed)
+            owner, trains = (trained_by or {}).get(arm, (arm, (recipe, overrides)))
+            run = run_folder(opts.runs, f"{prefix}_{arm_slug(owner)}_seed{seed}", arm_config(*trains, seed)[1])
+
+            def compute() -> dict:
+                key = result_key(recipe, full, protocol) if protocol else None
+                twin = next((r for other in opts.reuse for r in other.records if key and r.get("result_key") == key), None)
+                if twin:
+                    opts.progress(f"  {arm} seed {seed}: the same run as {twin['arm']!r} seed {twin['seed']} in another "
+                                  f"log, reused")
+                    return {**{k: v for k, v in twin.items() if k not in ("arm", "seed", "config")},
+                            "reused_from": twin["config"]}
+                rec = {"run": str(run), **({"result_key": key} if key else {}), **evaluate(arm, seed, recipe, full, run, opts.n)}
+                opts.progress(f"  {arm} seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items()
+                                                                   if isinstance(v, float) and "reference" not in k))
+                return rec
+
+            log.once({"arm": arm, "seed": seed, "config": config}, compute)
+
+
+# ------------------------------------------------------------------------------------------------ summaries
+
+def summarise(values: list[float]) -> dict:
+    """Mean and sample standard deviation (n - 1; 0 for one value) of ``values``, and their count."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def arm_records(log: ResultLog, arms, arm: str, seeds: int) -> list[dict]:
+    """The finished records of ``arm`` for seeds below ``seeds`` under its current settings (``arms[arm]``)."""
+    want = {s: arm_config(*arms[arm], s)[1] for s in range(seeds)}
+    return [r for r in log.records if r["arm"] == arm and r["seed"] < seeds and r.get("config") == want[r["seed"]]]
+
+
+def summarise_records(rs: list[dict]) -> dict:
+    """Mean +- std over records (one per seed) of every number they all share, and the records themselves."""
+    keys = [k for k, v in rs[0].items() if isinstance(v, (int, float)) and k not in ("seed", "steps")
+            and all(isinstance(r.get(k), (int, float)) for r in rs)]
+    return {**{k: summarise([r[k] for r in rs]) for k in keys},
+            "per_seed": [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in rs]}
+
+
+def summarise_arms(log: ResultLog, arms, seeds: int) -> dict:
+    """Per arm: mean +- std over seeds of every number all its records share, and the per-seed records."""
+    out = {}
+    for arm in arms:
+        rs = arm_records(log, arms, arm, seeds)
+        if rs:
+            out[arm] = summarise_records(rs)
+    return out
+
+
+def select_arms(table: dict, names) -> dict:
+    """The arms of ``table`` named in ``names`` (all of them when ``names`` is empty), in the table's order; an
+    unknown name is a ConfigError that lists the arms."""
+    unknown = sorted(set(names or ()) - set(table))
+    if unknown:
+        raise ConfigError(f"unknown arm(s) {unknown}; this experiment's arms are: {', '.join(map(repr, table))}")
+    return {a: v for a, v in table.items() if not names or a in names}
+
+
+__all__ = ["Options", "Experiment", "EXPERIMENTS", "experiment", "run_folder", "run_arms", "arm_config",
+           "arm_slug", "result_key", "BOOKKEEPING", "summarise", "summarise_records", "summarise_arms", "arm_records",
+           "select_arms"]
