@@ -17,3 +17,13 @@ def tiny_cfg():
         return load_config("shapes_tiny", overrides)
 
     return make
+
+
+@pytest.fixture
+def tiny_run(tiny_cfg, tmp_path):
+    """A trained tiny run (three steps) at tmp_path/runs/tiny."""
+    from gmmcond.engine.trainer import train
+
+    run = tmp_path / "runs" / "tiny"
+    train(tiny_cfg(), run)
+    return run

@@ -1,6 +1,7 @@
 import pytest
 import yaml
 
+from entry import ROOT
 from gmmcond.config import load_config, recipes_dir, yaml_load
 from gmmcond.errors import ConfigError
 from gmmcond.data.attrs import parse_expr
@@ -140,3 +141,13 @@ def test_every_recipe_probe_builds():
                 node = node[key]
             assert node == yaml_load(value, override), (name, override)
         build(cfg)
+
+
+@pytest.mark.parametrize("text", ["1e-4", "3E-4", "1e6", "1.0e-4", "2e-3"])
+def test_yaml_floats_in_scientific_notation_are_floats(text, tmp_path):
+    assert load_config("shapes_tiny", [f"train.lr={text}"])["train"]["lr"] == float(text)
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text((ROOT / "registry" / "shapes_tiny.yaml").read_text().replace("  batch_size: 8", f"  batch_size: 8\n  lr: {text}"))
+    cfg = load_config(recipe)
+    assert cfg["train"]["lr"] == float(text) and isinstance(cfg["train"]["lr"], float)
+    assert cfg["train"]["steps"] == 3 and isinstance(cfg["train"]["steps"], int)  # ints stay ints

@@ -1,4 +1,5 @@
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -6,6 +7,7 @@ import torch
 from PIL import Image
 
 from gmmcond.errors import DatasetError
+from entry import ROOT, assert_one_line, run_entry
 from gmmcond.registry import DATASETS
 from gmmcond.data.local import held_out
 from gmmcond.data.shapes import ATTR_NAMES, CLASS_NAMES, ShapesDataset
@@ -197,3 +199,32 @@ def test_attribute_expressions_and_group_contradictions():
     assert parse_expr("~circle", names, groups).known.tolist() == [1, 0, 0, 0, 0]
     implied = parse_expr("~circle,~square", names, groups)  # the one member left of an exclusive group is present
     assert implied.values.tolist() == [0, 0, 1, 0, 0] and implied.known.tolist() == [1, 1, 1, 0, 0]
+
+
+def test_an_image_that_does_not_decode_is_named_with_its_csv_row(tmp_path, capsys):
+    write_folder(tmp_path)
+    data = (tmp_path / "img_005.png").read_bytes()
+    (tmp_path / "img_005.png").write_bytes(data[: len(data) // 2])
+    recipe = tmp_path / "folder.yaml"
+    recipe.write_text((ROOT / "registry" / "shapes_tiny.yaml").read_text().replace(
+        "  type: shapes\n  size: 16\n  length: 256", f"  type: imagefolder_attrs\n  root: {tmp_path}\n  size: 16\n  holdout: 0"))
+    code, err = run_entry("train", "--config", recipe, "--runs", tmp_path / "runs", "sample.grid_rows=[cat]",
+                          capsys=capsys)
+    assert_one_line(code, err, f"{tmp_path / 'img_005.png'} (listed at {tmp_path / 'attrs.csv'}:7) does not decode")
+
+
+def test_a_csv_whose_first_column_is_not_file_names_says_so(tmp_path):
+    from gmmcond.errors import DatasetError
+    from gmmcond.registry import DATASETS
+
+    (tmp_path / "attrs.csv").write_text("id,cat,dog\n0,1,0\n1,0,1\n")
+    with pytest.raises(DatasetError, match=r"the first column \('id'\) must hold the image file names"):
+        DATASETS.build({"type": "imagefolder_attrs", "root": str(tmp_path), "holdout": 0})
+
+
+def write_folder(root: Path, n: int = 12, header: str = "file,cat,dog") -> None:
+    rows = [header]
+    for i in range(n):
+        Image.new("RGB", (20, 20), (10 * i, 0, 0)).save(root / f"img_{i:03d}.png")
+        rows.append(f"img_{i:03d}.png,{i % 2},{1 - i % 2}")
+    (root / "attrs.csv").write_text("\n".join(rows) + "\n")

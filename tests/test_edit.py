@@ -1,11 +1,10 @@
 """Attribute editing: inversion is the exact inverse of k-diffusion's Euler sampler; SDEdit; edit requests; the CLI."""
-import subprocess
-import sys
 
 import k_diffusion as K
 import pytest
 import torch
 
+from entry import run_captured
 from gmmcond.data.attrs import parse_expr
 from gmmcond.data.shapes import ATTR_NAMES, COLOURS, SHAPES
 from gmmcond.errors import ConfigError
@@ -121,11 +120,10 @@ def test_the_cli_writes_an_edit_grid_and_names_a_bad_request(tiny_cfg, tmp_path)
     train(tiny_cfg(), run)
     image = tmp_path / "shape.png"
     render(DATASETS.build({"type": "shapes", "split": "test"}).params(0), 16).save(image)
-    cmd = [sys.executable, str(ROOT / "launch" / "sample.py"), "--run", str(run), "--edit", str(image), "--n", "2"]
-    ok = subprocess.run(cmd + ["--attrs", "blue", "--source-attrs", "circle,red", "--out", str(tmp_path / "e.png")],
-                        capture_output=True, text=True, cwd=ROOT)
+    cmd = ["--run", run, "--edit", image, "--n", "2"]
+    ok = run_captured("sample", *cmd, "--attrs", "blue", "--source-attrs", "circle,red", "--out", tmp_path / "e.png")
     assert ok.returncode == 0, ok.stderr
     assert "source attributes: circle,red" in ok.stdout and "asks for: circle,blue" in ok.stdout
     assert (tmp_path / "e.png").exists()
-    bad = subprocess.run(cmd + ["--attrs", "purple", "--source-attrs", "circle,red"], capture_output=True, text=True, cwd=ROOT)
+    bad = run_captured("sample", *cmd, "--attrs", "purple", "--source-attrs", "circle,red")
     assert bad.returncode == 2 and "unknown attribute(s) ['purple']" in bad.stderr

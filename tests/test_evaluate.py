@@ -6,7 +6,7 @@ import torch
 from gmmcond.data import shapes as S
 from gmmcond.data.shapes import check_image
 from gmmcond.data.shapes import ShapesDataset
-from gmmcond.errors import ConfigError
+from gmmcond.engine.trainer import train
 
 
 def render(params, size=16):
@@ -103,66 +103,6 @@ def test_evaluate_run_on_user_data_uses_confidence_and_nearest_neighbours(tiny_c
     assert again == result  # the same run, evaluator and seed: the same numbers
 
 
-def test_recipe_table_gives_mean_and_sample_std_over_runs(tmp_path):
-    import json
-    import statistics
-
-    from gmmcond.experiments.report import recipe_table
-
-    runs = []
-    for k, acc in enumerate((0.90, 0.94)):
-        run = tmp_path / f"seed{k}"
-        run.mkdir()
-        ev = {"attr_accuracy": acc, "all_attributes_correct": 0.5, "defect_rate": 0.1 * (k + 1),
-              "per_attribute": {"circle": 0.7, "square": 0.8 + 0.1 * k, "triangle": 0.9},
-              **{m: {"value": 0.8, "real_reference": 0.99} for m in ("fd", "kid", "recall", "coverage", "precision")}}
-        (run / "eval.json").write_text(json.dumps(ev))
-        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "sec_per_step": t}) + "\n"
-                                                   for s, t in ((10, 9.0), (20, 0.1 + k), (30, 0.3 + k))))
-        runs.append(run)
-    table = recipe_table(runs)
-    row = next(line for line in table.splitlines() if line.startswith("| default recipe"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    sd = statistics.stdev
-    assert cells[1] == "2"
-    assert cells[2] == f"{0.7:.3f} +- {sd([0.2, 1.2]):.3f}"  # median step time without the first (compiling) interval
-    assert cells[3] == f"{0.92:.4f} +- {sd([0.90, 0.94]):.4f}"
-    shape = [statistics.fmean([0.7, 0.8, 0.9]), statistics.fmean([0.7, 0.9, 0.9])]  # mean of circle, square, triangle
-    assert cells[4] == f"{statistics.fmean(shape):.3f} +- {sd(shape):.3f}"
-    assert cells[5] == f"{0.15:.3f} +- {sd([0.1, 0.2]):.3f}"
-    assert "| real vs real (reference) |" in table
-
-
-def test_paper_experiments_keep_the_scale_they_were_measured_at():
-    from gmmcond.config import load_config
-    from gmmcond.experiments.reproduce import EXPERIMENT_SCALE
-
-    cfg = load_config("shapes", list(EXPERIMENT_SCALE))
-    assert (cfg["train"]["steps"], cfg["train"]["compile"], cfg["model"]["self_attn_depths"]) == (2000, False, [False] * 3)
-    assert cfg["denoiser"]["loss"] == "karras" and load_config("shapes")["denoiser"]["loss"] == "soft_min_snr"
-    assert load_config("shapes", [*EXPERIMENT_SCALE, "train.steps=1000"])["train"]["steps"] == 1000  # an arm's own wins
-
-
-def test_an_experiment_scale_leads_each_arm_and_its_result_key(tmp_path):
-    from gmmcond.config import load_config
-    from gmmcond.experiments.reproduce import EXPERIMENT_SCALE, SCALES, combination_arms
-    from gmmcond.experiments.runner import arm_config
-
-    recipe, overrides = combination_arms(500)["features joint"]
-    full, key = arm_config(recipe, overrides, 1)
-    # v1 keys read exactly as before scales existed: results logged then still count
-    assert key == "shapes: " + " ".join([*EXPERIMENT_SCALE, *overrides[len(EXPERIMENT_SCALE):], "train.seed=1",
-                                          "conditioner.seed=1"])
-    assert load_config(recipe, full)["train"]["steps"] == 500
-    recipe, overrides = combination_arms(500, "recipe")["features joint"]
-    cfg = load_config(recipe, arm_config(recipe, overrides, 0)[0])
-    default = load_config("shapes")
-    assert SCALES["recipe"] == () and cfg["denoiser"]["loss"] == default["denoiser"]["loss"]
-    assert cfg["model"]["self_attn_depths"] == default["model"]["self_attn_depths"] and cfg["train"]["steps"] == 500
-    with pytest.raises(ConfigError, match="unknown experiment scale 'v2'; the scales are: v1, recipe"):
-        combination_arms(500, "v2")
-
-
 def test_a_collapsed_sampler_scores_perfect_conformity_but_no_per_set_coverage_or_spread(tiny_cfg, tmp_path, monkeypatch):
     """One canonical real image per attribute row (no variation at all): the headline per-set numbers must
     expose it while accuracy and conformity stay perfect."""
@@ -206,41 +146,30 @@ def test_evaluator_weights_are_hashed_and_an_altered_file_is_refused(tmp_path):
         load_evaluator(path)
 
 
-def test_the_report_names_each_experiments_scale_steps_and_seeds(tmp_path):
-    import json
+def test_evaluation_at_small_n_warns(tiny_run):
+    from gmmcond.eval.evaluate import EvalSize, evaluate_run
 
-    from gmmcond.experiments.report import report
-
-    stat = {"mean": 0.5, "std": 0.1, "n": 2}
-    result = {"steps": 1500, "seeds": 2, "scale": "recipe",
-              "arms": {"fixed value (attrs)": {"all_attributes_correct": stat, "defect_rate": stat}}}
-    (tmp_path / "distribution.json").write_text(json.dumps(result))
-    text = report(tmp_path)
-    assert "### distribution (`python launch/reproduce.py distribution --scale recipe --steps 1500 --seeds 2`)" in text
-    assert "| fixed value (attrs) | 2 | 0.500 +- 0.100 | 0.500 +- 0.100 |" in text
+    result = evaluate_run(tiny_run, None, EvalSize(n=8, sets=0), progress=False, write=False)
+    assert result["warnings"] and "n=8 is below 64" in result["warnings"][0]
 
 
-def test_the_report_pairs_each_arm_with_the_first_by_seed():
-    from gmmcond.experiments.report import paired_table
+def test_sweep_evaluates_each_point_once_and_resumes(tiny_cfg, tmp_path, monkeypatch):
+    from gmmcond.eval import evaluate, sweep
 
-    def arm(values):  # per-seed losses, seeds 0..k-1
-        return {"per_seed": [{"seed": s, "last100": v} for s, v in enumerate(values)]}
+    run = tmp_path / "run"
+    train(tiny_cfg(), run)
+    calls = []
+    real = evaluate.evaluate_run
 
-    # seed 2 of "head" has no partner in "no head" and is left out; differences -0.002, -0.001: mean -0.0015,
-    # std (n - 1) 0.000707...
-    result = {"arms": {"no head": arm([0.010, 0.020]), "head": arm([0.008, 0.019, 0.5]), "other": {"per_seed": []}}}
-    text = paired_table(result)
-    assert "each arm minus 'no head'" in text
-    assert "| head | 2 | -0.0015 +- 0.0007 (0 of 2 > 0) |" in text
-    assert "| other |" not in text  # no seed in common: no row
-    assert paired_table({"arms": {"no head": arm([0.01])}}) == ""
+    def counted(*args, **kw):
+        calls.append(args[1]["cfg_scale"])  # the sampling overrides
+        return real(*args, **kw)
 
-
-def test_the_heads_share_of_the_objective_is_read_from_the_logged_losses():
-    from gmmcond.experiments.reproduce import head_share
-
-    rows = [{"step": 10, "loss": 0.010, "diffusion": 0.008, "head": 0.02},  # 0.1 x 0.02 = 0.002 of 0.010: 0.2
-            {"step": 20, "loss": 0.005, "diffusion": 0.004, "head": 0.01},  # 0.001 of 0.005: 0.2
-            {"step": 30, "loss": 0.008, "diffusion": 0.002, "head": 0.06}]  # 0.006 of 0.008: 0.75
-    assert abs(head_share(rows) - (0.2 + 0.2 + 0.75) / 3) < 1e-12
-    assert head_share([{"step": 10, "loss": 0.01, "diffusion": 0.01}]) is None  # no head logged
+    monkeypatch.setattr(evaluate, "evaluate_run", counted)
+    kw = dict(n=6, sets=0, samplers={"euler": {"type": "euler"}}, scales=(1.0, 2.0), progress=lambda *_: None)
+    first = sweep.sweep(run, **kw)
+    assert calls == [1.0, 2.0] and [p["cfg_scale"] for p in first["points"]] == [1.0, 2.0]
+    assert 0 <= first["points"][0]["attr_accuracy"] <= 1 and "recall" in first["points"][0]["references"]
+    again = sweep.sweep(run, **kw)  # a re-run reads the finished points and evaluates nothing
+    assert calls == [1.0, 2.0] and again["points"] == first["points"]
+    assert (run / "sweep.png").exists() and (run / "sweep.json").exists()

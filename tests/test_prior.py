@@ -1,14 +1,13 @@
 """The attribute prior a run carries, and requests whose open attributes are drawn from it (open=data)."""
 import collections
 import csv
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from entry import run_captured
 from gmmcond.data.attrs import parse_expr
 from gmmcond.data.prior import PRIOR_FILE, AttributePrior, load_prior
 from gmmcond.data.shapes import ATTR_NAMES, ShapesDataset
@@ -21,7 +20,6 @@ from gmmcond.registry import DATASETS
 from gmmcond.sampling import generate
 from gmmcond.sampling.requests import resolve_requests
 
-from conftest import ROOT
 
 NAMES = list(ATTR_NAMES)
 GROUPS = [["circle", "square", "triangle"], ["red", "green", "blue"]]
@@ -177,9 +175,9 @@ def test_a_run_whose_data_is_gone_says_how_to_sample_it(tiny_cfg, tmp_path):
 def test_sample_cli_saves_each_sample_with_the_row_it_was_conditioned_on(tiny_cfg, tmp_path):
     run = tmp_path / "run"
     train(tiny_cfg(), run)
-    cmd = [sys.executable, str(ROOT / "launch" / "sample.py"), "--run", str(run), "--attrs", "circle,red,large",
-           "--attrs", "~circle,~square", "--n", "3", "--steps", "2", "--save", str(tmp_path / "out")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    cmd = ["--run", run, "--attrs", "circle,red,large", "--attrs", "~circle,~square", "--n", "3", "--steps", "2",
+           "--save", tmp_path / "out"]
+    done = run_captured("sample", *cmd)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "'circle,red,large': open attributes drawn from the data, frequency over 3 samples: left" in done.stdout
     with open(tmp_path / "out" / "samples.csv") as f:
@@ -190,32 +188,8 @@ def test_sample_cli_saves_each_sample_with_the_row_it_was_conditioned_on(tiny_cf
     assert (first["request"], first["circle"], first["red"], first["large"]) == ("circle,red,large", "1", "1", "1")
     assert first["drawn"] == "left;top;dark_bg;outline"
     assert all(r["triangle"] == "1" and r["drawn"].startswith("red;green;blue") for r in table[3:])
-    model = subprocess.run([*cmd[:-2], "--open", "model"], capture_output=True, text=True, timeout=300)
+    model = run_captured("sample", *cmd[:-2], "--open", "model")
     assert model.returncode == 2 and "open=model needs a run trained with conditioner.attr_dropout > 0" in model.stderr
-
-
-def test_the_open_table_reports_each_target_met_or_missed_from_the_records():
-    from gmmcond.experiments.report import open_table
-    from gmmcond.experiments.runner import summarise_records
-
-    def rec(seed, **kw):
-        return {"seed": seed, "steps": 1, **kw}
-
-    data = [rec(s, conformity_seen=c, conformity_held_out=0.5, free_error_seen=e, free_floor_seen=0.04,
-                free_error_held_out=0.2, free_floor_held_out=0.05, negation_conformity=0.97,
-                single_negation_error=0.05, single_negation_floor=0.06) for s, c, e in ((0, 0.85, 0.05), (1, 0.80, 0.07))]
-    joint = [rec(s, conformity_seen=c, conformity_held_out=0.4) for s, c in ((0, 0.86, ), (1, 0.84))]
-    result = {"arms": {"features joint": summarise_records(joint), "features, open from data": summarise_records(data)}}
-    table = open_table(result)
-    assert "| features, open from data | plain model, open=data | 2 |" in table
-    # (0.05 / 0.04 + 0.07 / 0.04) / 2 = 1.5: met; held-out 0.2 / 0.05 = 4: missed by 2.5x
-    assert "features, open from data, seen: free-attribute error / real floor 1.50 +- 0.35 (target <= 1.5): met" in table
-    assert "held-out: free-attribute error / real floor 4.00 +- 0.00 (target <= 1.5): missed by 2.50x" in table
-    assert "negation conformity 0.970 +- 0.000 (target >= 0.95): met" in table
-    assert "colour-share error minus its real floor -0.010 +- 0.000 (target <= 0): met" in table
-    # paired by seed: (0.85 - 0.86, 0.80 - 0.84) -> -0.025 +- 0.021: missed by 0.005
-    assert "minus features joint, seen conformity paired by seed (2 seeds): -0.025 +- 0.021 (target >= -0.02): missed by 0.005" in table
-    assert open_table({"arms": {"features joint": summarise_records(joint)}}) == ""  # nothing open: no table
 
 
 def test_the_prior_costs_the_training_nothing(tiny_cfg, tmp_path, monkeypatch):

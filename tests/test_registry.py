@@ -3,7 +3,6 @@ import inspect
 import k_diffusion as K
 import pytest
 
-import gmmcond  # noqa: F401
 from gmmcond.registry import SAMPLERS, Registry, RegistryError
 
 

@@ -1,7 +1,12 @@
+import json
+
 import k_diffusion as K
 import pytest
 import torch
 
+from entry import run_captured
+from gmmcond.engine.trainer import train
+from gmmcond.modeling.runs import load_run
 from gmmcond.registry import SAMPLERS
 from gmmcond.sampling import CFGDenoiser, sample, sample_x0_reproject
 from gmmcond.sampling.testbed import GaussianMixtureDenoiser, sliced_wasserstein
@@ -236,3 +241,53 @@ def test_seeded_dpm_fast_and_adaptive_repeat_and_depend_on_the_seed():
         run = lambda seed: sample(node, model, noise, sigmas, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(run(1), run(1))
         assert not torch.equal(run(1), run(2))
+
+
+def test_sample_cli_writes_grids_lists_valid_attributes_and_exports(tiny_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg("head=bottleneck_attrs"), run)
+    bad = run_sample("--run", run, "--attrs", "circle,purple")
+    assert bad.returncode == 2
+    assert "unknown attribute(s) ['purple'] in 'circle,purple'; valid attributes: circle, square, triangle, red, green, blue" in bad.stderr
+    for mode in ("latents", "fixed-latent", "x0-strip"):
+        ok = run_sample("--run", run, "--attrs", "circle,red", "--n", 2, "--steps", 3, "--mode", mode, "--head-scale", 1.0,
+                        "--cfg-scale", 2.0, "--export", tmp_path / "ema.safetensors")  # head guidance and CFG together
+        assert ok.returncode == 0, ok.stderr[-2000:]
+        assert (run / "samples" / f"{mode}_circle-red.png").exists()
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "ema.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["config"])["head"]["type"] == "bottleneck_attrs"
+        parts = load_run(run).parts
+        expected = set(parts.denoiser.inner_model.state_dict()) | {f"head.{k}" for k in parts.head.state_dict()}
+        assert set(f.keys()) == expected
+
+
+def test_sample_cli_leaves_attributes_open_and_composes_on_an_attr_dropout_run(tiny_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg("conditioner.attr_dropout=0.25"), run)
+    assert load_run(run).parts.conditioner.partial
+    for args in (("--attrs", "circle,~red", "--open", "model"), ("--compose", "circle:2,red:-1")):
+        ok = run_sample("--run", run, *args, "--n", 2, "--steps", 3)
+        assert ok.returncode == 0, ok.stderr[-2000:]
+        assert "note:" not in ok.stdout
+    assert "'circle,~red': left open (hidden by the model, trained with attr_dropout): green, blue, large" in \
+        run_sample("--run", run, "--attrs", "circle,~red", "--open", "model", "--n", 2, "--steps", 3).stdout
+    assert (run / "samples" / "latents_circle-red.png").exists() and (run / "samples" / "latents_circle-2-red-1.png").exists()
+    bad = run_sample("--run", run, "--compose", "circle:2,purple:1")
+    assert bad.returncode == 2 and "purple" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_sample_cli_says_what_an_open_attribute_meant(tiny_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(), run)
+    ok = run_sample("--run", run, "--attrs", "circle,~red", "--n", 2, "--steps", 3, "--open", "absent")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "'circle,~red': open attributes taken as absent (open=absent): green, blue, large, left" in ok.stdout
+    ok = run_sample("--run", run, "--attrs", "circle,~red", "--n", 2, "--steps", 3)  # open=data, the default
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "'circle,~red': open attributes drawn from the data, frequency over 2 samples: green" in ok.stdout
+
+
+def run_sample(*args):
+    return run_captured("sample", *args)

@@ -1,0 +1,310 @@
+"""The experiment runner and registry: arms keyed by their full config, resumable, shared where they train alike,
+taken over from another experiment's log, and each experiment scored end to end at a toy scale."""
+
+import math
+
+import pytest
+
+from gmmcond.errors import ConfigError
+
+
+def test_an_experiment_runs_only_the_arms_named_and_rejects_an_unknown_one():
+    from gmmcond.experiments.reproduce import DISTRIBUTION_ARMS
+    from gmmcond.experiments.runner import select_arms
+
+    picked = select_arms(DISTRIBUTION_ARMS, ["gmm_attrs, fixed pairing (paper)", "fixed value (attrs)"])
+    assert list(picked) == ["fixed value (attrs)", "gmm_attrs, fixed pairing (paper)"]  # the table's order
+    assert select_arms(DISTRIBUTION_ARMS, None) == DISTRIBUTION_ARMS
+    with pytest.raises(ConfigError, match=r"unknown arm\(s\) \['fixed pairing'\]; this experiment's arms are: "
+                                          r"'fixed value \(attrs\)'"):
+        select_arms(DISTRIBUTION_ARMS, ["fixed pairing"])
+
+
+@pytest.mark.parametrize("arm", ["features + per-sample dropout + CoInD", "features, open from data"])
+def test_the_combination_experiment_scores_an_arm_end_to_end(tmp_path, arm):
+    """One arm at a toy scale (3 steps of a small model): every number the README table shows is produced."""
+    from gmmcond.experiments.reproduce import combination_arms, combination_scores
+
+    recipe, overrides = combination_arms(3)[arm]
+    tiny = ["model.channels=[8,8,8]", "model.depths=[1,1,1]", "model.mapping_out=16", "sample.steps=2",
+            "train.batch_size=8", "train.checkpoint_every=3"]
+    rec = combination_scores(arm, 0, recipe, [*overrides, *tiny], tmp_path / "run", 4, out=tmp_path / "combinations.png")
+    assert rec["steps"] == 3 and rec["per"] == 4
+    for key in ("conformity_seen", "conformity_held_out", "defects_seen", "defects_held_out", "negation_conformity",
+                "unspecified_tv_max", "free_error_seen", "free_floor_seen", "free_error_held_out", "free_floor_held_out",
+                "single_negation_conformity", "single_negation_error", "single_negation_floor"):
+        assert 0 <= rec[key] <= 1, key
+    assert rec["spread_seen"] > 0 and rec["spread_held_out"] > 0
+    if "CoInD" in arm:
+        assert 0 <= rec["jsd_triangle_red"] <= math.log(2) and 0 <= rec["jsd_circle_red"] <= math.log(2)
+    else:  # the data arm asks a model without attr_dropout: no JSD (it cannot hide attributes)
+        assert "jsd_triangle_red" not in rec
+    slug = arm.replace(",", "").replace(" ", "_").replace("+", "and")
+    assert (tmp_path / f"combinations_{slug}.png").exists()
+
+
+def test_arms_that_differ_only_in_sampling_share_one_training(tmp_path, monkeypatch):
+    """The composed, all-specified and all-unknown-CFG arms ask the attr_dropout model differently: they reuse its
+    run folder instead of training it again, and are still logged under their own configs; each swept
+    attr_dropout rate's two arms share that rate's run; every other arm trains its own."""
+    from gmmcond.experiments import reproduce
+    from gmmcond.experiments.reproduce import ResultLog, combination_arms, combination_training, combinations
+    from gmmcond.experiments.runner import Options
+
+    joint, cfg_arm = "features + attr_dropout joint", "features + attr_dropout, CFG from all-unknown"
+    samplers = (*reproduce.COMPOSED_WEIGHTS, cfg_arm, "features + attr_dropout, all specified",
+                "features + attr_dropout, open from data")
+    owners, arms = combination_training(), combination_arms(500, "recipe")
+    assert all(owners[a] == joint for a in samplers) and all(arms[a] == arms[joint] for a in samplers if a != cfg_arm)
+    assert arms[cfg_arm][1] == [*arms[joint][1], "sample.cfg_null=all_unknown"]
+    # a composed arm asks with its own per-term weights
+    from gmmcond.data.shapes import ShapesDataset
+    from gmmcond.registry import DATASETS
+    test, plain = DATASETS.build({"type": "shapes", "size": 16, "split": "test", "length": 512}), ShapesDataset()
+    names = plain.attr_names
+    _, _, compose = reproduce._combination_requests(test, names, plain.groups, "triangle", "red", "composed",
+                                                    reproduce.combination_indices(test, "triangle", "red", 4), (3.0, 1.0))
+    assert compose == [(names.index("triangle"), 3.0), (names.index("red"), 1.0)]
+    seen = []
+    monkeypatch.setattr(reproduce, "combination_scores",  # no training: record which run folder each arm gets
+                        lambda arm, seed, recipe, full, run, per, out: seen.append((arm, run)) or {"x": 1.0})
+    combinations(Options(tmp_path, seeds=1, steps=500, n=64, scale="recipe"))
+    runs = dict(seen)
+    assert set(runs) == set(arms) and all(runs[a] == runs[joint] for a in samplers)
+    # the rate sweep: each rate's model asked two ways shares its own run, not the default rate's
+    for rate in ("0.1", "0.5"):
+        own = runs[f"features + attr_dropout {rate} joint"]
+        assert runs[f"features + attr_dropout {rate}, all specified"] == own != runs[joint]
+    # the plain model asked for shape and colour with the rest drawn from the data is the "features joint" training
+    assert owners["features, open from data"] == "features joint" and runs["features, open from data"] == runs["features joint"]
+    assert len(set(runs.values())) == len(set(owners.values())) == len(arms) - len(samplers) - 3
+    assert {r["arm"] for r in ResultLog(tmp_path / "combinations.jsonl").records} == set(arms)
+    # --no-train tabulates what is logged and starts nothing: seed 1 is missing, each row says it has one seed
+    monkeypatch.setattr(reproduce, "combination_scores", lambda *a, **k: pytest.fail("--no-train trained an arm"))
+    table = combinations(Options(tmp_path, seeds=2, steps=500, n=64, scale="recipe", train=False))
+    assert set(table["arms"]) == set(arms) and all(a["x"]["n"] == 1 for a in table["arms"].values())
+
+
+def test_an_arm_another_experiment_already_ran_is_reused_not_retrained(tmp_path, monkeypatch):
+    """Fig. 9's "no head" at the recipe scale is Fig. 7's "features" (same resolved config but for the grid
+    cadence, same evaluation): with Fig. 7's log passed as ``reuse`` it is logged from there, the head arms
+    train; a log evaluated with another n, or a record without a key, is not taken."""
+    from gmmcond.experiments import reproduce
+    from gmmcond.experiments.reproduce import HEAD_ARMS, ResultLog, features_vs_classes, head
+    from gmmcond.experiments.runner import Options, result_key
+
+    trained = []
+
+    def fake(recipe, full, run, *, n):  # no training: record what would have trained, return a loss to log
+        trained.append((recipe, tuple(full), n))
+        from gmmcond.data.shapes import COLOURS, SHAPES
+
+        return {"last100": 0.01 * len(trained), "curve_steps": [1], "curve": [0.1],
+                "per_attribute": dict.fromkeys((*SHAPES, *COLOURS), 1.0)}
+
+    monkeypatch.setattr(reproduce, "train_and_evaluate", fake)
+    monkeypatch.setattr(reproduce, "plot_loss_bands", lambda *a, **k: None)
+    features_vs_classes(Options(tmp_path, seeds=2, steps=6000, n=256, scale="recipe"))
+    assert len(trained) == 6
+    fvc = ResultLog(tmp_path / "features-vs-classes.jsonl")
+    trained.clear()
+    head(Options(tmp_path, seeds=2, steps=6000, n=256, scale="recipe", reuse=(fvc,)))
+    assert len(trained) == 4 and all("head=none" not in full for _, full, _ in trained)  # only the two head arms
+    log = ResultLog(tmp_path / "head.jsonl")
+    for seed in range(2):
+        mine = log.done(("arm", "seed"), arm="no head", seed=seed)
+        theirs = fvc.done(("arm", "seed"), arm="features (11)", seed=seed)
+        assert mine["reused_from"] == theirs["config"] and mine["last100"] == theirs["last100"]
+        assert mine["run"] == theirs["run"] and mine["config"] != theirs["config"]  # logged under its own config
+    # the key ignores the grid cadence, not what trains or how it is evaluated
+    base = ["train.steps=6000", "train.seed=0", "conditioner.seed=0"]
+    key = result_key("shapes", base, "train_and_evaluate n=256")
+    assert key == result_key("shapes", [*base, "train.grid_every=0", "head=none"], "train_and_evaluate n=256")
+    assert key != result_key("shapes", base, "train_and_evaluate n=512")
+    assert key != result_key("shapes", [*base, "train.lr=1e-3"], "train_and_evaluate n=256")
+    # evaluated with another n: nothing to reuse, every arm trains
+    trained.clear()
+    head(Options(tmp_path / "n512", seeds=1, steps=6000, n=512, scale="recipe", reuse=(fvc,)))
+    assert len(trained) == len(HEAD_ARMS)
+
+
+def test_the_experiment_registry_says_which_options_each_experiment_takes(tmp_path):
+    """launch/reproduce.py is a thin entry point over EXPERIMENTS: an option an experiment does not take is an error
+    naming the experiments that do; what is not given comes from the experiment's defaults."""
+    from gmmcond.errors import ConfigError
+    from gmmcond.experiments import editing, reproduce  # noqa: F401  (fill the registry)
+    from gmmcond.experiments.runner import EXPERIMENTS
+
+    assert {"density", "ngmg-vs-bce", "head", "features-vs-classes", "distribution", "precision", "combinations",
+            "editing"} <= set(EXPERIMENTS)
+    opts = EXPERIMENTS["head"].options({"out": tmp_path, "seeds": 5, "steps": None, "arms": ("no head",)})
+    assert (opts.seeds, opts.steps, opts.n, opts.scale, opts.arms) == (5, 1000, 512, "v1", ("no head",))
+    with pytest.raises(ConfigError, match="--arms applies to head, distribution, combinations, not precision"):
+        EXPERIMENTS["precision"].options({"out": tmp_path, "arms": ("fp32",)})
+    with pytest.raises(ConfigError, match="--run applies to editing, not density"):
+        EXPERIMENTS["density"].options({"out": tmp_path, "run": tmp_path})
+
+
+def test_a_logged_result_is_computed_once_and_read_back(tmp_path):
+    """ResultLog.once, the resumable unit of every experiment: a key already logged is read back, not computed."""
+    from gmmcond.io import ResultLog
+
+    calls = []
+    log = ResultLog(tmp_path / "log.jsonl")
+    first = log.once({"arm": "a", "seed": 0}, lambda: calls.append(1) or {"x": 1.5})
+    again = ResultLog(tmp_path / "log.jsonl").once({"arm": "a", "seed": 0}, lambda: calls.append(2) or {"x": 9.0})
+    other = log.once({"arm": "a", "seed": 1}, lambda: calls.append(3) or {"x": 2.5})
+    assert calls == [1, 3] and first == again == {"arm": "a", "seed": 0, "x": 1.5} and other["x"] == 2.5
+
+
+def test_quality_over_time_evaluates_each_mark_once_and_reads_minutes_from_metrics(tiny_cfg, tmp_path, monkeypatch):
+    from gmmcond.eval import evaluate
+    from gmmcond.experiments import benchmarks
+
+    assert benchmarks.training_minutes([{"step": 10, "sec_per_step": 6.0}, {"step": 20, "sec_per_step": 3.0}]) == {10: 1.0, 20: 1.5}
+    calls = []
+    real = evaluate.evaluate_run
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda *a, **kw: calls.append(kw["checkpoint"].name) or real(*a, **kw))
+    cfg = tiny_cfg("train.steps=4")
+    kw = dict(every=2, n=8, per_set=6, log=lambda *_: None)
+    first = benchmarks.quality_over_time(cfg, tmp_path / "q", **kw)
+    assert [m["step"] for m in first["marks"]] == [2, 4] and calls == ["step_0000002.pt", "step_0000004.pt"]
+    assert all(0 <= m["all_attributes_correct"] <= 1 and m["minutes"] > 0 for m in first["marks"])
+    again = benchmarks.quality_over_time(cfg, tmp_path / "q", **kw)  # read back, nothing retrained or re-evaluated
+    assert len(calls) == 2 and again["marks"] == first["marks"]
+    benchmarks.plot_quality(first, tmp_path / "q.png")
+    assert (tmp_path / "q.png").stat().st_size > 0 and "| 4 |" in benchmarks.quality_table(first)
+
+
+def test_the_step_profile_sees_every_labelled_phase(tiny_cfg):
+    from gmmcond.experiments import benchmarks
+
+    result = benchmarks.profile_training(tiny_cfg(), warmup=2, active=4)
+    assert set(result["phases_ms"]) == set(benchmarks.PHASES)
+    assert all(v > 0 for v in result["phases_ms"].values()), result["phases_ms"]
+    assert result["op_self_ms_by_kind"]["convolutions and matmuls"] > 0
+    assert "| phase: ema |" in benchmarks.profile_table([result])
+
+
+def test_recipe_table_gives_mean_and_sample_std_over_runs(tmp_path):
+    import json
+    import statistics
+
+    from gmmcond.experiments.report import recipe_table
+
+    runs = []
+    for k, acc in enumerate((0.90, 0.94)):
+        run = tmp_path / f"seed{k}"
+        run.mkdir()
+        ev = {"attr_accuracy": acc, "all_attributes_correct": 0.5, "defect_rate": 0.1 * (k + 1),
+              "per_attribute": {"circle": 0.7, "square": 0.8 + 0.1 * k, "triangle": 0.9},
+              **{m: {"value": 0.8, "real_reference": 0.99} for m in ("fd", "kid", "recall", "coverage", "precision")}}
+        (run / "eval.json").write_text(json.dumps(ev))
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "sec_per_step": t}) + "\n"
+                                                   for s, t in ((10, 9.0), (20, 0.1 + k), (30, 0.3 + k))))
+        runs.append(run)
+    table = recipe_table(runs)
+    row = next(line for line in table.splitlines() if line.startswith("| default recipe"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    sd = statistics.stdev
+    assert cells[1] == "2"
+    assert cells[2] == f"{0.7:.3f} +- {sd([0.2, 1.2]):.3f}"  # median step time without the first (compiling) interval
+    assert cells[3] == f"{0.92:.4f} +- {sd([0.90, 0.94]):.4f}"
+    shape = [statistics.fmean([0.7, 0.8, 0.9]), statistics.fmean([0.7, 0.9, 0.9])]  # mean of circle, square, triangle
+    assert cells[4] == f"{statistics.fmean(shape):.3f} +- {sd(shape):.3f}"
+    assert cells[5] == f"{0.15:.3f} +- {sd([0.1, 0.2]):.3f}"
+    assert "| real vs real (reference) |" in table
+
+
+def test_paper_experiments_keep_the_scale_they_were_measured_at():
+    from gmmcond.config import load_config
+    from gmmcond.experiments.reproduce import EXPERIMENT_SCALE
+
+    cfg = load_config("shapes", list(EXPERIMENT_SCALE))
+    assert (cfg["train"]["steps"], cfg["train"]["compile"], cfg["model"]["self_attn_depths"]) == (2000, False, [False] * 3)
+    assert cfg["denoiser"]["loss"] == "karras" and load_config("shapes")["denoiser"]["loss"] == "soft_min_snr"
+    assert load_config("shapes", [*EXPERIMENT_SCALE, "train.steps=1000"])["train"]["steps"] == 1000  # an arm's own wins
+
+
+def test_an_experiment_scale_leads_each_arm_and_its_result_key(tmp_path):
+    from gmmcond.config import load_config
+    from gmmcond.experiments.reproduce import EXPERIMENT_SCALE, SCALES, combination_arms
+    from gmmcond.experiments.runner import arm_config
+
+    recipe, overrides = combination_arms(500)["features joint"]
+    full, key = arm_config(recipe, overrides, 1)
+    # v1 keys read exactly as before scales existed: results logged then still count
+    assert key == "shapes: " + " ".join([*EXPERIMENT_SCALE, *overrides[len(EXPERIMENT_SCALE):], "train.seed=1",
+                                          "conditioner.seed=1"])
+    assert load_config(recipe, full)["train"]["steps"] == 500
+    recipe, overrides = combination_arms(500, "recipe")["features joint"]
+    cfg = load_config(recipe, arm_config(recipe, overrides, 0)[0])
+    default = load_config("shapes")
+    assert SCALES["recipe"] == () and cfg["denoiser"]["loss"] == default["denoiser"]["loss"]
+    assert cfg["model"]["self_attn_depths"] == default["model"]["self_attn_depths"] and cfg["train"]["steps"] == 500
+    with pytest.raises(ConfigError, match="unknown experiment scale 'v2'; the scales are: v1, recipe"):
+        combination_arms(500, "v2")
+
+
+def test_the_report_names_each_experiments_scale_steps_and_seeds(tmp_path):
+    import json
+
+    from gmmcond.experiments.report import report
+
+    stat = {"mean": 0.5, "std": 0.1, "n": 2}
+    result = {"steps": 1500, "seeds": 2, "scale": "recipe",
+              "arms": {"fixed value (attrs)": {"all_attributes_correct": stat, "defect_rate": stat}}}
+    (tmp_path / "distribution.json").write_text(json.dumps(result))
+    text = report(tmp_path)
+    assert "### distribution (`python launch/reproduce.py distribution --scale recipe --steps 1500 --seeds 2`)" in text
+    assert "| fixed value (attrs) | 2 | 0.500 +- 0.100 | 0.500 +- 0.100 |" in text
+
+
+def test_the_report_pairs_each_arm_with_the_first_by_seed():
+    from gmmcond.experiments.report import paired_table
+
+    def arm(values):  # per-seed losses, seeds 0..k-1
+        return {"per_seed": [{"seed": s, "last100": v} for s, v in enumerate(values)]}
+
+    # seed 2 of "head" has no partner in "no head" and is left out; differences -0.002, -0.001: mean -0.0015,
+    # std (n - 1) 0.000707...
+    result = {"arms": {"no head": arm([0.010, 0.020]), "head": arm([0.008, 0.019, 0.5]), "other": {"per_seed": []}}}
+    text = paired_table(result)
+    assert "each arm minus 'no head'" in text
+    assert "| head | 2 | -0.0015 +- 0.0007 (0 of 2 > 0) |" in text
+    assert "| other |" not in text  # no seed in common: no row
+    assert paired_table({"arms": {"no head": arm([0.01])}}) == ""
+
+
+def test_the_heads_share_of_the_objective_is_read_from_the_logged_losses():
+    from gmmcond.experiments.reproduce import head_share
+
+    rows = [{"step": 10, "loss": 0.010, "diffusion": 0.008, "head": 0.02},  # 0.1 x 0.02 = 0.002 of 0.010: 0.2
+            {"step": 20, "loss": 0.005, "diffusion": 0.004, "head": 0.01},  # 0.001 of 0.005: 0.2
+            {"step": 30, "loss": 0.008, "diffusion": 0.002, "head": 0.06}]  # 0.006 of 0.008: 0.75
+    assert abs(head_share(rows) - (0.2 + 0.2 + 0.75) / 3) < 1e-12
+    assert head_share([{"step": 10, "loss": 0.01, "diffusion": 0.01}]) is None  # no head logged
+
+
+def test_the_open_table_reports_each_target_met_or_missed_from_the_records():
+    from gmmcond.experiments.report import open_table
+    from gmmcond.experiments.runner import summarise_records
+
+    def rec(seed, **kw):
+        return {"seed": seed, "steps": 1, **kw}
+
+    data = [rec(s, conformity_seen=c, conformity_held_out=0.5, free_error_seen=e, free_floor_seen=0.04,
+                free_error_held_out=0.2, free_floor_held_out=0.05, negation_conformity=0.97,
+                single_negation_error=0.05, single_negation_floor=0.06) for s, c, e in ((0, 0.85, 0.05), (1, 0.80, 0.07))]
+    joint = [rec(s, conformity_seen=c, conformity_held_out=0.4) for s, c in ((0, 0.86, ), (1, 0.84))]
+    result = {"arms": {"features joint": summarise_records(joint), "features, open from data": summarise_records(data)}}
+    table = open_table(result)
+    assert "| features, open from data | plain model, open=data | 2 |" in table
+    # (0.05 / 0.04 + 0.07 / 0.04) / 2 = 1.5: met; held-out 0.2 / 0.05 = 4: missed by 2.5x
+    assert "features, open from data, seen: free-attribute error / real floor 1.50 +- 0.35 (target <= 1.5): met" in table
+    assert "held-out: free-attribute error / real floor 4.00 +- 0.00 (target <= 1.5): missed by 2.50x" in table
+    assert "negation conformity 0.970 +- 0.000 (target >= 0.95): met" in table
+    assert "colour-share error minus its real floor -0.010 +- 0.000 (target <= 0): met" in table
+    # paired by seed: (0.85 - 0.86, 0.80 - 0.84) -> -0.025 +- 0.021: missed by 0.005
+    assert "minus features joint, seen conformity paired by seed (2 seeds): -0.025 +- 0.021 (target >= -0.02): missed by 0.005" in table
+    assert open_table({"arms": {"features joint": summarise_records(joint)}}) == ""  # nothing open: no table
