@@ -66,7 +66,11 @@ class DenoiserConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000  # Optimiser steps.
+    steps: int = 2000  # Optimiser steps (with train.minutes: the most it may fit).
+    # Wall-clock budget in minutes, compiling included; 0 is off. After a few steps the step count is fitted to the
+    # minutes left from the measured step time (train.steps caps it), the lr schedule follows, and config.yaml
+    # records the fitted train.steps, which reproduces the run with train.minutes off.
+    minutes: float = 0.0
     batch_size: int = 64  # Global batch, split over processes.
     lr: float = 1e-3  # Peak AdamW learning rate.
     betas: list = field(default_factory=lambda: [0.9, 0.99])
@@ -107,7 +111,7 @@ SECTIONS = {"denoiser": DenoiserConfig, "train": TrainConfig, "sample": SampleCo
 MINIMUMS = {  # dotted key -> smallest valid value
     "train.steps": 1, "train.batch_size": 1, "train.log_every": 1, "train.checkpoint_every": 1, "train.grid_every": 0,
     "train.keep_checkpoints": 1, "train.warmup_steps": 0, "train.num_workers": 0, "train.cpu_threads": 0,
-    "train.lr": 0.0, "train.coind_weight": 0.0, "train.coind_fraction": 0.0, "sample.steps": 1, "sample.grid_cols": 1, "sample.cfg_scale": 0.0,
+    "train.lr": 0.0, "train.minutes": 0.0, "train.coind_weight": 0.0, "train.coind_fraction": 0.0, "sample.steps": 1, "sample.grid_cols": 1, "sample.cfg_scale": 0.0,
 }
 GUIDANCE_NULLS = ("dropped", "all_unknown")  # sample.cfg_null: what CFG and composed guidance push away from
 CHOICES = {"train.precision": ("auto", "fp32", "bf16", "fp16"), "train.lr_decay": ("constant", "cosine"),

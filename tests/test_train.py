@@ -187,3 +187,57 @@ def test_fused_adamw_takes_the_foreach_steps_up_to_rounding_and_a_run_resumes_ac
     assert [m["step"] for m in read_metrics(tmp_path / "foreach")] == [1, 2, 3, 4, 5]
     history = load_checkpoint(tmp_path / "foreach" / "checkpoints" / "step_0000005.pt")["config"]["history"]
     assert history[-1]["changed"]["train.adamw_impl"] == {"from": "foreach", "to": "fused"}
+
+
+def test_fitted_steps_take_the_budget_share_left_at_the_measured_step_time():
+    from gmmcond.engine.trainer import BUDGET_SHARE, fitted_steps
+
+    assert fitted_steps(100.0, 0.5, 20, 10**6) == 20 + int(BUDGET_SHARE * 100.0 / 0.5)
+    assert fitted_steps(100.0, 0.5, 20, 50) == 50  # train.steps caps it
+    assert fitted_steps(-5.0, 0.5, 20, 50) == 21  # a spent budget still finishes the step it is on
+
+
+def test_train_minutes_fits_the_steps_records_them_and_train_steps_reproduces_the_run(tiny_cfg, tmp_path):
+    """train.minutes: the step count is fitted to the budget after the calibration steps (the warm-up covers them,
+    so the lr schedule is that of the fitted train.steps throughout), the run stops there, config.yaml records
+    the fitted steps, and train.steps=N with train.minutes off trains the same weights bit for bit."""
+    import yaml
+
+    common = ("train.warmup_steps=40", "train.checkpoint_every=1000", "train.log_every=1", "train.grid_every=0")
+    budget = train(tiny_cfg("train.minutes=0.03", "train.steps=500", *common), tmp_path / "budget")
+    cfg = yaml.safe_load((tmp_path / "budget" / "config.yaml").read_text())
+    fitted = cfg["history"][-1]["fitted"]
+    n = cfg["train"]["steps"]
+    assert fitted["train.steps"] == {"from": 500, "to": n} and 22 <= n < 500 and fitted["sec_per_step"] > 0
+    assert budget["step"] == n and read_metrics(tmp_path / "budget")[-1]["step"] == n
+    train(tiny_cfg(f"train.steps={n}", *common), tmp_path / "steps")
+    a = load_checkpoint(tmp_path / "budget" / "checkpoints" / f"step_{n:07d}.pt")
+    b = load_checkpoint(tmp_path / "steps" / "checkpoints" / f"step_{n:07d}.pt")
+    assert all(torch.equal(v, b["ema"][k]) for k, v in a["ema"].items())
+    assert [m["loss"] for m in read_metrics(tmp_path / "budget")] == [m["loss"] for m in read_metrics(tmp_path / "steps")]
+
+
+def test_a_budgeted_run_resumes_to_its_fitted_steps_with_the_minutes_left(tiny_cfg, tmp_path):
+    """Killed after the steps were fitted, a budgeted run resumes to the fitted step count (recorded in its
+    checkpoint with the training seconds so far), not to the cap; a spent budget is a one-line error."""
+    cfg = tiny_cfg("train.minutes=0.03", "train.steps=500", "train.warmup_steps=40", "train.checkpoint_every=5",
+                   "train.grid_every=0")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_27(step, metrics):
+        if step == 27:  # dies with its last checkpoint at step 25
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "run", on_step=kill_at_27)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000025.pt")
+    assert state["fitted"] and state["elapsed"] > 0
+    last = train(tiny_cfg("train.minutes=0.03", "train.steps=500", "train.warmup_steps=40", "train.checkpoint_every=5",
+                          "train.grid_every=0"), tmp_path / "run", resume=True)
+    assert last["step"] == state["fitted"]
+    spent = dict(state, elapsed=10.0**6)
+    torch.save(spent, tmp_path / "spent.pt")
+    with pytest.raises(RunError, match=r"train.minutes=0.03 is spent"):
+        train(cfg, tmp_path / "other", resume=str(tmp_path / "spent.pt"))

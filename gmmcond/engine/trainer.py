@@ -23,7 +23,7 @@ import k_diffusion as K
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast, gather_object
 from PIL import Image
 from torch import nn
 from torch.profiler import record_function
@@ -239,6 +239,18 @@ class LossWatch:
 
 # train.* values a resumed run may change (they apply from the resumed step; config.yaml records the change),
 # and those it may not, with the reason.
+# train.minutes: steps timed before the step count is fitted (after the first, which compiles), and the share of the
+# budget left that the fitted steps may take (grids, checkpoints and the export take the rest)
+BUDGET_CALIBRATION_STEPS = 20
+BUDGET_SHARE = 0.95
+
+
+def fitted_steps(budget_s: float, sec_per_step: float, done: int, cap: int) -> int:
+    """The step count a wall-clock budget fits: the steps done, plus what ``BUDGET_SHARE`` of the seconds left
+    holds at the measured step time; at least one more step, at most ``cap``."""
+    return max(done + 1, min(cap, done + int(BUDGET_SHARE * max(0.0, budget_s) / sec_per_step)))
+
+
 RESUME_REFUSED = {
     "batch_size": "the data order is a function of (seed, step, batch size), so the continued run would not be this run",
     "seed": "the data order and the noise streams are functions of the seed; the checkpoint carries the streams",
@@ -303,7 +315,7 @@ class Trainer:
                                      **{t["adamw_impl"]: True})
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.ema_sched = K.utils.EMAWarmup(power=t["ema_power"], max_value=t["ema_max"])
-        self.start = 0
+        self.start, self.elapsed, self.fitted = 0, 0.0, None
         torch.manual_seed(t["seed"] * 1000 + 1 + self.rank)  # per-process noise, sigma and dropout streams
         if self.ckpt_path is not None:
             self._restore(module, self.ckpt_path)
@@ -357,6 +369,9 @@ class Trainer:
                            f"run's own config ({self.run_dir / 'config.yaml'}) or start a new run")
         if len(state["rng"]) != self.world:
             raise RunError(f"{path} was written by {len(state['rng'])} processes; resume it with as many, not {self.world}")
+        self.elapsed = state.get("elapsed", 0.0)  # training seconds before this resume (train.minutes)
+        if self.t["minutes"] and trained["train"]["minutes"] == self.t["minutes"] and state.get("fitted"):
+            self.t["steps"] = min(self.t["steps"], state["fitted"])  # the budget was fitted already: keep its steps
         changes = self._resume_changes(trained, state["step"], path)
         module.load_state_dict(state["model"])
         self.ema.inner_model.load_state_dict(state["ema"])
@@ -364,7 +379,7 @@ class Trainer:
         self.sched.load_state_dict(state["sched"])
         self.ema_sched.load_state_dict(state["ema_sched"])
         set_rng_state(state["rng"][self.rank])
-        self.start = state["step"]
+        self.start, self.fitted = state["step"], state.get("fitted")
         if changes:
             self._apply_resume_changes(changes)
 
@@ -470,6 +485,30 @@ class Trainer:
                 f"loss is {value} at step {step + 1}; training stopped before the optimiser step, and {where} "
                 f"(now {self.t['lr']}) or a larger train.warmup_steps (now {self.t['warmup_steps']}).")
 
+    def fit_to_budget(self, done: int, step_seconds: list[float]) -> None:
+        """train.minutes: fit train.steps to the minutes left at the median of ``step_seconds`` (decided on the main
+        process, followed by all), refit the lr schedule, and record the fitted steps in config.yaml."""
+        t, cap = self.t, self.t["steps"]
+        left = 60 * t["minutes"] - (self.elapsed + time.time() - self.t0)
+        fitted = torch.tensor([fitted_steps(left, statistics.median(step_seconds), done, cap)], device=self.device)
+        if self.world > 1:
+            fitted = broadcast(fitted, from_process=0)
+        self.fitted = t["steps"] = int(fitted.item())
+        self.sched.lr_lambdas = [lr_lambda(self.cfg)] * len(self.opt.param_groups)
+        self.cfg["history"] = [*self.cfg.get("history", []), {"step": done, "fitted": {
+            "train.steps": {"from": cap, "to": t["steps"]}, "train.minutes": t["minutes"],
+            "sec_per_step": statistics.median(step_seconds)}}]
+        if self.main:
+            resolved = dict(self.cfg, train=dict(t, precision=self.precision.name))
+            atomic_write_bytes(self.run_dir / "config.yaml", dump_config(resolved).encode())
+        self.accelerator.print(
+            f"gmmcond: train.minutes={t['minutes']:g}: {statistics.median(step_seconds):.3f} s a step after compiling, "
+            f"{max(0.0, left) / 60:.1f} minutes left: train.steps fitted to {t['steps']} (cap {cap}); "
+            f"train.steps={t['steps']} reproduces this run (recorded in config.yaml)")
+        if t["warmup_steps"] < done:
+            self.accelerator.print(f"gmmcond: note: the steps were fitted after the warm-up ({t['warmup_steps']} steps), "
+                                   f"so the lr before step {done} followed the cap's schedule")
+
     def good_checkpoint(self) -> Path | None:
         """The newest checkpoint on disk taken before the loss left its recent range (see :class:`LossWatch`)."""
         on_disk = {checkpoint_step(p): p for p in list_checkpoints(self.run_dir)}
@@ -501,7 +540,8 @@ class Trainer:
         if self.main:
             state = {"step": step, "model": self.unwrapped.state_dict(), "ema": self.ema.inner_model.state_dict(),
                      "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                     "ema_sched": self.ema_sched.state_dict(), "rng": list(rng), "config": self.cfg}
+                     "ema_sched": self.ema_sched.state_dict(), "rng": list(rng), "config": self.cfg,
+                     "elapsed": self.elapsed + time.time() - self.t0, "fitted": self.fitted}
             try:
                 save_checkpoint(self.run_dir, step, state, keep=self.t["keep_checkpoints"], protect=self.good_checkpoint())
             except StorageError as exc:
@@ -592,7 +632,13 @@ class Trainer:
             loader = DataLoader(self.parts.dataset, batch_sampler=sampler, num_workers=t["num_workers"],
                                 generator=torch.Generator().manual_seed(t["seed"]))  # keeps the global RNG stream untouched
         bar = tqdm(total=t["steps"], initial=self.start, disable=not self.main, desc="train", dynamic_ncols=True)
-        self.tic = time.time()
+        self.tic = self.t0 = time.time()
+        budget = bool(t["minutes"]) and self.fitted is None  # fit train.steps once, after calibration steps
+        calibrate_at = min(t["steps"] - 1, self.start + 1 + BUDGET_CALIBRATION_STEPS)
+        stamps = []
+        if t["minutes"] and 60 * t["minutes"] <= self.elapsed:
+            raise RunError(f"train.minutes={t['minutes']:g} is spent ({self.elapsed / 60:.1f} minutes trained); "
+                           f"resume with a larger train.minutes, or train.minutes=0 and train.steps=N for N steps")
         for step, (images, attrs, index) in enumerate(labelled(loader, "gmmcond::data"), start=self.start):
             if step == self.start and t["compile"]:
                 with first_compiled_call(self.accelerator.print):
@@ -601,6 +647,11 @@ class Trainer:
                 self.accumulate(self.train_step(step, images, attrs, index))
             done = step + 1
             bar.update(1)
+            if budget:
+                stamps.append(time.time())
+                if done >= calibrate_at:  # the first step (compiling) is left out of the step time
+                    self.fit_to_budget(done, [b - a for a, b in zip(stamps[1:], stamps[2:])] or [time.time() - self.t0])
+                    budget, bar.total = False, t["steps"]
             if done % t["log_every"] == 0 or done == t["steps"]:
                 bar.set_postfix(loss=f"{self.log(done)['loss']:.4f}")
             if self.on_step is not None:
@@ -612,6 +663,8 @@ class Trainer:
             if self.stop_requested and done < t["steps"]:
                 bar.close()
                 self._stop(done)
+            if done >= t["steps"]:  # a fitted budget ends before the sampler's last step
+                break
         bar.close()
         self.finish()
         return self.last
