@@ -8,11 +8,15 @@ machine's matmul/conv peaks and peak memory, all in one run; ratios to (a). JSON
 ``python launch/benchmark.py quality``: train the recipe once and evaluate its EMA weights every ``--every``
 steps with the frozen evaluator: conformity, defects, per-set recall / coverage / spread against training
 minutes and steps (runs/benchmark/quality.json, quality.png; resumable).
+``python launch/benchmark.py sampler-budget --runs RUN [RUN ...]``: the recipe's sampler against settings of 30 model
+calls a sample or fewer on the same trained runs (seeds), each evaluated at launch/evaluate.py's defaults
+(runs/benchmark/sampler_budget.json; resumable per run and setting).
 ``python launch/benchmark.py profile``: torch.profiler over 20 steps of the real training loop, eager and
 compiled: time per phase (data, forward, loss check, backward, optimiser, EMA), loop overhead, and operator
 time by kind (runs/benchmark/profile.json).
 """
 import argparse
+import json
 from pathlib import Path
 
 from gmmcond.cli import fail_cleanly
@@ -21,15 +25,18 @@ from gmmcond.io import write_json
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["samplers", "train", "quality", "profile", "probes"])
+    parser.add_argument("what", choices=["samplers", "train", "quality", "profile", "probes", "sampler-budget"])
     parser.add_argument("--out", default="runs/benchmark", help="output folder")
     parser.add_argument("--config", default="shapes", help="recipe whose model is timed")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (train)")
     parser.add_argument("--every", type=int, default=1000, help="steps between evaluated marks (quality)")
-    parser.add_argument("--n", type=int, default=256, help="evaluation samples per mark (quality)")
+    parser.add_argument("--n", type=int, help="evaluation samples per mark (quality, probes: default 256) or per "
+                                                      "evaluation (sampler-budget: default 512, launch/evaluate.py's)")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="quality: evaluate the marks a stopped run has so far, without training on")
     parser.add_argument("--probes", nargs="*", help="probes: the PROBES names to run (default: all)")
+    parser.add_argument("--runs", nargs="*", help="sampler-budget: trained runs of one recipe (its seeds)")
+    parser.add_argument("--settings", nargs="*", help="sampler-budget: the SAMPLER_BUDGET names to run (default: all)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the recipe (quality, profile, train), e.g. train.adamw_impl=fused")
     args = parser.parse_intermixed_args()  # overrides may follow the options
 
@@ -43,15 +50,24 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.what == "quality":
         cfg = load_config(args.config, args.overrides)
-        result = benchmarks.quality_over_time(cfg, out / f"quality_{cfg['name']}", every=args.every, n=args.n,
+        result = benchmarks.quality_over_time(cfg, out / f"quality_{cfg['name']}", every=args.every, n=args.n or 256,
                                               train_first=not args.evaluate_only)
         write_json(out / "quality.json", result)
         benchmarks.plot_quality(result, out / "quality.png")
         print(benchmarks.quality_table(result))
         print(f"wrote {out / 'quality.json'} and {out / 'quality.png'}")
         return
+    if args.what == "sampler-budget":
+        if not args.runs:
+            parser.error("sampler-budget needs --runs RUN [RUN ...], trained runs of one recipe")
+        result = benchmarks.sampler_budget(args.runs, args.settings, n=args.n or 512)
+        write_json(out / "sampler_budget.json", result)
+        print(json.dumps({k: {m: v.get(m) for m in ("model_calls", "all_attributes_correct", "defect_rate")}
+                          for k, v in result["settings"].items()}, indent=1, default=str))
+        print(f"wrote {out / 'sampler_budget.json'}")
+        return
     if args.what == "probes":
-        results = benchmarks.recipe_probes(out / "probes", args.probes, n=args.n)
+        results = benchmarks.recipe_probes(out / "probes", args.probes, n=args.n or 256)
         write_json(out / "probes.json", results)
         print(benchmarks.probes_table(results))
         print(f"wrote {out / 'probes.json'}")

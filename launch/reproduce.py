@@ -30,7 +30,8 @@ def main() -> None:
     parser.add_argument("--run", help="editing: the trained run whose edits are measured (the default recipe's)")
     parser.add_argument("--scale", help=f"{takers('scale')}: the recipe scale (gmmcond.experiments.reproduce.SCALES): v1, "
                                         "the shapes recipe as the paper experiments first ran (the default, so older "
-                                        "tables reproduce), or recipe, the default recipe as it is")
+                                        "tables reproduce), recipe, the default recipe as it is, or paper, the default "
+                                        "recipe trained and sampled the paper's way (registry/shapes_paper.yaml)")
     parser.add_argument("--arms", nargs="*", help=f"{takers('arms')}: run only these arms (names as in the table)")
     parser.add_argument("--no-train", action="store_true",
                         help=f"{takers('train')}: train and evaluate nothing, tabulate the finished results up to "

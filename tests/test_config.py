@@ -151,3 +151,22 @@ def test_yaml_floats_in_scientific_notation_are_floats(text, tmp_path):
     cfg = load_config(recipe)
     assert cfg["train"]["lr"] == float(text) and isinstance(cfg["train"]["lr"], float)
     assert cfg["train"]["steps"] == 3 and isinstance(cfg["train"]["steps"], int)  # ints stay ints
+
+
+def test_the_paper_recipe_is_the_default_trained_and_sampled_the_papers_way_and_trains(tmp_path):
+    """registry/shapes_paper.yaml is the default recipe with the paper's loss, schedule and sampler, and nothing
+    else; the experiments' `paper` scale is the same recipe; it builds and trains a few steps."""
+    from gmmcond.engine.trainer import train
+    from gmmcond.experiments.reproduce import SCALES
+
+    paper, default = load_config("shapes_paper"), load_config("shapes")
+    assert paper["schedule"] == {"type": "vp_constant", "T": 100, "beta": 0.05} and paper["denoiser"]["loss"] == "eps"
+    assert paper["sample"]["sampler"] == {"type": "x0_reproject", "renoise": 1.0}
+    differ = {k for k in default if k != "name" and paper[k] != default[k]}
+    assert differ == {"schedule", "denoiser", "sample"}
+    assert {k for k in default["sample"] if paper["sample"][k] != default["sample"][k]} == {"sampler"}
+    assert load_config("shapes", SCALES["paper"]) == dict(paper, name="shapes")
+    tiny = ["model.channels=[8,8,8]", "model.depths=[1,1,1]", "model.mapping_out=16", "train.steps=3",
+            "train.batch_size=8", "train.compile=false", "train.grid_every=0", "sample.steps=3", "sample.grid_rows=[]"]
+    last = train(load_config("shapes_paper", tiny), tmp_path / "run")
+    assert last["step"] == 3 and last["loss"] > 0

@@ -242,7 +242,7 @@ def test_an_experiment_scale_leads_each_arm_and_its_result_key(tmp_path):
     default = load_config("shapes")
     assert SCALES["recipe"] == () and cfg["denoiser"]["loss"] == default["denoiser"]["loss"]
     assert cfg["model"]["self_attn_depths"] == default["model"]["self_attn_depths"] and cfg["train"]["steps"] == 500
-    with pytest.raises(ConfigError, match="unknown experiment scale 'v2'; the scales are: v1, recipe"):
+    with pytest.raises(ConfigError, match="unknown experiment scale 'v2'; the scales are: v1, recipe, paper"):
         combination_arms(500, "v2")
 
 
@@ -308,3 +308,23 @@ def test_the_open_table_reports_each_target_met_or_missed_from_the_records():
     # paired by seed: (0.85 - 0.86, 0.80 - 0.84) -> -0.025 +- 0.021: missed by 0.005
     assert "minus features joint, seen conformity paired by seed (2 seeds): -0.025 +- 0.021 (target >= -0.02): missed by 0.005" in table
     assert open_table({"arms": {"features joint": summarise_records(joint)}}) == ""  # nothing open: no table
+
+
+def test_the_sampler_budget_counts_model_calls_and_evaluates_each_setting_once(tiny_run, monkeypatch):
+    from gmmcond.eval import evaluate
+    from gmmcond.experiments import benchmarks
+    from gmmcond.sampling.settings import SamplingSettings
+
+    assert benchmarks.model_calls(SamplingSettings("dpmpp_2m", 15, 1.5)) == 30
+    assert benchmarks.model_calls(SamplingSettings({"type": "x0_reproject", "renoise": 0.5}, 100, 1.5)) == 200
+    assert benchmarks.model_calls(SamplingSettings("heun", 10, 1.0)) == 20
+    calls = []
+    real = evaluate.evaluate_run
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda run, overrides, size, **kw: calls.append(overrides) or real(
+        run, {**overrides, "steps": 2}, evaluate.EvalSize(n=8, sets=0, memorisation=0), **kw))
+    names = ["dpmpp_2m, 15 steps, CFG 1.5"]
+    first = benchmarks.sampler_budget([tiny_run], names, n=8, log=lambda *_: None)
+    again = benchmarks.sampler_budget([tiny_run], names, n=8, log=lambda *_: None)  # read back, not evaluated again
+    row = first["settings"][names[0]]
+    assert len(calls) == 1 and again == first and row["model_calls"] == 30
+    assert 0 <= row["all_attributes_correct"]["mean"] <= 1 and row["eval_seconds"]["mean"] > 0

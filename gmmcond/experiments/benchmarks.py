@@ -541,3 +541,66 @@ def profile_table(results: list[dict]) -> str:
     for label, get in rows:
         lines.append(f"| {label} | " + " | ".join(f"{get(r):.1f} ({100 * get(r) / r['wall_ms_per_step']:.0f}%)" for r in results) + " |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- samplers at a call budget
+
+# Model evaluations per step of each sampler (a CFG step doubles it); k-diffusion's multistep solvers reuse the
+# previous step's output, its second-order single-step ones evaluate twice (the last step once).
+CALLS_PER_STEP = {"heun": 2, "dpm_2": 2, "dpm_2_ancestral": 2, "dpmpp_2s_ancestral": 2, "dpmpp_sde": 2}
+
+# sampling settings compared at the same trained weights: the recipe's, and ones of 30 model calls a sample or fewer
+SAMPLER_BUDGET = {
+    "x0_reproject 0.5, 100 steps, CFG 1.5 (recipe)": {"sampler": {"type": "x0_reproject", "renoise": 0.5}, "steps": 100,
+                                                      "cfg_scale": 1.5},
+    "x0_reproject 0.5, 15 steps, CFG 1.5": {"sampler": {"type": "x0_reproject", "renoise": 0.5}, "steps": 15, "cfg_scale": 1.5},
+    "x0_reproject 0.5, 30 steps, CFG 1": {"sampler": {"type": "x0_reproject", "renoise": 0.5}, "steps": 30, "cfg_scale": 1.0},
+    "dpmpp_2m, 15 steps, CFG 1.5": {"sampler": "dpmpp_2m", "steps": 15, "cfg_scale": 1.5},
+    "dpmpp_2m_sde, 15 steps, CFG 1.5": {"sampler": "dpmpp_2m_sde", "steps": 15, "cfg_scale": 1.5},
+    "dpmpp_3m_sde, 15 steps, CFG 1.5": {"sampler": "dpmpp_3m_sde", "steps": 15, "cfg_scale": 1.5},
+}
+
+
+def model_calls(settings) -> int:
+    """Model evaluations a sample costs under ``settings`` (a SamplingSettings): steps times the sampler's calls
+    per step, doubled under classifier-free guidance (the conditional and the null branch)."""
+    name = settings.sampler if isinstance(settings.sampler, str) else settings.sampler["type"]
+    calls = settings.steps * CALLS_PER_STEP.get(name, 1)
+    return calls * (2 if settings.cfg_scale != 1 else 1)
+
+
+def sampler_budget(runs: list, names=None, *, n: int = 512, log=print) -> dict:
+    """Evaluate each of ``SAMPLER_BUDGET`` (or ``names`` of them) on each trained run (seeds of one recipe) at the
+    evaluation's defaults (n samples, 6 sets x 48, memorisation on 256 rows); per setting its model calls a sample
+    and mean +- std over the runs of the headline numbers and of the evaluation's wall time. Resumable: each (run,
+    setting) lands in RUN/sampler_budget.jsonl."""
+    from pathlib import Path
+
+    from ..errors import ConfigError
+    from ..eval.evaluate import EvalSize, eval_summary, evaluate_run
+    from ..io import ResultLog
+    from ..modeling.runs import load_run
+    from ..sampling.settings import SamplingSettings
+    from .runner import arm_slug, summarise_records
+
+    unknown = [name for name in names or () if name not in SAMPLER_BUDGET]
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}; SAMPLER_BUDGET has: {', '.join(map(repr, SAMPLER_BUDGET))}")
+    result = {"runs": [str(r) for r in runs], "n": n, "settings": {}}
+    for name in names or SAMPLER_BUDGET:
+        overrides = SAMPLER_BUDGET[name]
+        records = []
+        for run in map(Path, runs):
+            settings = SamplingSettings.of_run(load_run(run).cfg, overrides)
+
+            def compute(run=run, name=name, overrides=overrides) -> dict:
+                log(f"sampler budget: {run} / {name}")
+                tic = time.time()
+                ev = evaluate_run(run, overrides, EvalSize(n=n), tag=f"budget_{arm_slug(name)}", progress=False)
+                return {"eval_seconds": time.time() - tic, "step": ev["step"], **eval_summary(ev)}
+
+            rec = ResultLog(run / "sampler_budget.jsonl").once({"setting": name, "n": n}, compute)
+            records.append({**rec, "seed": len(records)})
+        result["settings"][name] = {"overrides": overrides, "model_calls": model_calls(settings),
+                                    **summarise_records(records)}
+    return result

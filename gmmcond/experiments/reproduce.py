@@ -214,6 +214,9 @@ SCALES = {
            "denoiser.loss=karras"),
     # the default recipe as it is now (attention, compile, soft-min-SNR); an experiment's --steps sets the length
     "recipe": (),
+    # the default recipe trained and sampled the paper's way (registry/shapes_paper.yaml): L_simple on the discrete
+    # VP schedule of its CelebA model, x0-reprojection at renoise 1
+    "paper": ("schedule=vp_constant", "schedule.T=100", "denoiser.loss=eps", "sample.sampler.renoise=1.0"),
 }
 EXPERIMENT_SCALE = SCALES["v1"]
 
