@@ -53,7 +53,7 @@ def implied_logits(parts, images: torch.Tensor, values: torch.Tensor, known: tor
     return out
 
 
-def jsd_diagnostic(parts, images: torch.Tensor, i: int, j: int, **kw) -> dict:
+def jsd_diagnostic(parts, images: torch.Tensor, i: int, j: int, *, sigmas=(0.3, 0.6, 1.2), seed: int = 0) -> dict:
     """CoInD's JSD for attributes ``i`` and ``j`` on ``images`` (needs a run trained with attr_dropout > 0):
     the mean and per-image values of :func:`factorisation_gap`."""
     k = len(parts.attr_names)
@@ -65,6 +65,6 @@ def jsd_diagnostic(parts, images: torch.Tensor, i: int, j: int, **kw) -> dict:
     for c, a in enumerate((0.0, 1.0)):
         values[4 + c, i], known[4 + c, i] = a, 1.0
         values[6 + c, j], known[6 + c, j] = a, 1.0
-    logits = implied_logits(parts, images, values, known, **kw)
+    logits = implied_logits(parts, images, values, known, sigmas=sigmas, seed=seed)
     gap = factorisation_gap(logits[:4], logits[4:6], logits[6:8])
     return {"jsd": gap.mean().item(), "per_image": gap.tolist()}

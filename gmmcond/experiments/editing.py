@@ -117,7 +117,7 @@ def _held_out(dataset_cfg: dict, n: int, offset: int):
     return test, torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
 
 
-@experiment("editing", takes=("run", "seeds", "steps", "n"), seeds=3, n=128)
+@experiment("editing", takes=("run", "seeds", "steps", "n"), defaults={"seeds": 3, "n": 128})
 def editing(opts: Options, *, iters: int = 3) -> dict:
     """Edit ``opts.n`` held-out images per seed (different images per seed) with every method and kind, with the
     run ``opts.run`` (its sampler at ``opts.steps`` steps, default its own); resumable through OUT/editing.jsonl."""

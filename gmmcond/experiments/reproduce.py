@@ -31,7 +31,7 @@ def plot_band(ax, x: list[int], curves: list[list[float]], label: str) -> dict:
     return {"mean": mean, "std": std}
 
 
-@experiment("density", takes=("steps",), steps=10)
+@experiment("density", takes=("steps",), defaults={"steps": 10})
 def density(opts: Options, bins: int = 50) -> dict:
     """Paper Fig. 11: Algorithm 1 moves a uniform pi_hat to a bimodal target; W1 per step for three settings."""
     out, steps = opts.path("density", "png"), opts.steps
@@ -135,7 +135,7 @@ def train_classifier(loss_name: str, xs, ys, xt, yt, *, lr: float, seed: int, st
             "per_attribute_w1": per_attr_w1, "per_attribute_accuracy": acc}
 
 
-@experiment("ngmg-vs-bce", takes=("seeds", "steps"), seeds=5, steps=300)
+@experiment("ngmg-vs-bce", takes=("seeds", "steps"), defaults={"seeds": 5, "steps": 300})
 def ngmg_vs_bce(opts: Options, *, lrs=(3e-4, 1e-3, 3e-3, 1e-2), eval_every: int = 10, size: int = 16,
                 rare_attr: str = "outline", rare_fraction: float = 0.05) -> dict:
     """Paper Fig. 12: the same small CNN trained with BCE and both readings of NGMG entropy, over seeds and
@@ -310,7 +310,7 @@ def loss_arms(arm_table: dict, name: str, prefix: str, title: str, opts: Options
 ARM_OPTIONS = ("seeds", "steps", "n", "scale", "arms", "train", "reuse")
 
 
-@experiment("head", takes=ARM_OPTIONS, seeds=3, steps=1000, n=512)
+@experiment("head", takes=ARM_OPTIONS, defaults={"seeds": 3, "steps": 1000, "n": 512})
 def head(opts: Options) -> dict:
     """Paper Fig. 9: the default recipe's model and batch with no head, a head trained with NGMG entropy
     (surplus) and a head trained with BCE; diffusion-loss curves and the evaluation of each arm's samples.
@@ -336,7 +336,7 @@ DISTRIBUTION_ARMS = {
 }
 
 
-@experiment("distribution", takes=ARM_OPTIONS, seeds=3, steps=1000, n=256)
+@experiment("distribution", takes=ARM_OPTIONS, defaults={"seeds": 3, "steps": 1000, "n": 256})
 def distribution(opts: Options) -> dict:
     """The paper's central claim (Sec. 3.2, Eqs. 8-9): attributes embedded as a distribution (the GMM latent,
     with the paper's fixed pairing of one latent per training image, and with a fresh latent each step) against
@@ -357,7 +357,8 @@ FVC_ARMS = {
 }
 
 
-@experiment("features-vs-classes", takes=("seeds", "steps", "n", "scale", "train", "reuse"), seeds=3, steps=2000, n=512)
+@experiment("features-vs-classes", takes=("seeds", "steps", "n", "scale", "train", "reuse"),
+            defaults={"seeds": 3, "steps": 2000, "n": 512})
 def features_vs_classes(opts: Options) -> dict:
     """Paper Fig. 7 on the shapes recipe at ``scale`` (``SCALES``) for ``steps`` steps: the 11 features vs one-hot
     shape x colour classes vs, as a control for information content, one-hot classes over all 288 attribute
@@ -405,7 +406,7 @@ PRECISION_ARMS = {"fp32": ("shapes", ["train.precision=fp32", "train.compile=fal
                   "bf16 compiled": ("shapes", ["train.precision=bf16", "train.compile=true"])}
 
 
-@experiment("precision", takes=("seeds", "n", "train", "reuse"), seeds=2, n=512)
+@experiment("precision", takes=("seeds", "n", "train", "reuse"), defaults={"seeds": 2, "n": 512})
 def precision(opts: Options) -> dict:
     """Quality kept under the fastest setting: the shapes recipe at 2000 steps (``EXPERIMENT_SCALE``) trained
     at fp32 and at bf16 + torch.compile, ``seeds`` seeds each, every run evaluated the same way; per-seed
@@ -636,7 +637,8 @@ def latest_step(run: Path) -> int:
     return read_metrics(run / "metrics.jsonl")[-1]["step"]
 
 
-@experiment("combinations", takes=("seeds", "steps", "n", "scale", "arms", "train"), seeds=2, steps=2000, n=64)
+@experiment("combinations", takes=("seeds", "steps", "n", "scale", "arms", "train"),
+            defaults={"seeds": 2, "steps": 2000, "n": 64})
 def combinations(opts: Options) -> dict:
     """Attribute combinations never seen in training (red triangle, green circle, blue square): conformity and
     defects on seen vs held-out combinations per arm and seed (:func:`combination_scores`), through

@@ -76,10 +76,11 @@ class Experiment:
 EXPERIMENTS: dict[str, Experiment] = {}
 
 
-def experiment(name: str, takes: tuple[str, ...], **defaults) -> Callable:
-    """Register ``fn(opts: Options) -> dict`` as experiment ``name`` taking the options ``takes``."""
+def experiment(name: str, takes: tuple[str, ...], defaults: dict | None = None) -> Callable:
+    """Register ``fn(opts: Options) -> dict`` as experiment ``name`` taking the options ``takes``, with ``defaults``
+    for those the command line leaves unset."""
     def register(fn: Callable[[Options], dict]) -> Callable[[Options], dict]:
-        EXPERIMENTS[name] = Experiment(name, fn, frozenset(takes), defaults, (fn.__doc__ or "").split("\n")[0])
+        EXPERIMENTS[name] = Experiment(name, fn, frozenset(takes), dict(defaults or {}), (fn.__doc__ or "").split("\n")[0])
         return fn
     return register
 
