@@ -42,3 +42,22 @@ def test_a_wheel_ships_every_subpackage_and_the_recipes(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(target)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [str(target / "gmmcond" / "recipes"), "shapes"]
+
+
+def test_no_function_on_the_sampling_evaluation_experiment_or_training_path_takes_more_than_ten_parameters():
+    """Settings travel as objects (SamplingSettings, EvalSize, Options), not as long keyword lists or **kwargs.
+    Exempt: ``forward`` (k-diffusion's model interface passes a sampler's extra_args as keywords) and the
+    adapter that gives k-diffusion's samplers one signature (their options are the registry's, checked there)."""
+    import ast
+
+    offenders = []
+    for folder in ("sampling", "eval", "experiments", "engine"):
+        for path in (ROOT / "gmmcond" / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name == "forward":
+                    continue
+                a = node.args
+                names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs) if x.arg not in ("self", "cls")]
+                if (len(names) + bool(a.vararg) > 10 or a.kwarg) and not (path.name == "samplers.py" and node.name == "sampler"):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert offenders == []
