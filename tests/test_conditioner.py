@@ -3,6 +3,7 @@ import pytest
 import torch
 from scipy import stats
 
+from gmmcond.errors import ConfigError
 from gmmcond.modeling.conditioners import GMMAttrs, NoConditioner
 from gmmcond.registry import CONDITIONERS
 
@@ -219,3 +220,90 @@ def test_attribute_dropout_modes_and_group_hiding():
         make(attr_dropout=0.6, attr_dropout_mode="per_sample")
     with pytest.raises(ValueError, match="attr_dropout_mode must be one of per_attribute, per_sample"):
         make(attr_dropout=0.2, attr_dropout_mode="sometimes")
+
+
+TOKENS = ("conditioner={type: gmm_tokens, attr_dropout: 0.3}", "model.cross_cond_dim=16",
+          "model.cross_attn_depths=[false,true]")
+
+
+def _tokens_model(tiny_cfg, *extra):
+    from gmmcond.modeling.build import build
+
+    torch.manual_seed(0)
+    parts = build(tiny_cfg(*TOKENS, *extra))
+    with torch.no_grad():  # k-diffusion zero-initialises the layers a condition enters by: make them matter
+        for p in parts.denoiser.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return parts
+
+
+def test_padded_attribute_tokens_are_as_if_removed_and_the_null_token_is_always_there(tiny_cfg):
+    """With the null token present and every other token padded, the model's output equals the same model
+    given only the unpadded tokens; a dropped condition attends to the null token alone."""
+    parts = _tokens_model(tiny_cfg)
+    wrapper, cond = parts.denoiser.inner_model, parts.conditioner.eval()
+    k = cond.num_attrs
+    attrs = torch.zeros(1, k)
+    attrs[0, [0, 3, 6]] = 1
+    known = torch.ones(1, k)
+    known[0, [1, 4, 5, 8]] = 0  # open: padded out
+    flat = cond.encode(attrs, cond.sample_latents(1, torch.Generator().manual_seed(1)), known=known)
+    x, sigma = torch.randn(1, 3, 16, 16), torch.tensor([1.3])
+    tokens, padding = wrapper.tokens(flat)
+    assert padding[0, 0] == 0 and padding[0, 1:].tolist() == (1 - known[0]).tolist()
+    kept = padding[0] == 0
+    with torch.no_grad():
+        full = wrapper(x, sigma, mapping_cond=flat)
+        removed = wrapper.inner_model(x, sigma, cross_cond=tokens[:, kept], cross_cond_padding=padding[:, kept])
+        torch.testing.assert_close(full, removed, rtol=0, atol=1e-6)
+        dropped = cond.unconditional(1)
+        t, p = wrapper.tokens(dropped)
+        assert p[0].tolist() == [0.0] + [1.0] * k
+        alone = wrapper.inner_model(x, sigma, cross_cond=t[:, :1], cross_cond_padding=p[:, :1])
+        torch.testing.assert_close(wrapper(x, sigma, mapping_cond=dropped), alone, rtol=0, atol=1e-6)
+
+
+def test_gradients_reach_every_unpadded_token_and_no_padded_one(tiny_cfg):
+    parts = _tokens_model(tiny_cfg)
+    wrapper, cond = parts.denoiser.inner_model, parts.conditioner.eval()
+    k = cond.num_attrs
+    attrs = (torch.rand(4, k) > 0.5).float()
+    known = torch.ones(4, k)
+    known[:, 2] = 0  # attribute 2 open in every sample
+    flat = cond.encode(attrs, cond.sample_latents(4, torch.Generator().manual_seed(2)), known=known)
+    tokens, padding = wrapper.tokens(flat)
+    tokens.retain_grad()
+    wrapper.inner_model(torch.randn(4, 3, 16, 16), torch.full((4,), 0.8), cross_cond=tokens,
+                        cross_cond_padding=padding).square().mean().backward()
+    grad = tokens.grad.abs().sum(-1)  # [B, 1 + K]
+    assert bool((grad[padding == 0] > 0).all()) and float(grad[padding == 1].abs().max()) < 1e-8
+    assert wrapper.null_token.grad.abs().sum() > 0 and wrapper.project.weight.grad.abs().sum() > 0
+    assert wrapper.attr_embed.grad[2].abs().max() == 0 and wrapper.attr_embed.grad[[0, 1, 3]].abs().sum(1).min() > 0
+
+
+def test_a_tokens_run_trains_samples_with_guidance_and_leaves_attributes_open(tiny_cfg, tmp_path):
+    from gmmcond.engine.trainer import train
+    from gmmcond.modeling.runs import load_run
+    from gmmcond.sampling.sheets import sample_requests
+
+    train(tiny_cfg(*TOKENS), tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    assert run.parts.conditioner.tokens and run.parts.denoiser.inner_model.pooled is False
+    for settings in ({"open": "model", "cfg_scale": 2.0}, {"open": "data", "cfg_scale": 1.5}):
+        samples = sample_requests(run, ["circle,~red"], {**settings, "steps": 2}, n=2, log=lambda m: None)
+        assert samples.images.shape == (2, 3, 16, 16) and torch.isfinite(samples.images).all()
+    composed = sample_requests(run, [], {"steps": 2}, n=2, compose="circle:2,red:1", log=lambda m: None)
+    assert torch.isfinite(composed.images).all()
+
+
+def test_tokens_and_the_model_settings_they_need_go_together(tiny_cfg):
+    from gmmcond.modeling.build import build
+
+    with pytest.raises(ConfigError, match="set model.cross_cond_dim"):
+        build(tiny_cfg("conditioner=gmm_tokens"))
+    with pytest.raises(ConfigError, match="needs a conditioner that hands the model tokens"):
+        build(tiny_cfg("model.cross_cond_dim=16", "model.cross_attn_depths=[false,true]"))
+    with pytest.raises(ConfigError, match="at least one true exactly when model.cross_cond_dim > 0"):
+        build(tiny_cfg("conditioner=gmm_tokens", "model.cross_cond_dim=16"))
+    pooled = build(tiny_cfg(*TOKENS, "conditioner.pooled=true"))
+    assert pooled.denoiser.inner_model.pooled and pooled.conditioner.mapping_dim == pooled.conditioner.dim

@@ -77,7 +77,10 @@ def test_arms_that_differ_only_in_sampling_share_one_training(tmp_path, monkeypa
         assert runs[f"features + attr_dropout {rate}, all specified"] == own != runs[joint]
     # the plain model asked for shape and colour with the rest drawn from the data is the "features joint" training
     assert owners["features, open from data"] == "features joint" and runs["features, open from data"] == runs["features joint"]
-    assert len(set(runs.values())) == len(set(owners.values())) == len(arms) - len(samplers) - 3
+    # the token arms: each conditioner's model asked two ways shares one run
+    for pooled in ("", " + pooled"):
+        assert runs[f"tokens{pooled}, open from data"] == runs[f"tokens{pooled} joint"] != runs["features joint"]
+    assert len(set(runs.values())) == len(set(owners.values())) == len(arms) - len(samplers) - 5
     assert {r["arm"] for r in ResultLog(tmp_path / "combinations.jsonl").records} == set(arms)
     # --no-train tabulates what is logged and starts nothing: seed 1 is missing, each row says it has one seed
     monkeypatch.setattr(reproduce, "combination_scores", lambda *a, **k: pytest.fail("--no-train trained an arm"))

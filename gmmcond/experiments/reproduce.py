@@ -421,6 +421,9 @@ def precision(opts: Options) -> dict:
 
 
 HELD_OUT_COMBINATIONS = ("triangle,red", "circle,green", "square,blue")
+# the token conditioner and the image_v1 cross-attention it needs: a 64-wide token read at the 8x8 and 4x4 stages,
+# where the recipe's self-attention sits
+TOKEN_MODEL = ("conditioner.type=gmm_tokens", "model.cross_cond_dim=64", "model.cross_attn_depths=[false,true,true]")
 COMBINATION_ARMS = {  # arm: (recipe, label_mode, how requests are sampled, extra overrides)
     "features joint": ("shapes", "features", "joint", []),
     "features + attr_dropout joint": ("shapes_compose", "features", "partial", []),
@@ -447,6 +450,10 @@ COMBINATION_ARMS = {  # arm: (recipe, label_mode, how requests are sampled, extr
     # model and the attr_dropout one, each asked for the shape and colour only
     "features, open from data": ("shapes", "features", "data", []),
     "features + attr_dropout, open from data": ("shapes_compose", "features", "data", []),
+    # attributes as cross-attention tokens (conditioner gmm_tokens; issue 42): alone, and beside the pooled vector;
+    # asked with whole test rows, and for shape and colour with the rest drawn from the data
+    **{f"tokens{pooled}{how}": ("shapes", "features", mode, [*TOKEN_MODEL, *(["conditioner.pooled=true"] if pooled else [])])
+       for pooled in ("", " + pooled") for how, mode in ((" joint", "joint"), (", open from data", "data"))},
 }
 # the request modes' open semantics (gmmcond.sampling.requests): how each mode asks for shape and colour only
 REQUEST_OPEN = {"partial": "model", "data": "data"}

@@ -7,10 +7,11 @@ from typing import Any
 from torch import nn
 
 from .. import data  # noqa: F401  (fills DATASETS)
+from ..errors import ConfigError
 from ..registry import CONDITIONERS, DATASETS, MODELS, SCHEDULES
 from . import conditioners, schedules  # noqa: F401  (fill the registries)
 from .heads import attach
-from .models import make_denoiser
+from .models import AttributeTokens, make_denoiser
 
 
 @dataclass
@@ -33,7 +34,19 @@ def build(cfg: dict, dataset: Any = None) -> Components:
     attr_names, groups = list(dataset.attr_names), [list(g) for g in dataset.groups]
     conditioner = CONDITIONERS.build(cfg["conditioner"], num_attrs=len(attr_names))
     conditioner.set_groups([[attr_names.index(a) for a in g] for g in groups])
-    inner = MODELS.build(cfg["model"], mapping_cond_dim=conditioner.dim)
+    if conditioner.tokens:  # the model reads tokens (and, pooled, the flat condition): AttributeTokens unpacks them
+        token_dim = cfg["model"].get("cross_cond_dim", 0)
+        if not token_dim:
+            raise ConfigError(f"conditioner {cfg['conditioner']['type']} hands the model attribute tokens: set "
+                              f"model.cross_cond_dim (the token width, e.g. 64) and model.cross_attn_depths (e.g. "
+                              f"[false, true, true])")
+        inner = MODELS.build(cfg["model"], mapping_cond_dim=conditioner.mapping_dim)
+        inner = AttributeTokens(inner, len(attr_names), conditioner.dims_per_attr, token_dim, conditioner.pooled)
+    else:
+        if cfg["model"].get("cross_cond_dim", 0):
+            raise ConfigError("model.cross_cond_dim > 0 needs a conditioner that hands the model tokens "
+                              "(conditioner: gmm_tokens); set it to 0 or change the conditioner")
+        inner = MODELS.build(cfg["model"], mapping_cond_dim=conditioner.dim)
     denoiser = make_denoiser(inner, **cfg["denoiser"])
     head = None
     if cfg["head"]["type"] != "none":

@@ -23,6 +23,7 @@ class Conditioner(nn.Module):
     dim = 0
     partial = False
     pairs_latents = False
+    tokens = False  # hands the model attribute tokens (GMMTokens): build() wraps it in AttributeTokens
 
     def __init__(self, num_attrs: int, cond_dropout: float = 0.0):
         super().__init__()
@@ -169,7 +170,7 @@ class GMMAttrs(Conditioner):
                               "(unlisted ones mean absent); train with conditioner.attr_dropout > 0 to leave some unspecified")
         known = torch.ones_like(attrs) if known is None else known.to(z)
         feats = (z * (attrs * known)[..., None]).flatten(1) * keep
-        parts = [feats, known * keep] if self.partial else [feats]
+        parts = [feats, known * keep] if self.partial or self.tokens else [feats]
         return torch.cat([*parts, drop[:, None].to(z)], 1)
 
     def training_latents(self, n: int, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -200,6 +201,49 @@ class GMMAttrs(Conditioner):
         for u, members in enumerate(units):
             known[:, members] = shown[:, u:u + 1].float()
         return known
+
+
+@CONDITIONERS.register("gmm_tokens")
+class GMMTokens(GMMAttrs):
+    """The GMM attribute latent as tokens: one cross-attention token per attribute (its latent Z_k A_k through a
+    shared projection, plus a learned embedding of k), and an always-present null token, read by ``image_v1``'s
+    cross-attention (:class:`gmmcond.modeling.models.AttributeTokens`). An open attribute (``attr_dropout > 0``)
+    and a dropped condition pad tokens out instead of zeroing them, so a model can attend to what was named and
+    nothing else. The condition travels as the flat vector of :class:`GMMAttrs` with its known bits always present,
+    so every sampler and guidance wrapper carries it unchanged. ``pooled``: the flat condition also reaches the
+    model's mapping network, as :class:`GMMAttrs` does (tokens beside the pooled vector).
+
+    The model needs ``model.cross_cond_dim`` (the token width) and ``model.cross_attn_depths``.
+    """
+
+    tokens = True
+
+    def __init__(
+        self,
+        num_attrs: int,  # K, injected from the dataset.
+        *,
+        dims_per_attr: int = 4,  # N in Eq. 9.
+        means: Sequence[float] = (1.0, 2.0, 3.0),
+        sigma: float = 0.3,
+        weights: Sequence[float] | None = None,
+        pairing: str = "fixed",
+        cond_dropout: float = 0.1,
+        seed: int = 0,
+        attr_dropout: float = 0.0,  # Probability of padding each attribute's token in training ("unspecified").
+        attr_dropout_mode: str = "per_attribute",
+        hide_groups: bool = False,
+        pooled: bool = False,  # Also feed the flat condition to the mapping network (tokens beside the pooled vector).
+    ):
+        super().__init__(num_attrs, dims_per_attr=dims_per_attr, means=means, sigma=sigma, weights=weights,
+                         pairing=pairing, cond_dropout=cond_dropout, seed=seed, attr_dropout=attr_dropout,
+                         attr_dropout_mode=attr_dropout_mode, hide_groups=hide_groups)
+        self.pooled = pooled
+        self.dim = num_attrs * dims_per_attr + num_attrs + 1  # the known bits always: they say which tokens to pad
+
+    @property
+    def mapping_dim(self) -> int:
+        """What the model's mapping network reads: the flat condition with ``pooled``, else nothing."""
+        return self.dim if self.pooled else 0
 
 
 @CONDITIONERS.register("attrs")
