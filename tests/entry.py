@@ -11,19 +11,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
-def run_entry(script: str, *args, capsys, stdout: bool = False) -> tuple[int, str]:
+def run_entry(script: str, *args, stdout: bool = False) -> tuple[int, str]:
     """Run ``launch/SCRIPT.py ARGS`` in this process; return its exit code and its stderr (with ``stdout``, both)."""
-    old = sys.argv
-    sys.argv = [str(ROOT / "launch" / f"{script}.py"), *map(str, args)]
-    try:
-        runpy.run_path(sys.argv[0], run_name="__main__")
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return code, (captured.out + captured.err) if stdout else captured.err
+    done = run_captured(script, *args)
+    return done.returncode, (done.stdout + done.stderr) if stdout else done.stderr
 
 
 def assert_one_line(code: int, err: str, fragment: str) -> None:

@@ -22,13 +22,13 @@ BAD_YAML = "name: x\ntrain:\n  steps: 3\n   lr: 1\n"
     (["--config", "{bad}"], ":4:6: not valid YAML: mapping values are not allowed here"),
     (["--name", "nothing_here", "--resume"], "holds no checkpoint to resume (runs with checkpoints in"),
 ])
-def test_train_config_mistakes_are_one_line(args, fragment, tmp_path, capsys):
+def test_train_config_mistakes_are_one_line(args, fragment, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_YAML)
     args = [str(bad) if a == "{bad}" else a for a in args]
     if "--config" not in args:
         args = ["--config", "shapes_tiny", *args]
-    code, err = run_entry("train", *args, "--runs", tmp_path / "runs", capsys=capsys)
+    code, err = run_entry("train", *args, "--runs", tmp_path / "runs")
     assert_one_line(code, err, fragment)
     if str(bad) in args:
         assert err.startswith(f"error: ConfigError: {bad}:4:6: not valid YAML") and len(err.strip().splitlines()) == 1
@@ -39,8 +39,8 @@ def test_train_config_mistakes_are_one_line(args, fragment, tmp_path, capsys):
     (["--cfg-scale", "nan"], "argument --cfg-scale: must be >= 0"),
     (["--attrs", "circle,purple"], "unknown attribute(s) ['purple']"),
 ])
-def test_sample_mistakes_are_one_line(tiny_run, args, fragment, capsys):
-    code, err = run_entry("sample", "--run", tiny_run, *args, "--n", 2, "--steps", 2, capsys=capsys)
+def test_sample_mistakes_are_one_line(tiny_run, args, fragment):
+    code, err = run_entry("sample", "--run", tiny_run, *args, "--n", 2, "--steps", 2)
     assert code == 2 and fragment in err and "Traceback" not in err, err
 
 
@@ -64,8 +64,8 @@ def test_under_accelerate_launch_quiet_the_only_error_output_is_gmmconds_line(tm
     (["--steps", "-1"], "argument --steps: must be >= 1, got -1"),
     (["--attrs", "circle,square"], "the group ['circle', 'square', 'triangle'] is mutually exclusive"),
 ])
-def test_bad_sample_arguments_are_one_line_errors(tiny_run, args, message, capsys):
-    code, err = run_entry("sample", "--run", tiny_run, *args, capsys=capsys)
+def test_bad_sample_arguments_are_one_line_errors(tiny_run, args, message):
+    code, err = run_entry("sample", "--run", tiny_run, *args)
     assert code == 2 and message in err and "Traceback" not in err, err
 
 

@@ -201,15 +201,14 @@ def test_attribute_expressions_and_group_contradictions():
     assert implied.values.tolist() == [0, 0, 1, 0, 0] and implied.known.tolist() == [1, 1, 1, 0, 0]
 
 
-def test_an_image_that_does_not_decode_is_named_with_its_csv_row(tmp_path, capsys):
+def test_an_image_that_does_not_decode_is_named_with_its_csv_row(tmp_path):
     write_folder(tmp_path)
     data = (tmp_path / "img_005.png").read_bytes()
     (tmp_path / "img_005.png").write_bytes(data[: len(data) // 2])
     recipe = tmp_path / "folder.yaml"
     recipe.write_text((ROOT / "registry" / "shapes_tiny.yaml").read_text().replace(
         "  type: shapes\n  size: 16\n  length: 256", f"  type: imagefolder_attrs\n  root: {tmp_path}\n  size: 16\n  holdout: 0"))
-    code, err = run_entry("train", "--config", recipe, "--runs", tmp_path / "runs", "sample.grid_rows=[cat]",
-                          capsys=capsys)
+    code, err = run_entry("train", "--config", recipe, "--runs", tmp_path / "runs", "sample.grid_rows=[cat]")
     assert_one_line(code, err, f"{tmp_path / 'img_005.png'} (listed at {tmp_path / 'attrs.csv'}:7) does not decode")
 
 

@@ -36,7 +36,7 @@ def wait_for_lines(metrics: Path, lines: int, proc, limit: float = 120) -> None:
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
-def test_a_scheduler_signal_checkpoints_says_one_line_and_asks_to_be_requeued(tmp_path, sig, capsys):
+def test_a_scheduler_signal_checkpoints_says_one_line_and_asks_to_be_requeued(tmp_path, sig):
     """What a scheduler sends before SIGKILL: the step finishes, a checkpoint is written, one line names it and the
     resume command, exit 75 (EX_TEMPFAIL: try again); --resume auto then finishes the run."""
     args = ["--config", "shapes_tiny", "--runs", str(tmp_path), "train.steps=300", "train.checkpoint_every=1000",
@@ -53,7 +53,7 @@ def test_a_scheduler_signal_checkpoints_says_one_line_and_asks_to_be_requeued(tm
     cut_at = int(line[0].split("after step ")[1].split()[0])
     assert latest_checkpoint(tmp_path / "cut").name == f"step_{cut_at:07d}.pt"
     # the stop is the one Ctrl-C takes, whose resume is shown exact in tests/test_resume.py: here the requeue path
-    code, err = run_entry("train", *args, "--name", "cut", "--resume", "auto", capsys=capsys)
+    code, err = run_entry("train", *args, "--name", "cut", "--resume", "auto")
     assert code == 0 and load_checkpoint(latest_checkpoint(tmp_path / "cut"))["step"] == 300, err[-2000:]
 
 
@@ -78,7 +78,7 @@ def test_a_failed_write_names_the_path_removes_its_temporary_file_and_keeps_the_
         write_atomically(path, fail_after(1, RuntimeError("a bug")))
 
 
-def test_a_full_disk_while_checkpointing_is_one_line_and_latest_stays(tiny_cfg, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_while_checkpointing_is_one_line_and_latest_stays(tiny_cfg, tmp_path, monkeypatch):
     import gmmcond.io as gio
 
     real_save = torch.save
@@ -92,7 +92,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_latest_stays(tiny_cfg, 
         real_save(state, f)
 
     monkeypatch.setattr(gio.torch, "save", save)
-    code, err = run_entry("train", "--config", "shapes_tiny", "--runs", tmp_path, "train.steps=6", capsys=capsys)
+    code, err = run_entry("train", "--config", "shapes_tiny", "--runs", tmp_path, "train.steps=6")
     errors = [l for l in err.splitlines() if "error:" in l]
     assert code == 2 and "Traceback" not in err and len(errors) == 1, err
     assert "StorageError: could not write" in errors[0] and "step_0000004.pt" in errors[0] and "free there" in errors[0]
@@ -133,32 +133,30 @@ def image_folder(root: Path, n: int = 8) -> Path:
     return root
 
 
-def test_a_recipe_on_other_data_draws_its_grid_rows_from_the_data_and_says_so(tmp_path, capsys):
+def test_a_recipe_on_other_data_draws_its_grid_rows_from_the_data_and_says_so(tmp_path):
     data = image_folder(tmp_path / "data")
     node = f"dataset={{type: imagefolder_attrs, root: {data}, size: 16, holdout: 0}}"
-    code, out = run_entry("train", "--config", "shapes_tiny", node, "--runs", tmp_path, "train.batch_size=4", capsys=capsys,
+    code, out = run_entry("train", "--config", "shapes_tiny", node, "--runs", tmp_path, "train.batch_size=4",
                           stdout=True)
     assert code == 0, out
     assert "sample.grid_rows ['circle,red', 'square,blue,large']... name no attribute of this dataset" in out
     assert (tmp_path / "shapes_tiny" / "samples" / "grid_0000003.png").exists()
 
 
-def test_a_grid_row_with_a_typo_is_refused_before_the_first_step(tmp_path, capsys):
-    code, err = run_entry("train", "--config", "shapes_tiny", "--runs", tmp_path, "sample.grid_rows=[circle+red,circle]",
-                          capsys=capsys)
+def test_a_grid_row_with_a_typo_is_refused_before_the_first_step(tmp_path):
+    code, err = run_entry("train", "--config", "shapes_tiny", "--runs", tmp_path, "sample.grid_rows=[circle+red,circle]")
     assert code == 2 and "Traceback" not in err
     assert "ConfigError: sample.grid_rows: unknown attribute(s) ['circle+red']" in err
     assert not (tmp_path / "shapes_tiny" / "checkpoints" / "latest").exists()
 
 
-def test_overrides_go_anywhere_on_the_command_line(tmp_path, capsys):
-    code, err = run_entry("train", "--config", "shapes_tiny", "train.steps=2", "--runs", tmp_path, "model.channels=[8,24]",
-                          capsys=capsys)
+def test_overrides_go_anywhere_on_the_command_line(tmp_path):
+    code, err = run_entry("train", "--config", "shapes_tiny", "train.steps=2", "--runs", tmp_path, "model.channels=[8,24]")
     assert code == 0, err
     cfg = yaml.safe_load((tmp_path / "shapes_tiny" / "config.yaml").read_text())
     assert cfg["train"]["steps"] == 2 and cfg["model"]["channels"] == [8, 24]
     code, err = run_entry("train", "--config", "shapes_tiny", "--resume", "train.steps=4", "--runs", tmp_path,
-                          "model.channels=[8,24]", capsys=capsys)  # a bare --resume before an override
+                          "model.channels=[8,24]")  # a bare --resume before an override
     assert code == 0, err
     assert latest_checkpoint(tmp_path / "shapes_tiny").name == "step_0000004.pt"
 

@@ -17,20 +17,20 @@ from gmmcond.io import RunLock, load_checkpoint, read_metrics
 from gmmcond.modeling.runs import load_run
 
 
-def test_a_truncated_checkpoint_on_resume_is_one_line(tiny_run, capsys):
+def test_a_truncated_checkpoint_on_resume_is_one_line(tiny_run):
     latest = tiny_run / "checkpoints" / "step_0000003.pt"
     latest.write_bytes(latest.read_bytes()[:1000])
     code, err = run_entry("train", "--config", "shapes_tiny", "--runs", tiny_run.parent, "--name", "tiny",
-                          "train.steps=4", "--resume", capsys=capsys)
+                          "train.steps=4", "--resume")
     assert_one_line(code, err, "step_0000003.pt is corrupt or truncated")
 
 
-def test_a_second_training_into_a_held_run_is_refused(tiny_cfg, tmp_path, capsys):
+def test_a_second_training_into_a_held_run_is_refused(tiny_cfg, tmp_path):
     run = tmp_path / "runs" / "held"
     run.mkdir(parents=True)
     parent = os.getppid()  # a live process that is not this one
     (run / RunLock.NAME).write_text(json.dumps({"pid": parent, "host": os.uname().nodename, "started": "now"}))
-    code, err = run_entry("train", "--config", "shapes_tiny", "--runs", tmp_path / "runs", "--name", "held", capsys=capsys)
+    code, err = run_entry("train", "--config", "shapes_tiny", "--runs", tmp_path / "runs", "--name", "held")
     assert_one_line(code, err, f"is being trained by process {parent} on {os.uname().nodename} since now")
     assert not (run / "metrics.jsonl").exists()  # nothing was written into the held run
 
@@ -115,10 +115,10 @@ def test_resume_applies_a_changed_lr_and_records_it(tiny_cfg, tmp_path):
     ("train.seed=5", "cannot change train.seed (0 -> 5)"),
     ("train.steps=2", "train.steps=2 is before the checkpoint's step 3"),
 ])
-def test_resume_refuses_what_it_cannot_apply_and_config_yaml_keeps_the_truth(tiny_run, override, fragment, capsys):
+def test_resume_refuses_what_it_cannot_apply_and_config_yaml_keeps_the_truth(tiny_run, override, fragment):
     before = (tiny_run / "config.yaml").read_text()
     code, err = run_entry("train", "--config", "shapes_tiny", "--runs", tiny_run.parent, "--name", "tiny", override,
-                          "--resume", capsys=capsys)
+                          "--resume")
     assert_one_line(code, err, fragment)
     assert (tiny_run / "config.yaml").read_text() == before
 

@@ -25,6 +25,7 @@ import statistics
 from pathlib import Path
 from typing import Callable
 
+from . import benchmarks
 from . import report as tables
 
 PLACEHOLDER = re.compile(r"\{\{(.+?)\}\}", re.S)
@@ -92,35 +93,6 @@ def _f(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
 
 
-MARK_HEADER = ("| {first} | minutes | conformity | defects | per-set recall / real | per-set coverage / real | spread | "
-               "accuracy | FD |\n|---|---|---|---|---|---|---|---|---|")
-
-
-def _mark_cells(m: dict) -> str:
-    return (f"{_f(m.get('minutes'), 1)} | {_f(m.get('all_attributes_correct'))} | {_f(m.get('defect_rate'))} | "
-            f"{_x(m.get('set_recall'), m.get('set_recall_real_reference'))} | "
-            f"{_x(m.get('set_coverage'), m.get('set_coverage_real_reference'))} | {_f(m.get('set_mean_spread_ratio'))} | "
-            f"{_f(m.get('attr_accuracy'))} | {_f(m.get('fd'), 1)}")
-
-
-def marks_table(result: dict) -> str:
-    """Quality over training time (``launch/benchmark.py quality``): one row per evaluated checkpoint."""
-    lines = [MARK_HEADER.format(first="step")]
-    lines += [f"| {m['step']} | {_mark_cells(m)} |" for m in result["marks"]]
-    return "\n".join(lines)
-
-
-def probes_table(*results: dict) -> str:
-    """Recipe probes (``launch/benchmark.py probes``): one row per probe and evaluated step, with its overrides."""
-    lines = [MARK_HEADER.format(first="probe (overrides), step")]
-    for result in results:
-        for name, probe in result.items():
-            over = " ".join(probe["overrides"])
-            for m in probe["marks"]:
-                lines.append(f"| {name} (`{over}`), step {m['step']} | {_mark_cells(m)} |")
-    return "\n".join(lines)
-
-
 def sampler_runs_table(result: dict) -> str:
     """The sampler trade-off on trained runs (``launch/evaluate.py --tag``): one row per run and setting at the
     last step, ordered by sampler, steps and guidance."""
@@ -154,37 +126,6 @@ def evals_table(*named: tuple[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def benchmark_table(result: dict) -> str:
-    """``launch/benchmark.py train``: the step time of each arm, its FLOP rate and its ratio to plain k-diffusion."""
-    lines = ["| arm | step time, median (IQR) | GFLOP/s | vs (a) |", "|---|---|---|---|"]
-    for name, arm in result["arms"].items():
-        t = arm["sec_per_step"]
-        lines.append(f"| ({name[0]}) {arm['what']} | {1000 * t['median']:.1f} ms ({1000 * t['iqr']:.1f}) | "
-                     f"{arm['gflops']:.0f} | {arm['ratio_to_plain']:.3f} |")
-    peaks = ", ".join(f"{k.replace('_', ' ')} {v:.0f}" for k, v in result["peak_gflops"].items())
-    lines += ["", f"{result['flops_per_step'] / 1e9:.2f} GFLOP a step; peaks measured in the same run (GFLOP/s): {peaks}."]
-    return "\n".join(lines)
-
-
-def profile_table(*results: list) -> str:
-    """``launch/benchmark.py profile``: milliseconds a step by phase and by operator kind, one column per setting."""
-    columns = [c for result in results for c in result]
-    heads = [f"{'compiled' if c['compile'] else 'eager'}, {c['precision']}" for c in columns]
-    lines = ["| ms per step | " + " | ".join(heads) + " |", "|---|" + "---|" * len(columns)]
-
-    def row(label: str, values: list[float], walls: list[float]) -> str:
-        return f"| {label} | " + " | ".join(f"{v:.1f} ({v / w:.0%})" for v, w in zip(values, walls)) + " |"
-
-    walls = [c["wall_ms_per_step"] for c in columns]
-    lines.append(row("wall time", walls, walls))
-    for phase in columns[0]["phases_ms"]:
-        lines.append(row(f"phase: {phase}", [c["phases_ms"].get(phase, 0.0) for c in columns], walls))
-    lines.append(row("Python and loop overhead", [c["python_and_loop_overhead_ms"] for c in columns], walls))
-    for kind in columns[0]["op_self_ms_by_kind"]:
-        lines.append(row(f"ops, self time: {kind}", [c["op_self_ms_by_kind"].get(kind, 0.0) for c in columns], walls))
-    return "\n".join(lines)
-
-
 def samplers_table(result: dict) -> str:
     """``launch/benchmark.py samplers``: sliced W1 to exact samples of a Gaussian mixture, by sampler and NFE."""
     nfes = list(next(iter(result["table"].values())))
@@ -207,6 +148,31 @@ def renoise_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def sampler_budget_table(result: dict) -> str:
+    """``launch/benchmark.py sampler-budget``: per sampling setting its model calls a sample and mean +- std over the
+    runs of the headline numbers and the evaluation's wall time; then each setting minus the first, paired by run."""
+    def x(stats: dict, key: str) -> str:
+        return f"{stats[key]['mean'] / stats[key + '_real_reference']['mean']:.2f}x" if key in stats else "-"
+
+    lines = ["| setting | model calls a sample | runs | conformity | defects | per-set recall / real | "
+             "per-set coverage / real | spread | evaluation seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    settings = result["settings"]
+    for name, st in settings.items():
+        lines.append(f"| {name} | {st['model_calls']} | {st['all_attributes_correct']['n']} | "
+                     f"{_pm(st['all_attributes_correct'], 3)} | {_pm(st['defect_rate'], 3)} | {x(st, 'set_recall')} | "
+                     f"{x(st, 'set_coverage')} | {_pm(st['set_mean_spread_ratio'], 3)} | {_pm(st['eval_seconds'], 0)} |")
+    base_name, *others = list(settings)
+    if others:
+        lines += ["", f"paired by run, each setting minus '{base_name}':", "",
+                  "| setting | conformity | defects | per-set coverage | spread |", "|---|---|---|---|---|"]
+        arms = {"arms": settings}
+        for name in others:
+            cells = [_paired(arms, name, base_name, k, 3) for k in
+                     ("all_attributes_correct", "defect_rate", "set_coverage", "set_mean_spread_ratio")]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _arms(columns):
     return lambda r: tables.arms_table(r, columns)
 
@@ -215,8 +181,11 @@ TABLES: dict[str, Callable[..., str]] = {
     "headline": _arms(tables.HEADLINE_ARM_COLUMNS), "arms": _arms(tables.ARM_COLUMNS),
     "distribution": _arms(tables.DISTRIBUTION_COLUMNS), "combinations": _arms(tables.COMBINATION_COLUMNS),
     "paired": tables.paired_table, "open": tables.open_table, "ngmg": tables.ngmg_table, "editing": tables.editing_table,
-    "sweep": tables.sweep_table, "marks": marks_table, "probes": probes_table, "sampler_runs": sampler_runs_table,
-    "benchmark": benchmark_table, "profile": profile_table, "samplers": samplers_table, "renoise": renoise_table,
+    "sweep": tables.sweep_table, "marks": benchmarks.quality_table, "sampler_runs": sampler_runs_table,
+    "probes": lambda *results: benchmarks.probes_table({k: v for r in results for k, v in r.items()}),
+    "benchmark": benchmarks.train_table, "sampler_budget": sampler_budget_table,
+    "profile": lambda *results: benchmarks.profile_table([c for r in results for c in r]),
+    "samplers": samplers_table, "renoise": renoise_table,
 }
 
 
