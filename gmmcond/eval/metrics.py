@@ -13,11 +13,15 @@ import torch
 from scipy import stats
 
 
-def knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Return each row's distance to its k-th nearest other row (itself excluded)."""
+def knn_radii(x: torch.Tensor, k: int, *more: int) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Return each row's distance to its k-th nearest other row (itself excluded); with ``more`` k's, a tuple of
+    the radii for each, from one distance matrix."""
     d = torch.cdist(x.double(), x.double())
     d.fill_diagonal_(float("inf"))
-    return d.kthvalue(k, dim=1).values
+    ks = (k, *more)
+    nearest = d.topk(max(ks), dim=1, largest=False).values  # ascending: column j - 1 is the j-th nearest
+    radii = tuple(nearest[:, j - 1].contiguous() for j in ks)
+    return radii if more else radii[0]
 
 
 def prdc(real: torch.Tensor, fake: torch.Tensor, *, k_pr: int = 3, k_dc: int = 5) -> dict[str, float]:
@@ -26,10 +30,9 @@ def prdc(real: torch.Tensor, fake: torch.Tensor, *, k_pr: int = 3, k_dc: int = 5
         raise ValueError(f"prdc needs more than {max(k_pr, k_dc)} rows per set, got {len(real)} and {len(fake)}")
     real, fake = real.double(), fake.double()
     d = torch.cdist(real, fake)  # [n_real, n_fake]
-    r_real, r_fake = knn_radii(real, k_pr), knn_radii(fake, k_pr)
+    (r_real, r_real5), r_fake = knn_radii(real, k_pr, k_dc), knn_radii(fake, k_pr)
     precision = (d <= r_real[:, None]).any(0).double().mean().item()
     recall = (d <= r_fake[None, :]).any(1).double().mean().item()
-    r_real5 = knn_radii(real, k_dc)
     inside = d <= r_real5[:, None]
     density = inside.sum(0).double().mean().item() / k_dc
     coverage = (d.min(1).values <= r_real5).double().mean().item()
