@@ -56,7 +56,7 @@ def test_unknown_type_lists_registered_keys():
     with pytest.raises(ConfigError) as err:
         load_config("shapes", ["conditioner=gmm_atrs"])
     assert str(err.value) == (
-        "conditioner.type: CONDITIONERS has no key 'gmm_atrs'; did you mean 'gmm_attrs'? Registered: attrs, gmm_attrs, none")
+        "conditioner.type: CONDITIONERS has no key 'gmm_atrs'; did you mean 'gmm_attrs'? Registered: attrs, gmm_attrs, gmm_tokens, none")
 
 
 def test_unknown_top_level_section():
