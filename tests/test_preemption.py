@@ -185,6 +185,14 @@ def test_kill_9_of_one_process_of_two_then_resume_gives_the_uninterrupted_losses
     full = subprocess.run(torchrun(*args, "--name", "full", port=29533), env=ENV, capture_output=True, text=True,
                           timeout=300)
     assert full.returncode == 0, full.stderr[-3000:]
+    # the uninterrupted two-process run stays in sync and writes each file once (the main process writes)
+    out = full.stdout + full.stderr
+    assert "2 process(es)" in out and "parameters identical across 2 processes" in out
+    assert [m["step"] for m in timeless(tmp_path / "full")] == list(range(1, 121))
+    names = sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir())
+    assert names == ["latest", "step_0000100.pt", "step_0000120.pt"]
+    assert sorted(p.name for p in (tmp_path / "full" / "samples").iterdir()) == ["grid_0000120.png"]
+    assert len(load_checkpoint(tmp_path / "full" / "checkpoints" / "step_0000120.pt")["rng"]) == 2
     assert timeless(tmp_path / "cut") == timeless(tmp_path / "full")
     a = load_checkpoint(tmp_path / "cut" / "checkpoints" / "step_0000120.pt")
     b = load_checkpoint(tmp_path / "full" / "checkpoints" / "step_0000120.pt")
