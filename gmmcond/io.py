@@ -90,10 +90,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def append_metrics(path: str | Path, records: Iterable[dict]) -> None:
-    """Append records to a metrics.jsonl file, its folder made if missing (a failed write is a
-    :class:`StorageError` naming it)."""
+    """Append records to a metrics.jsonl file (a failed write is a :class:`StorageError` naming it)."""
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             for record in records:
                 f.write(json.dumps(record) + "\n")
@@ -120,6 +118,8 @@ class ResultLog:
         return next((r for r in self.records if self.key(r, fields) == want), None)
 
     def add(self, record: dict) -> dict:
+        if not self.records:  # the first record: an experiment's OUT folder may not exist yet
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         append_metrics(self.path, [record])
         self.records.append(record)
         return record

@@ -237,8 +237,6 @@ class LossWatch:
         return sorted(c for c, ok in self.verdict.items() if ok and (self.bad_since is None or c + 1 <= self.bad_since))
 
 
-# train.* values a resumed run may change (they apply from the resumed step; config.yaml records the change),
-# and those it may not, with the reason.
 # train.minutes: steps timed before the step count is fitted (after the first, which compiles), and the share of the
 # budget left that the fitted steps may take (grids, checkpoints and the export take the rest)
 BUDGET_CALIBRATION_STEPS = 20
@@ -251,6 +249,8 @@ def fitted_steps(budget_s: float, sec_per_step: float, done: int, cap: int) -> i
     return max(done + 1, min(cap, done + int(BUDGET_SHARE * max(0.0, budget_s) / sec_per_step)))
 
 
+# train.* values a resumed run may change (they apply from the resumed step; config.yaml records the change),
+# and those it may not, with the reason.
 RESUME_REFUSED = {
     "batch_size": "the data order is a function of (seed, step, batch size), so the continued run would not be this run",
     "seed": "the data order and the noise streams are functions of the seed; the checkpoint carries the streams",
@@ -418,13 +418,17 @@ class Trainer:
         self.accelerator.print("gmmcond: resumed with changed " + ", ".join(
             f"{k} {v['from']} -> {v['to']}" for k, v in changes.items()) + f" from step {self.start} (recorded in config.yaml)")
 
+    def _write_config(self) -> None:
+        """RUN/config.yaml: the resolved config as this run trains it (the precision resolved, the history kept)."""
+        resolved = dict(self.cfg, train=dict(self.t, precision=self.precision.name))
+        atomic_write_bytes(self.run_dir / "config.yaml", dump_config(resolved).encode())
+
     def _prepare_run_dir(self) -> None:
         if not self.main:
             return
         for sub in ("checkpoints", "samples", "plots"):
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
-        resolved = dict(self.cfg, train=dict(self.t, precision=self.precision.name))
-        atomic_write_bytes(self.run_dir / "config.yaml", dump_config(resolved).encode())
+        self._write_config()
         write_json(self.run_dir / "dataset.json", dataset_info(self.parts.dataset))
         save_prior(self.run_dir / PRIOR_FILE, self.prior)
         truncate_metrics(self.metrics_file, self.start)  # lines logged after the checkpoint are logged again
@@ -488,21 +492,20 @@ class Trainer:
     def fit_to_budget(self, done: int, step_seconds: list[float]) -> None:
         """train.minutes: fit train.steps to the minutes left at the median of ``step_seconds`` (decided on the main
         process, followed by all), refit the lr schedule, and record the fitted steps in config.yaml."""
-        t, cap = self.t, self.t["steps"]
+        t, cap, sec_per_step = self.t, self.t["steps"], statistics.median(step_seconds)
         left = 60 * t["minutes"] - (self.elapsed + time.time() - self.t0)
-        fitted = torch.tensor([fitted_steps(left, statistics.median(step_seconds), done, cap)], device=self.device)
+        fitted = torch.tensor([fitted_steps(left, sec_per_step, done, cap)], device=self.device)
         if self.world > 1:
             fitted = broadcast(fitted, from_process=0)
         self.fitted = t["steps"] = int(fitted.item())
         self.sched.lr_lambdas = [lr_lambda(self.cfg)] * len(self.opt.param_groups)
         self.cfg["history"] = [*self.cfg.get("history", []), {"step": done, "fitted": {
             "train.steps": {"from": cap, "to": t["steps"]}, "train.minutes": t["minutes"],
-            "sec_per_step": statistics.median(step_seconds)}}]
+            "sec_per_step": sec_per_step}}]
         if self.main:
-            resolved = dict(self.cfg, train=dict(t, precision=self.precision.name))
-            atomic_write_bytes(self.run_dir / "config.yaml", dump_config(resolved).encode())
+            self._write_config()
         self.accelerator.print(
-            f"gmmcond: train.minutes={t['minutes']:g}: {statistics.median(step_seconds):.3f} s a step after compiling, "
+            f"gmmcond: train.minutes={t['minutes']:g}: {sec_per_step:.3f} s a step after compiling, "
             f"{max(0.0, left) / 60:.1f} minutes left: train.steps fitted to {t['steps']} (cap {cap}); "
             f"train.steps={t['steps']} reproduces this run (recorded in config.yaml)")
         if t["warmup_steps"] < done:

@@ -577,23 +577,15 @@ def sampler_budget(runs: list, names=None, *, n: int = 512, log=print) -> dict:
     setting) lands in RUN/sampler_budget.jsonl."""
     from pathlib import Path
 
-    from ..errors import ConfigError
     from ..eval.evaluate import EvalSize, eval_summary, evaluate_run
     from ..io import ResultLog
-    from ..modeling.runs import load_run
     from ..sampling.settings import SamplingSettings
-    from .runner import arm_slug, summarise_records
+    from .runner import arm_slug, select_arms, summarise_records
 
-    unknown = [name for name in names or () if name not in SAMPLER_BUDGET]
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {unknown}; SAMPLER_BUDGET has: {', '.join(map(repr, SAMPLER_BUDGET))}")
     result = {"runs": [str(r) for r in runs], "n": n, "settings": {}}
-    for name in names or SAMPLER_BUDGET:
-        overrides = SAMPLER_BUDGET[name]
+    for name, overrides in select_arms(SAMPLER_BUDGET, names).items():
         records = []
         for run in map(Path, runs):
-            settings = SamplingSettings.of_run(load_run(run).cfg, overrides)
-
             def compute(run=run, name=name, overrides=overrides) -> dict:
                 log(f"sampler budget: {run} / {name}")
                 tic = time.time()
@@ -602,6 +594,6 @@ def sampler_budget(runs: list, names=None, *, n: int = 512, log=print) -> dict:
 
             rec = ResultLog(run / "sampler_budget.jsonl").once({"setting": name, "n": n}, compute)
             records.append({**rec, "seed": len(records)})
-        result["settings"][name] = {"overrides": overrides, "model_calls": model_calls(settings),
+        result["settings"][name] = {"overrides": overrides, "model_calls": model_calls(SamplingSettings(**overrides)),
                                     **summarise_records(records)}
     return result

@@ -149,7 +149,7 @@ def editing(opts: Options, *, iters: int = 3) -> dict:
                 opts.progress(f"seed {seed} reconstruct iters {iters_r}: rmse {out['rmse']:.4f}")
                 return out
 
-            log.once(ordered({**base, "seed": seed, "method": "reconstruct", "kind": "none", "iters": iters_r}), reconstruct)
+            log.once({**base, "seed": seed, "method": "reconstruct", "kind": "none", "iters": iters_r}, reconstruct)
         for method, (how, strength) in EDIT_METHODS.items():
             for kind in EDIT_KINDS:
                 def edit(seed=seed, method=method, how=how, strength=strength, kind=kind, test=test, images=images,
@@ -165,15 +165,10 @@ def editing(opts: Options, *, iters: int = 3) -> dict:
                     return scores
 
                 key = {**base, "seed": seed, "method": method, "kind": kind, "iters": iters if how == "invert" else 0}
-                log.once(ordered(key), edit)
+                log.once(key, edit)
     _, images, attrs = _held_out(cfg["dataset"], 10, 0)
     figure(opts.path("editing", "png"), parts, settings(0), images, attrs, names, iters=iters)
     return summarise_editing(log, base, seeds, iters)
-
-
-def ordered(key: dict) -> dict:
-    """``key`` in the field order of ``KEY`` (what a logged edit is keyed by)."""
-    return {f: key[f] for f in KEY}
 
 
 def edit_with(parts, settings: SamplingSettings, how: str, strength, images, attrs, target, *, iters: int):

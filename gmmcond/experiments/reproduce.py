@@ -266,6 +266,13 @@ def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) 
             "per_attribute": ev["per_attribute"], **eval_summary(ev)}
 
 
+def train_and_evaluate_arms(arms: dict, log: ResultLog, opts: Options, prefix: str) -> None:
+    """:func:`run_arms` with every arm trained and evaluated alike (:func:`train_and_evaluate`), so an identical arm
+    in another experiment's log (``opts.reuse``) is taken over instead of trained again."""
+    run_arms(arms, log, opts, prefix, protocol=f"train_and_evaluate n={opts.n}",
+             evaluate=lambda arm, seed, recipe, full, run, n: train_and_evaluate(recipe, full, run, n=n))
+
+
 def plot_loss_bands(out: Path, log: "ResultLog", arms, seeds: int, title: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
@@ -300,8 +307,7 @@ def loss_arms(arm_table: dict, name: str, prefix: str, title: str, opts: Options
     if len(chosen) < len(arm_table):  # a subset: the legend names the arms drawn; the title must not name the rest
         title = f"{title.split(':')[0]}: {len(chosen)} of its {len(arm_table)} arms"
     arms = {arm: (recipe, [*base, *extra]) for arm, (recipe, extra) in chosen.items()}
-    run_arms(arms, log, opts, prefix, protocol=f"train_and_evaluate n={opts.n}",
-             evaluate=lambda arm, seed, recipe, full, run, n: train_and_evaluate(recipe, full, run, n=n))
+    train_and_evaluate_arms(arms, log, opts, prefix)
     plot_loss_bands(opts.path(name, "png"), log, arms, opts.seeds, f"{title}, {steps} steps ({opts.scale} scale)")
     return {"steps": steps, "seeds": opts.seeds, "n": opts.n, "scale": opts.scale,
             "arms": summarise_arms(log, arms, opts.seeds)}
@@ -373,8 +379,7 @@ def features_vs_classes(opts: Options) -> dict:
     log = ResultLog(opts.path("features-vs-classes", "jsonl"))
     arms = {arm: (recipe, [*scale_overrides(scale), f"train.steps={steps}", *extra])
             for arm, (recipe, extra) in FVC_ARMS.items()}
-    run_arms(arms, log, opts, "fvc", protocol=f"train_and_evaluate n={n}",
-             evaluate=lambda arm, seed, recipe, full, run, n: train_and_evaluate(recipe, full, run, n=n))
+    train_and_evaluate_arms(arms, log, opts, "fvc")
     shared = S.SHAPES + S.COLOURS  # what every arm's labels fix: compare accuracy on these alone
     for rec in [r for arm in arms for r in arm_records(log, arms, arm, seeds)]:
         per = rec.get("per_attribute") or read_json(Path(rec["run"]) / "eval.json")["per_attribute"]
@@ -414,8 +419,7 @@ def precision(opts: Options) -> dict:
     log = ResultLog(opts.path("precision", "jsonl"))
     arms = {arm: (recipe, [*EXPERIMENT_SCALE, *extra, "train.grid_every=0"])
             for arm, (recipe, extra) in PRECISION_ARMS.items()}
-    run_arms(arms, log, opts, "precision", protocol=f"train_and_evaluate n={opts.n}",
-             evaluate=lambda arm, seed, recipe, full, run, n: train_and_evaluate(recipe, full, run, n=n))
+    train_and_evaluate_arms(arms, log, opts, "precision")
     plot_loss_bands(opts.path("precision", "png"), log, arms, opts.seeds, "shapes: fp32 vs bf16 + torch.compile")
     return {"seeds": opts.seeds, "n": opts.n, "arms": summarise_arms(log, arms, opts.seeds)}
 

@@ -70,8 +70,7 @@ class SamplingSettings:
     def autocast(self, cfg: dict, device: torch.device | str):
         """The autocast context to sample the run ``cfg`` under on ``device``: this precision, else the run's
         training precision where ``device`` runs it natively, else fp32."""
-        kind = torch.device(device).type
-        return autocast(kind, self.precision or sampling_precision(cfg, kind))
+        return autocast(torch.device(device).type, self.precision_for(cfg, device))
 
     def precision_for(self, cfg: dict, device: torch.device | str) -> str:
         """The precision name :meth:`autocast` uses (what an evaluation records)."""
