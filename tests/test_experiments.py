@@ -289,6 +289,50 @@ def test_the_heads_share_of_the_objective_is_read_from_the_logged_losses():
     assert head_share([{"step": 10, "loss": 0.01, "diffusion": 0.01}]) is None  # no head logged
 
 
+def test_a_head_weight_for_a_share_gives_that_share_when_the_losses_stay():
+    from gmmcond.experiments.reproduce import share_weight
+
+    head, diffusion = 0.03, 0.004  # a share of 0.1 x 0.03 / (0.003 + 0.004) = 3/7 at weight 0.1
+    for target in (0.02, 0.10, 0.5):
+        w = share_weight(0.1, 0.003 / 0.007, target)
+        assert abs(w * head / (w * head + diffusion) - target) < 0.05 * target  # w to two significant digits
+    assert share_weight(0.1, 0.25, 0.25) == 0.1
+
+
+def test_the_head_experiment_calibrates_each_loss_on_seed_0_then_trains_every_seed_at_that_weight(tmp_path,
+                                                                                                monkeypatch):
+    from gmmcond.experiments import reproduce
+    from gmmcond.experiments.runner import Options
+
+    trained = []
+
+    def fake(recipe, full, run, *, n):  # a head's share of 0.2 (NGMG) or 0.5 (BCE) at the shipped weight 0.1
+        trained.append(tuple(full))
+        share = 0.5 if "head.loss=bce" in full else 0.2 if "head=bottleneck_attrs" in full else None
+        steps = list(range(10, 1010, 10))
+        final = 0.010 if share is None else 0.012  # the no-head arm ends lower, flat from step 800
+        curve = [final + 0.05 * max(0, 800 - s) / 1000 for s in steps]
+        return {"last100": final, "steps": 1000, "curve_steps": steps, "curve": curve,
+                **({} if share is None else {"head_share": share})}
+
+    monkeypatch.setattr(reproduce, "train_and_evaluate", fake)
+    monkeypatch.setattr(reproduce, "plot_loss_bands", lambda *a, **k: None)
+    result = reproduce.head(Options(tmp_path, seeds=2, steps=1000, n=8, scale="recipe"))
+    assert set(result["arms"]) == {"no head", "head ngmg surplus", "head bce", "head ngmg surplus, share 2%",
+                                   "head ngmg surplus, share 10%", "head bce, share 2%", "head bce, share 10%"}
+    assert len(trained) == 7 * 2  # each arm and seed once: the calibration runs are the shipped arms' seed 0
+    weights = [o for t in trained for o in t if o.startswith("head.weight=")]
+    # NGMG: 0.1 x odds(0.02) / odds(0.2) = 0.0082 and x odds(0.1) / odds(0.2) = 0.044; BCE from odds(0.5) = 1
+    assert sorted(set(weights)) == ["head.weight=0.002", "head.weight=0.0082", "head.weight=0.011", "head.weight=0.044"]
+    assert all(weights.count(w) == 2 for w in weights)  # fixed for both seeds
+    no_head = result["arms"]["no head"]
+    expected = sum(0.010 + 0.05 * max(0, 800 - s) / 1000 for s in range(160, 260, 10)) / 10  # steps 151..250
+    assert no_head["loss_at_25pct"]["mean"] == pytest.approx(expected, rel=1e-12)
+    assert no_head["reaches_base_final"]["mean"] == 1.0 and no_head["steps_to_base_final"]["mean"] == 890
+    assert result["arms"]["head bce"]["reaches_base_final"]["mean"] == 0.0
+    assert "steps_to_base_final" not in result["arms"]["head bce"]
+
+
 def test_the_open_table_reports_each_target_met_or_missed_from_the_records():
     from gmmcond.experiments.report import open_table
     from gmmcond.experiments.runner import summarise_records

@@ -39,6 +39,14 @@ HEADLINE_ARM_COLUMNS = (("all_attributes_correct", "conformity", 3), ("shared_ac
                         ("last100", "loss (last 100)", 4), ("head_share", "head's share of the objective", 3))
 
 
+# Fig. 9's "faster convergence": the diffusion loss along the way, and when (whether) the no-head arm's final
+# loss is reached (gmmcond.experiments.reproduce.convergence)
+CONVERGENCE_COLUMNS = (("head_share", "head's share", 3), ("loss_at_25pct", "loss at 25%", 4),
+                       ("loss_at_50pct", "loss at 50%", 4), ("last100", "loss (last 100)", 4),
+                       ("reaches_base_final", "reaches no-head final (share of seeds)", 2),
+                       ("steps_to_base_final", "step it does", 0))
+
+
 def arms_table(result: dict, columns=ARM_COLUMNS) -> str:
     """One row per arm: mean +- std over seeds of each column the arm has; real-vs-real references last."""
     arms = result["arms"]

@@ -295,41 +295,109 @@ HEAD_ARMS = {"no head": ("shapes", ["head=none"]),
              "head bce": ("shapes", ["head=bottleneck_attrs", "head.loss=bce"])}
 
 
+def scaled_arms(arm_table: dict, opts: Options) -> dict:
+    """``arm_table``'s arms (recipe, extra overrides) led by ``opts.scale``'s overrides and ``opts.steps``."""
+    steps = opts.steps
+    base = [*scale_overrides(opts.scale), f"train.steps={steps}", f"train.checkpoint_every={min(250, steps)}",
+            "train.grid_every=0"]
+    return {arm: (recipe, [*base, *extra]) for arm, (recipe, extra) in arm_table.items()}
+
+
 def loss_arms(arm_table: dict, name: str, prefix: str, title: str, opts: Options) -> dict:
     """Train and evaluate the arms of ``arm_table`` (those named in ``opts.arms``, else all) at ``opts.scale`` for
     ``opts.steps`` steps and ``opts.seeds`` seeds (:func:`run_arms`, logged in OUT/NAME.jsonl), plot their
     diffusion-loss bands (OUT/NAME.png), and summarise them."""
     log = ResultLog(opts.path(name, "jsonl"))
-    steps = opts.steps
-    base = [*scale_overrides(opts.scale), f"train.steps={steps}", f"train.checkpoint_every={min(250, steps)}",
-            "train.grid_every=0"]
     chosen = select_arms(arm_table, opts.arms)
     if len(chosen) < len(arm_table):  # a subset: the legend names the arms drawn; the title must not name the rest
         title = f"{title.split(':')[0]}: {len(chosen)} of its {len(arm_table)} arms"
-    arms = {arm: (recipe, [*base, *extra]) for arm, (recipe, extra) in chosen.items()}
+    arms = scaled_arms(chosen, opts)
     train_and_evaluate_arms(arms, log, opts, prefix)
-    plot_loss_bands(opts.path(name, "png"), log, arms, opts.seeds, f"{title}, {steps} steps ({opts.scale} scale)")
-    return {"steps": steps, "seeds": opts.seeds, "n": opts.n, "scale": opts.scale,
+    plot_loss_bands(opts.path(name, "png"), log, arms, opts.seeds, f"{title}, {opts.steps} steps ({opts.scale} scale)")
+    return {"steps": opts.steps, "seeds": opts.seeds, "n": opts.n, "scale": opts.scale,
             "arms": summarise_arms(log, arms, opts.seeds)}
 
 
 ARM_OPTIONS = ("seeds", "steps", "n", "scale", "arms", "train", "reuse")
 
+# Issue 43: the head's weight set by its share of the objective. Each shipped-weight head arm's seed-0 run gives
+# its share s at weight w; with the head and diffusion losses taken as they were, the weight for a share t is
+# w * odds(t) / odds(s) (odds(p) = p / (1 - p)), rounded to two significant digits and then fixed for every seed.
+HEAD_SHARES = (0.02, 0.10)
+SHIPPED_HEAD_ARMS = ("head ngmg surplus", "head bce")
+
+
+def share_weight(weight: float, share: float, target: float) -> float:
+    """The head weight that turns a head's ``share`` of the objective at ``weight`` into ``target``."""
+    odds = lambda p: p / (1 - p)  # noqa: E731
+    return float(f"{weight * odds(target) / odds(share):.2g}")
+
+
+def calibrated_head_arms(log: ResultLog, shipped: dict, opts: Options) -> dict:
+    """Per shipped-weight head arm and :data:`HEAD_SHARES` target: "ARM, share T%" at the weight calibrated on that
+    arm's seed-0 record in ``log`` (trained first where absent and ``opts.train``); none for an arm not calibrated."""
+    from ..config import load_config
+
+    train_and_evaluate_arms(shipped, log, replace(opts, seeds=1), "head")
+    out = {}
+    for arm, (recipe, overrides) in shipped.items():
+        rs = arm_records(log, shipped, arm, 1)
+        if not rs or "head_share" not in rs[0]:
+            continue
+        weight = load_config(recipe, overrides)["head"]["weight"]
+        for target in HEAD_SHARES:
+            w = share_weight(weight, rs[0]["head_share"], target)
+            out[f"{arm}, share {target:.0%}"] = (recipe, [*HEAD_ARMS[arm][1], f"head.weight={w:g}"])
+    return out
+
+
+def convergence(log: ResultLog, arms: dict, seeds: int, base: str = "no head") -> dict:
+    """Fig. 9's "faster convergence", per arm and seed: the diffusion loss over the 100 steps up to 25% and 50% of
+    training, whether the loss's 100-step running mean ever reaches the same seed's ``base`` arm's final loss (its
+    last 100 steps) and the first step at which it does."""
+    finals = {r["seed"]: r["last100"] for r in arm_records(log, arms, base, seeds)} if base in arms else {}
+    out = {}
+    for arm in arms:
+        for r in arm_records(log, arms, arm, seeds):
+            steps, curve = np.asarray(r["curve_steps"]), np.asarray(r["curve"])
+            mark = {pct: steps[-1] * pct / 100 for pct in (25, 50)}  # the last logged step is the run's length
+            at = {f"loss_at_{pct}pct": float(curve[(steps > at - 100) & (steps <= at)].mean())
+                  for pct, at in mark.items() if ((steps > at - 100) & (steps <= at)).any()}
+            if r["seed"] in finals:
+                window = max(1, int(np.searchsorted(steps, steps[0] + 100)))  # logged points per 100 steps
+                running = np.convolve(curve, np.ones(window) / window, mode="valid")
+                reached = np.flatnonzero(running <= finals[r["seed"]] * (1 + 1e-9))  # equal up to summation order
+                at["reaches_base_final"] = float(reached.size > 0)
+                if reached.size:
+                    at["steps_to_base_final"] = int(steps[reached[0] + window - 1])
+            out.setdefault(arm, {})[r["seed"]] = at
+    return out
+
 
 @experiment("head", takes=ARM_OPTIONS, defaults={"seeds": 3, "steps": 1000, "n": 512})
 def head(opts: Options) -> dict:
     """Paper Fig. 9: the default recipe's model and batch with no head, a head trained with NGMG entropy
-    (surplus) and a head trained with BCE; diffusion-loss curves and the evaluation of each arm's samples.
-    Resumable per (arm, seed, config) through OUT/head.jsonl."""
-    result = loss_arms(HEAD_ARMS, "head", "head", "shapes: no head / NGMG head / BCE head", opts)
-    for stats in result["arms"].values():  # results logged before head_share was: from their run folders, where present
+    (surplus) and a head trained with BCE, each at the shipped weight and at the weights that make the head about
+    2% and 10% of the objective (calibrated on seed 0 of the shipped weight, which is trained first); diffusion-loss
+    curves, the loss at 25% and 50% of the steps and the step the no-head arm's final loss is reached, and the
+    evaluation of each arm's samples. Resumable per (arm, seed, config) through OUT/head.jsonl."""
+    log = ResultLog(opts.path("head", "jsonl"))
+    shipped = scaled_arms({a: HEAD_ARMS[a] for a in SHIPPED_HEAD_ARMS if not opts.arms or any(
+        n == a or n.startswith(f"{a}, share") for n in opts.arms)}, opts)
+    table = {**HEAD_ARMS, **calibrated_head_arms(log, shipped, opts)}
+    result = loss_arms(table, "head", "head", "shapes: no head / NGMG head / BCE head", opts)
+    log = ResultLog(log.path)  # read again: loss_arms logged through its own
+    speed = convergence(log, scaled_arms(select_arms(table, opts.arms), opts), opts.seeds)
+    for arm, stats in result["arms"].items():
         for r in stats["per_seed"]:
-            metrics = Path(r["run"]) / "metrics.jsonl"
+            metrics = Path(r["run"]) / "metrics.jsonl"  # results logged before head_share was: from their run folders
             if "head_share" not in r and metrics.exists() and (share := head_share(read_metrics(metrics))) is not None:
                 r["head_share"] = share
-        shares = [r["head_share"] for r in stats["per_seed"] if "head_share" in r]
-        if shares and len(shares) == len(stats["per_seed"]):
-            stats["head_share"] = summarise(shares)
+            r.update(speed.get(arm, {}).get(r["seed"], {}))
+        for key in ("head_share", "loss_at_25pct", "loss_at_50pct", "reaches_base_final", "steps_to_base_final"):
+            values = [r[key] for r in stats["per_seed"] if key in r]
+            if values and len(values) == len(stats["per_seed"]):
+                stats[key] = summarise(values)
     return result
 
 
