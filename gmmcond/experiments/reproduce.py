@@ -14,7 +14,8 @@ from ..math.gmm import expansion_means, normal_pdf
 from ..math.ngmg import density_learning
 from ..io import ResultLog, read_metrics
 from ..visualize import pyplot, save_figure, save_png
-from .runner import Options, arm_records, experiment, run_arms, select_arms, summarise, summarise_arms
+from .runner import (Options, arm_config, arm_records, experiment, result_key, run_arms, select_arms, summarise,
+                     summarise_arms)
 
 
 def mean_spread(curves: list[list[float]]) -> tuple[list[float], list[float]]:
@@ -266,10 +267,15 @@ def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) 
             "per_attribute": ev["per_attribute"], **eval_summary(ev)}
 
 
+def train_eval_protocol(n: int) -> str:
+    """How :func:`train_and_evaluate` scores a run, as :func:`gmmcond.experiments.runner.result_key` keys it."""
+    return f"train_and_evaluate n={n}"
+
+
 def train_and_evaluate_arms(arms: dict, log: ResultLog, opts: Options, prefix: str) -> None:
     """:func:`run_arms` with every arm trained and evaluated alike (:func:`train_and_evaluate`), so an identical arm
     in another experiment's log (``opts.reuse``) is taken over instead of trained again."""
-    run_arms(arms, log, opts, prefix, protocol=f"train_and_evaluate n={opts.n}",
+    run_arms(arms, log, opts, prefix, protocol=train_eval_protocol(opts.n),
              evaluate=lambda arm, seed, recipe, full, run, n: train_and_evaluate(recipe, full, run, n=n))
 
 
@@ -335,13 +341,16 @@ def share_weight(weight: float, share: float, target: float) -> float:
 
 def calibrated_head_arms(log: ResultLog, shipped: dict, opts: Options) -> dict:
     """Per shipped-weight head arm and :data:`HEAD_SHARES` target: "ARM, share T%" at the weight calibrated on that
-    arm's seed-0 record in ``log`` (trained first where absent and ``opts.train``); none for an arm not calibrated."""
+    arm's seed-0 record in ``log`` or an ``opts.reuse`` log (trained first where in neither and ``opts.train``); none
+    for an arm not calibrated."""
     from ..config import load_config
 
     train_and_evaluate_arms(shipped, log, replace(opts, seeds=1), "head")
     out = {}
     for arm, (recipe, overrides) in shipped.items():
-        rs = arm_records(log, shipped, arm, 1)
+        key = result_key(recipe, arm_config(recipe, overrides, 0)[0], train_eval_protocol(opts.n))
+        rs = [*arm_records(log, shipped, arm, 1), *(r for other in opts.reuse for r in other.records
+                                                     if r.get("result_key") == key)]
         if not rs or "head_share" not in rs[0]:
             continue
         weight = load_config(recipe, overrides)["head"]["weight"]
