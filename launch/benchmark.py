@@ -11,6 +11,9 @@ minutes and steps (runs/benchmark/quality.json, quality.png; resumable).
 ``python launch/benchmark.py sampler-budget --runs RUN [RUN ...]``: the recipe's sampler against settings of 30 model
 calls a sample or fewer on the same trained runs (seeds), each evaluated at launch/evaluate.py's defaults
 (runs/benchmark/sampler_budget.json; resumable per run and setting).
+``python launch/benchmark.py peer --runs RUN [RUN ...]``: diffusers' UNet2DModel trained as diffusers' text-to-image
+example trains, for each run's own training minutes on its data (seed i beside run i), both scored at the
+evaluation's defaults (runs/benchmark/peer.json; resumable per run; needs the ``peer`` extra).
 ``python launch/benchmark.py profile``: torch.profiler over 20 steps of the real training loop, eager and
 compiled: time per phase (data, forward, loss check, backward, optimiser, EMA), loop overhead, and operator
 time by kind (runs/benchmark/profile.json).
@@ -25,7 +28,7 @@ from gmmcond.io import write_json
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["samplers", "train", "quality", "profile", "probes", "sampler-budget"])
+    parser.add_argument("what", choices=["samplers", "train", "quality", "profile", "probes", "sampler-budget", "peer"])
     parser.add_argument("--out", default="runs/benchmark", help="output folder")
     parser.add_argument("--config", default="shapes", help="recipe whose model is timed")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (train)")
@@ -35,7 +38,7 @@ def main() -> None:
     parser.add_argument("--evaluate-only", action="store_true",
                         help="quality: evaluate the marks a stopped run has so far, without training on")
     parser.add_argument("--probes", nargs="*", help="probes: the PROBES names to run (default: all)")
-    parser.add_argument("--runs", nargs="*", help="sampler-budget: trained runs of one recipe (its seeds)")
+    parser.add_argument("--runs", nargs="*", help="sampler-budget, peer: trained runs of one recipe (its seeds)")
     parser.add_argument("--settings", nargs="*", help="sampler-budget: the SAMPLER_BUDGET names to run (default: all)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the recipe (quality, profile, train), e.g. train.adamw_impl=fused")
     args = parser.parse_intermixed_args()  # overrides may follow the options
@@ -65,6 +68,17 @@ def main() -> None:
         print(json.dumps({k: {m: v.get(m) for m in ("model_calls", "all_attributes_correct", "defect_rate")}
                           for k, v in result["settings"].items()}, indent=1, default=str))
         print(f"wrote {out / 'sampler_budget.json'}")
+        return
+    if args.what == "peer":
+        from gmmcond.experiments.document import sampler_budget_table
+        from gmmcond.experiments.peer import peer_vs_runs
+
+        if not args.runs:
+            parser.error("peer needs --runs RUN [RUN ...], trained runs of one recipe")
+        result = peer_vs_runs(args.runs, n=args.n or 512, out=out)
+        write_json(out / "peer.json", result)
+        print(sampler_budget_table(result))
+        print(f"wrote {out / 'peer.json'}")
         return
     if args.what == "probes":
         results = benchmarks.recipe_probes(out / "probes", args.probes, n=args.n or 256)

@@ -13,9 +13,10 @@ uncertainty reported beside it. For datasets without such a rule, a sample is a 
 is unsure within a mutually exclusive group or when its features lie farther from every real image than 99%
 of real held-out images do.
 
-:func:`evaluate_run` is a pipeline of named steps: :func:`heldout` (sets A and B, what is asked),
-:class:`RowSampler`, the evaluator's predictions, :func:`score`, :func:`per_set_diversity`,
-:func:`memorisation_check`, and :func:`write_outputs`.
+:func:`evaluate_run` loads a run and hands its :class:`RowSampler` to :func:`evaluate_sampler`, which scores any
+sampler (another library's model too) in named steps: :func:`heldout` (sets A and B, what is asked), the sampler,
+the evaluator's predictions, :func:`score`, :func:`per_set_diversity` and :func:`memorisation_check`;
+:func:`write_outputs` draws the figures.
 """
 from __future__ import annotations
 
@@ -160,6 +161,16 @@ class RowSampler:
     batch: int = 64
     progress: bool = True
 
+    @property
+    def seed(self) -> int:
+        """The seed every evaluated sample is derived from."""
+        return self.settings.seed
+
+    def paired_latents(self, index: torch.Tensor) -> torch.Tensor | None:
+        """The GMM latents training paired with the training rows ``index`` (None where the conditioner pairs none)."""
+        conditioner = self.parts.conditioner
+        return conditioner.fixed_latents(index) if conditioner.pairs_latents else None
+
     def __call__(self, attrs: torch.Tensor, seed: int, desc: str, latents: torch.Tensor | None = None,
                  progress: bool | None = None) -> torch.Tensor:
         device = next(self.parts.denoiser.parameters()).device
@@ -226,27 +237,54 @@ def evaluate_run(run_dir: str | Path, settings: SamplingSettings | Mapping | Non
     and ``batch`` into ``size``.
     """
     size = size or EvalSize()
+    run_dir = Path(run_dir)
+    run = load_run(run_dir, checkpoint=checkpoint, weights=weights)
+    cfg, parts = run.cfg, run.parts
+    settings = SamplingSettings.of_run(cfg, settings)
+    settings = replace(settings, precision=settings.precision_for(cfg, next(parts.denoiser.parameters()).device))
+    scored = evaluate_sampler(RowSampler(parts, settings, size.batch, progress), cfg["dataset"], size,
+                              evaluator=evaluator, progress=progress)
+    result = {
+        "run": str(run_dir), "step": run.step, "weights": weights, "n": size.n, "sampler": settings.sampler,
+        "steps": settings.steps, "cfg_scale": settings.cfg_scale, "cfg_null": settings.cfg_null,
+        "autocast": settings.precision, **scored.result,
+    }
+    result = {"headline": headline(result), **result}
+    if write:
+        write_outputs(run_dir, eval_stem(tag), result, scored)
+    return result
+
+
+@dataclass
+class Scored:
+    """What :func:`evaluate_sampler` measured (``result``) and what the figures are drawn from."""
+
+    result: dict
+    images: torch.Tensor
+    reasons: list[str]
+    fake: dict
+    protocol: EvaluationProtocol
+    figures: dict
+
+
+def evaluate_sampler(sample_rows, dataset_cfg: dict, size: EvalSize, *, evaluator: str | Path | None = None,
+                     progress: bool = True) -> Scored:
+    """Score any sampler by the protocol :func:`evaluate_run` scores a run by. ``sample_rows`` is a
+    :class:`RowSampler` or an object with its interface (``__call__(attrs, seed, desc, latents=None,
+    progress=None)`` returning images in [-1, 1], ``seed``, ``paired_latents(index)``), e.g. another library's
+    model (:mod:`gmmcond.experiments.peer`); ``dataset_cfg`` the data it was trained on."""
     warnings = []
     if size.n < SMALL_N:
         warnings.append(f"n={size.n} is below {SMALL_N}: precision, recall, density, coverage (k-NN radii) and KID are "
                         f"not meaningful at this size; use --n {SMALL_N} or more")
         print(f"warning: {warnings[-1]}", file=sys.stderr)
-    run_dir = Path(run_dir)
-    run = load_run(run_dir, checkpoint=checkpoint, weights=weights)
-    cfg, parts = run.cfg, run.parts
-    model, meta, evaluator_path = evaluator_for(cfg["dataset"], evaluator, progress=progress)
-    settings = SamplingSettings.of_run(cfg, settings)
-    settings = replace(settings, precision=settings.precision_for(cfg, next(parts.denoiser.parameters()).device))
-    sample_rows = RowSampler(parts, settings, size.batch, progress)
-
-    real_side = heldout(cfg["dataset"], size.n, meta["attr_names"])
-    images = sample_rows(real_side.cond_attrs, settings.seed, "sample")
+    model, meta, evaluator_path = evaluator_for(dataset_cfg, evaluator, progress=progress)
+    real_side = heldout(dataset_cfg, size.n, meta["attr_names"])
+    images = sample_rows(real_side.cond_attrs, sample_rows.seed, "sample")
     real, ref, fake = (model.predict(x) for x in (real_side.real_x, real_side.reference.images, images))
     scores, reasons = score(real_side, images, fake, real, ref)
     result = {
-        "run": str(run_dir), "step": run.step, "weights": weights, "n": size.n, "sampler": settings.sampler,
-        "steps": settings.steps, "cfg_scale": settings.cfg_scale, "cfg_null": settings.cfg_null,
-        "autocast": settings.precision, "evaluator": str(evaluator_path), "evaluator_hash": meta.get("dataset_hash"),
+        "evaluator": str(evaluator_path), "evaluator_hash": meta.get("dataset_hash"),
         "evaluator_weights_sha256": meta["weights_sha256"], "evaluator_heldout": meta["scores"],
         "reference": real_side.reference.description, "reference_rows_matched": real_side.reference.rows_matched,
         **scores, "warnings": warnings,
@@ -256,23 +294,20 @@ def evaluate_run(run_dir: str | Path, settings: SamplingSettings | Mapping | Non
         result["per_set"], figures["diversity"] = per_set_diversity(sample_rows, real_side, model, size)
         result.update(per_set_means(result["per_set"], real_side.protocol.nuisance_columns))
     if size.memorisation:
-        result["memorisation"], figures["memorisation"] = memorisation_check(sample_rows, cfg["dataset"], real_side,
+        result["memorisation"], figures["memorisation"] = memorisation_check(sample_rows, dataset_cfg, real_side,
                                                                              size.memorisation)
-    result = {"headline": headline(result), **result}
-    if write:
-        write_outputs(run_dir, eval_stem(tag), result, images, reasons, fake, real_side.protocol, figures)
-    return result
+    return Scored(result, images, reasons, fake, real_side.protocol, figures)
 
 
-def write_outputs(run_dir: Path, stem: str, result: dict, images: torch.Tensor, reasons: list[str], fake: dict,
-                  protocol: EvaluationProtocol, figures: dict) -> None:
+def write_outputs(run_dir: Path, stem: str, result: dict, scored: Scored) -> None:
     """Step 6: STEM.json, STEM_worst.png (defects first, then the least confident samples) and each figure."""
-    conf = group_confidence(fake["probs"], protocol.attr_names, protocol.groups)
+    images, reasons, protocol = scored.images, scored.reasons, scored.protocol
+    conf = group_confidence(scored.fake["probs"], protocol.attr_names, protocol.groups)
     order = sorted(range(len(images)), key=lambda i: (reasons[i] == "ok", conf[i].item()))[:32]
     rows = [images[order[j:j + 8]] for j in range(0, len(order), 8)]
     caps = [" | ".join(reasons[i][:14] for i in order[j:j + 8]) for j in range(0, len(order), 8)]
     save_png(captioned_grid(rows, caps, cell=64), run_dir / f"{stem}_worst.png")
-    for name, (grid_rows, captions) in figures.items():
+    for name, (grid_rows, captions) in scored.figures.items():
         save_png(captioned_grid(grid_rows, captions, cell=48), run_dir / f"{stem}_{name}.png")
     write_json(run_dir / f"{stem}.json", result)
 
@@ -291,9 +326,8 @@ def memorisation_check(sample_rows: RowSampler, dataset_cfg: dict, sets: Heldout
     m = min(m, k, len(sets.protocol.cond_set))
     train_x, train_attrs = stack_items(train, range(k))  # the first k only (the in-memory cache would render them all)
     index = torch.arange(m)
-    conditioner = sample_rows.parts.conditioner
-    latents = conditioner.fixed_latents(index) if conditioner.pairs_latents else None
-    images = sample_rows(train_attrs[:m], sample_rows.settings.seed + 104729, "memorisation", latents, progress=False)
+    latents = sample_rows.paired_latents(index)
+    images = sample_rows(train_attrs[:m], sample_rows.seed + 104729, "memorisation", latents, progress=False)
     held = sets.real_x[:m] if m <= len(sets.real_x) else sets.protocol.set_a(m)[0]  # set A's first m, as far as it goes
     fake, real = authenticity(images, train_x), authenticity(held, train_x)
     out = {"n": m, "train_images": k, "space": "pixels",
@@ -333,7 +367,7 @@ def per_set_diversity(sample_rows: RowSampler, sets: Heldout, model, size: EvalS
         label = ",".join(nm for nm, v in zip(names, sets.target[i].tolist()) if v > 0.5)
         real_x, ref_x = protocol.set_draws(i, per_set, 100), protocol.set_draws(i, per_set, 1000)
         attrs = sets.cond_attrs[i].expand(per_set, -1).clone()
-        fake_x = sample_rows(attrs, sample_rows.settings.seed + 7919 * (j + 1), f"set {j + 1}", progress=False)
+        fake_x = sample_rows(attrs, sample_rows.seed + 7919 * (j + 1), f"set {j + 1}", progress=False)
         real, ref, fake = model.predict(real_x), model.predict(ref_x), model.predict(fake_x)
         valid = [c for c, ok in enumerate(protocol.nuisance_valid(i)) if ok]
         cols = [protocol.nuisance_columns[c] for c in valid]

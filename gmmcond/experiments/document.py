@@ -152,13 +152,19 @@ def sampler_budget_table(result: dict) -> str:
     def x(stats: dict, key: str) -> str:
         return f"{stats[key]['mean'] / stats[key + '_real_reference']['mean']:.2f}x" if key in stats else "-"
 
-    lines = ["| setting | model calls a sample | runs | conformity | defects | per-set recall / real | "
-             "per-set coverage / real | spread | evaluation seconds |", "|---|---|---|---|---|---|---|---|---|"]
     settings = result["settings"]
+    # the peer benchmark (gmmcond.experiments.peer) also says how long and how many steps each side trained
+    trained = all("minutes" in st and "train_steps" in st for st in settings.values())
+    extra = " training minutes | training steps |" if trained else ""
+    lines = ["| setting | model calls a sample | runs | conformity | defects | per-set recall / real | "
+             "per-set coverage / real | spread | evaluation seconds |" + extra, "|---|---|---|---|---|---|---|---|---|"
+             + "---|---|" * trained]
     for name, st in settings.items():
+        cells = f" {tables.pm(st['minutes'], 1)} | {tables.pm(st['train_steps'], 0)} |" if trained else ""
         lines.append(f"| {name} | {st['model_calls']} | {st['all_attributes_correct']['n']} | "
                      f"{tables.pm(st['all_attributes_correct'], 3)} | {tables.pm(st['defect_rate'], 3)} | {x(st, 'set_recall')} | "
-                     f"{x(st, 'set_coverage')} | {tables.pm(st['set_mean_spread_ratio'], 3)} | {tables.pm(st['eval_seconds'], 0)} |")
+                     f"{x(st, 'set_coverage')} | {tables.pm(st['set_mean_spread_ratio'], 3)} | {tables.pm(st['eval_seconds'], 0)} |"
+                     + cells)
     base_name, *others = list(settings)
     if others:
         lines += ["", f"paired by run, each setting minus '{base_name}':", "",
@@ -181,7 +187,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "paired": tables.paired_table, "open": tables.open_table, "ngmg": tables.ngmg_table, "editing": tables.editing_table,
     "sweep": tables.sweep_table, "marks": benchmarks.quality_table, "sampler_runs": sampler_runs_table,
     "probes": lambda *results: benchmarks.probes_table({k: v for r in results for k, v in r.items()}),
-    "benchmark": benchmarks.train_table, "sampler_budget": sampler_budget_table,
+    "benchmark": benchmarks.train_table, "sampler_budget": sampler_budget_table, "peer": sampler_budget_table,
     "profile": lambda *results: benchmarks.profile_table([c for r in results for c in r]),
     "samplers": samplers_table, "renoise": renoise_table,
 }

@@ -1,0 +1,55 @@
+"""The peer (diffusers' UNet2DModel as diffusers' text-to-image example trains it): its weighting against the closed
+form, its training and sampler, and its scoring by the project's own protocol."""
+import pytest
+import torch
+
+from gmmcond.experiments.peer import PeerRecipe, PeerSampler, min_snr_weights, train_peer, train_scheduler
+
+TINY = PeerRecipe(block_out_channels=(8, 16), layers_per_block=1, attention=(False, True), batch_size=8, sample_steps=3)
+
+
+def test_min_snr_weights_are_the_closed_form_on_the_cosine_schedule():
+    scheduler = train_scheduler(PeerRecipe())
+    t = torch.tensor([0, 10, 250, 500, 999])
+    abar = scheduler.alphas_cumprod[t].double()
+    snr = abar / (1 - abar)  # alpha^2 / sigma^2
+    for prediction, denominator in (("v_prediction", snr + 1), ("epsilon", snr)):
+        got = min_snr_weights(scheduler, t, 5.0, prediction).double()
+        assert torch.allclose(got, torch.minimum(snr, torch.full_like(snr, 5.0)) / denominator, rtol=1e-5)
+    assert PeerRecipe().model_calls == 60 and PeerRecipe(cfg_scale=1.0).model_calls == 30
+
+
+@pytest.fixture(scope="module")
+def tiny_peer():
+    from gmmcond.config import load_config
+    from gmmcond.registry import DATASETS
+
+    cfg = load_config("shapes_tiny")
+    model, trained = train_peer(TINY, DATASETS.build(cfg["dataset"]), 0.01, seed=0, progress=False)
+    return cfg, model, trained
+
+
+def test_the_peer_trains_for_its_minutes_and_samples_by_seed_with_guidance(tiny_peer):
+    cfg, model, trained = tiny_peer
+    assert trained["train_steps"] >= 1 and trained["minutes"] >= 0.01 and trained["loss_last100"] > 0
+    assert trained["params"] == sum(p.numel() for p in model.parameters())
+    attrs = torch.zeros(5, model.attr_proj.in_features)
+    attrs[:, 0] = 1
+    sampler = PeerSampler(model, TINY, seed=3, batch=2, progress=False)
+    a, b = sampler(attrs, 3, "a"), sampler(attrs, 3, "b")
+    assert a.shape == (5, 3, cfg["dataset"]["size"], cfg["dataset"]["size"]) and torch.equal(a, b)
+    assert a.abs().max() <= 1 and not torch.equal(a, sampler(attrs, 4, "c"))
+    unguided = PeerSampler(model, PeerRecipe(**{**TINY.__dict__, "cfg_scale": 1.0}), seed=3, batch=2, progress=False)
+    assert not torch.equal(a, unguided(attrs, 3, "d"))  # guidance changes the samples
+    assert sampler.paired_latents(torch.arange(3)) is None
+
+
+def test_the_peer_is_scored_by_the_projects_own_protocol(tiny_peer):
+    from gmmcond.eval.evaluate import EvalSize, eval_summary, evaluate_sampler
+
+    cfg, model, _ = tiny_peer
+    scored = evaluate_sampler(PeerSampler(model, TINY, progress=False), cfg["dataset"],
+                              EvalSize(n=8, sets=1, per_set=8, memorisation=4, batch=8), progress=False)
+    summary = eval_summary(scored.result)
+    assert 0 <= summary["all_attributes_correct"] <= 1 and 0 <= summary["defect_rate"] <= 1
+    assert "set_coverage" in summary and scored.images.shape[0] == 8 and scored.result["memorisation"]["n"] == 4
