@@ -94,6 +94,8 @@ class TrainConfig:
     log_with: Any = None  # Trackers beside metrics.jsonl through accelerate: tensorboard | wandb | ... or a list.
     coind_weight: float = 0.0  # CoInD's independence penalty (needs conditioner.attr_dropout > 0); 0 is off.
     coind_fraction: float = 0.25  # Share of each batch the penalty is computed on (four extra forwards each).
+    coind_space: str = "denoised"  # The penalty on the denoised image, or on the noise prediction (noise: as CoInD's authors).
+    coind_unit: str = "attribute"  # What the penalty leaves out: one attribute, or one group (group: as CoInD's authors).
 
 
 @dataclass

@@ -65,6 +65,33 @@ def test_the_coind_penalty_vanishes_exactly_for_a_composable_model():
         assert penalty.shape == (8,) and (penalty[4:] == 0).all() and check(penalty)
 
 
+def test_the_authors_coind_form_is_the_noise_gap_over_one_whole_group(monkeypatch):
+    """coind_space=noise: the gap between noise predictions (x - D) / sigma, the denoised gap over sigma squared;
+    coind_unit=group: the unit left out is one whole group (CoInD's label column), else one attribute."""
+    cond = GMMAttrs(num_attrs=5, attr_dropout=0.3)
+    cond.set_groups([[0, 1, 2]])
+    x, noise = torch.randn(8, 3, 16, 16).double(), torch.randn(8, 3, 16, 16).double()
+    attrs, sigma = (torch.rand(8, 5) > 0.5).double(), (torch.rand(8) + 0.5).double()
+    parts = Components(None, cond, LinearInCond(cond.dim, True).double(), None, None, [], [])
+
+    def penalty(**form):
+        torch.manual_seed(1)
+        return TrainingObjective(parts, coind_weight=1.0, coind_fraction=1.0, **form).coind_penalty(
+            x, attrs, torch.arange(8), noise, sigma)
+
+    assert torch.allclose(penalty(coind_space="noise"), penalty() / sigma.float() ** 2, rtol=1e-6)
+    seen = []
+    encode = cond.encode
+    monkeypatch.setattr(cond, "encode", lambda a, z, known=None: seen.append(known) or encode(a, z, known=known))
+    for unit, allowed in (("group", [{0, 1, 2}, {3}, {4}]), ("attribute", [{k} for k in range(5)])):
+        seen.clear()
+        penalty(coind_unit=unit)
+        left_out = [set(torch.nonzero(row < 0.5).flatten().tolist()) for row in seen[0]]  # y with unit i unspecified
+        assert all(s in allowed for s in left_out) and len({frozenset(s) for s in left_out}) > 1
+    with pytest.raises(ConfigError, match="coind_unit"):
+        TrainingObjective(parts, coind_weight=1.0, coind_unit="column")
+
+
 def test_coind_training_logs_its_penalty_and_needs_a_partial_conditioner(tiny_cfg, tmp_path):
     from gmmcond.engine.trainer import train
     from gmmcond.io import read_metrics

@@ -308,7 +308,8 @@ class Trainer:
         # are drawn from (main process; nothing here touches a random stream)
         self.prior = AttributePrior.from_dataset(self.parts.dataset) if self.main else None
         t = self.t
-        module = TrainingObjective(self.parts, t["coind_weight"], t["coind_fraction"])
+        module = TrainingObjective(self.parts, t["coind_weight"], t["coind_fraction"], t["coind_space"],
+                                   t["coind_unit"])
         # foreach: a few kernels per step over all tensors, bit for bit the per-tensor loop; fused: one kernel,
         # rounding differently (its profiled phase half as long on a 2-core CPU, the training step not measurably)
         self.opt = torch.optim.AdamW(module.parameters(), lr=t["lr"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"],

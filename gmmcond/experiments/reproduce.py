@@ -527,6 +527,13 @@ COMBINATION_ARMS = {  # arm: (recipe, label_mode, how requests are sampled, extr
     "features + per-sample dropout + CoInD": (
         "shapes_compose", "features", "partial", ["conditioner.attr_dropout_mode=per_sample", "conditioner.hide_groups=true",
                                                   "train.coind_weight=1.0"]),
+    # CoInD as its authors train it (their trainer's defaults): each group (label column) hidden with probability 0.2
+    # per sample, the penalty at weight 1 on the whole batch, one group left out per sample, on the noise prediction
+    "features + CoInD as its authors train it": (
+        "shapes_compose", "features", "partial", ["conditioner.attr_dropout=0.2", "conditioner.attr_dropout_mode=per_attribute",
+                                                  "conditioner.hide_groups=true", "train.coind_weight=1.0",
+                                                  "train.coind_fraction=1.0", "train.coind_space=noise",
+                                                  "train.coind_unit=group"]),
     # open attributes drawn from the run's training rows given the shape and colour (open=data): the plain features
     # model and the attr_dropout one, each asked for the shape and colour only
     "features, open from data": ("shapes", "features", "data", []),

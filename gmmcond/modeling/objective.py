@@ -16,11 +16,15 @@ class TrainingObjective(nn.Module):
     losses: the diffusion loss (the Denoiser's weighting), the head's weighted loss and CoInD's penalty.
 
     ``coind_weight`` > 0 adds CoInD's independence penalty (Gaudi et al. 2025) on the first ``coind_fraction``
-    of each batch: for one attribute i per sample, (D(x; y, i unspecified) + D(x; i alone) - D(x; nothing
-    specified) - D(x; y))^2, averaged over pixels, so the model's joint composes from its marginals.
+    of each batch: for one unit i per sample (an attribute, or with ``coind_unit`` "group" a whole mutually
+    exclusive group, as CoInD's authors pick one label column), (D(x; y, i unspecified) + D(x; i alone) - D(x; nothing
+    specified) - D(x; y))^2, averaged over pixels, so the model's joint composes from its marginals. In
+    ``coind_space`` "noise" the same gap is taken between noise predictions, (x - D) / sigma, as the authors train
+    (their model predicts the noise): the denoised gap over sigma squared, which weighs low noise levels far more.
     """
 
-    def __init__(self, parts: Components, coind_weight: float = 0.0, coind_fraction: float = 0.25):
+    def __init__(self, parts: Components, coind_weight: float = 0.0, coind_fraction: float = 0.25,
+                 coind_space: str = "denoised", coind_unit: str = "attribute"):
         super().__init__()
         self.conditioner, self.denoiser, self.head = parts.conditioner, parts.denoiser, parts.head
         if coind_weight and not self.conditioner.partial:
@@ -28,7 +32,12 @@ class TrainingObjective(nn.Module):
                               "conditioner.attr_dropout > 0 (e.g. the shapes_compose recipe)")
         if not 0 < coind_fraction <= 1:
             raise ConfigError(f"train.coind_fraction must be in (0, 1], got {coind_fraction}")
+        if coind_space not in ("denoised", "noise"):
+            raise ConfigError(f"train.coind_space must be denoised or noise, got {coind_space!r}")
+        if coind_unit not in ("attribute", "group"):
+            raise ConfigError(f"train.coind_unit must be attribute or group, got {coind_unit!r}")
         self.coind_weight, self.coind_fraction = coind_weight, coind_fraction
+        self.coind_space, self.coind_unit = coind_space, coind_unit
 
     def forward(self, images, attrs, index, noise, sigma) -> dict[str, torch.Tensor]:
         cond = self.conditioner(attrs, index)
@@ -49,7 +58,10 @@ class TrainingObjective(nn.Module):
         m = max(1, math.ceil(self.coind_fraction * b))
         cond = self.conditioner
         z = cond.training_latents(m, index[:m]).to(images)
-        pick = torch.nn.functional.one_hot(torch.randint(0, k, (m,)), k).to(z)  # attribute i of each sample
+        units = cond.units if self.coind_unit == "group" else [[j] for j in range(k)]
+        pick = torch.zeros(m, k).to(z)  # unit i of each sample
+        for row, u in enumerate(torch.randint(0, len(units), (m,)).tolist()):
+            pick[row, units[u]] = 1
         a = attrs[:m].to(z)
         ones = torch.ones_like(a)
         conds = torch.cat([cond.encode(a, z, known=ones - pick), cond.encode(a, z, known=pick),
@@ -57,4 +69,6 @@ class TrainingObjective(nn.Module):
         noised = (images[:m] + noise[:m] * sigma[:m, None, None, None]).repeat(4, 1, 1, 1)
         d = self.denoiser(noised, sigma[:m].repeat(4), mapping_cond=conds).float().view(4, m, -1)
         gap = (d[0] + d[1] - d[2] - d[3]).pow(2).mean(-1)
+        if self.coind_space == "noise":  # eps = (x - D) / sigma: the x terms cancel, the gap scales by -1 / sigma
+            gap = gap / sigma[:m].float().pow(2)
         return torch.cat([gap, gap.new_zeros(b - m)])
