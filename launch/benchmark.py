@@ -12,7 +12,8 @@ minutes and steps (runs/benchmark/quality.json, quality.png; resumable).
 calls a sample or fewer on the same trained runs (seeds), each evaluated at launch/evaluate.py's defaults
 (runs/benchmark/sampler_budget.json; resumable per run and setting).
 ``python launch/benchmark.py peer --runs RUN [RUN ...]``: diffusers' UNet2DModel trained as diffusers' text-to-image
-example trains, for each run's own training minutes on its data (seed i beside run i), both scored at the
+example trains, for each run's own training minutes (at its median step time; or --minutes) on its data (seed i
+beside run i), both scored at the
 evaluation's defaults (runs/benchmark/peer.json; resumable per run; needs the ``peer`` extra).
 ``python launch/benchmark.py profile``: torch.profiler over 20 steps of the real training loop, eager and
 compiled: time per phase (data, forward, loss check, backward, optimiser, EMA), loop overhead, and operator
@@ -39,6 +40,8 @@ def main() -> None:
                         help="quality: evaluate the marks a stopped run has so far, without training on")
     parser.add_argument("--probes", nargs="*", help="probes: the PROBES names to run (default: all)")
     parser.add_argument("--runs", nargs="*", help="sampler-budget, peer: trained runs of one recipe (its seeds)")
+    parser.add_argument("--minutes", type=float, help="peer: its training minutes (default: each run's own, at its "
+                                                       "median step time)")
     parser.add_argument("--settings", nargs="*", help="sampler-budget: the SAMPLER_BUDGET names to run (default: all)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the recipe (quality, profile, train), e.g. train.adamw_impl=fused")
     args = parser.parse_intermixed_args()  # overrides may follow the options
@@ -75,7 +78,7 @@ def main() -> None:
 
         if not args.runs:
             parser.error("peer needs --runs RUN [RUN ...], trained runs of one recipe")
-        result = peer_vs_runs(args.runs, n=args.n or 512, out=out)
+        result = peer_vs_runs(args.runs, minutes=args.minutes, n=args.n or 512, out=out)
         write_json(out / "peer.json", result)
         print(sampler_budget_table(result))
         print(f"wrote {out / 'peer.json'}")

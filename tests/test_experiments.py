@@ -289,6 +289,13 @@ def test_the_heads_share_of_the_objective_is_read_from_the_logged_losses():
     assert head_share([{"step": 10, "loss": 0.01, "diffusion": 0.01}]) is None  # no head logged
 
 
+def test_a_runs_steady_minutes_leave_out_the_time_other_work_took():
+    from gmmcond.experiments.benchmarks import steady_minutes, training_minutes
+
+    metrics = [{"step": 10, "sec_per_step": 1.0}, {"step": 20, "sec_per_step": 7.0}, {"step": 30, "sec_per_step": 1.0}]
+    assert steady_minutes(metrics) == 30 * 1.0 / 60 and training_minutes(metrics)[30] == 90 / 60
+
+
 def test_a_head_weight_for_a_share_gives_that_share_when_the_losses_stay():
     from gmmcond.experiments.reproduce import share_weight
 

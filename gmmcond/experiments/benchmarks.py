@@ -1,6 +1,7 @@
 """Benchmarks: samplers on the exact Gaussian-mixture testbed, and sampler wall time on the shapes model."""
 from __future__ import annotations
 
+import statistics
 import time
 
 import k_diffusion as K
@@ -322,6 +323,12 @@ def training_minutes(metrics: list[dict]) -> dict[int, float]:
         last = m["step"]
         out[m["step"]] = total / 60
     return out
+
+
+def steady_minutes(metrics: list[dict]) -> float:
+    """A run's training minutes at its median step time (steps x the median of its logged ``sec_per_step``): what it
+    takes on a machine doing nothing else, where :func:`training_minutes` also counts time lost to other work."""
+    return statistics.median(m["sec_per_step"] for m in metrics) * metrics[-1]["step"] / 60
 
 
 def quality_over_time(cfg: dict, run_dir, *, every: int = 1000, n: int = 256, per_set: int = 48, log=print,

@@ -186,17 +186,18 @@ class PeerSampler:
         return torch.cat([self.sample(chunk, seed + i) for i, chunk in enumerate(tqdm(chunks, desc=desc, disable=not show))])
 
 
-def peer_vs_runs(runs: list, recipe: PeerRecipe | None = None, *, n: int = 512, out: Path = Path("runs/benchmark"),
-                 log=print) -> dict:
-    """For each trained gmmcond run (seeds of one recipe; seed i of the peer beside run i): train the peer for the
-    run's own training minutes (compile included) on the run's data, and score both by the evaluation's defaults
+def peer_vs_runs(runs: list, recipe: PeerRecipe | None = None, *, minutes: float | None = None, n: int = 512,
+                 out: Path = Path("runs/benchmark"), log=print) -> dict:
+    """For each trained gmmcond run (seeds of one recipe; seed i of the peer beside run i): train the peer for
+    ``minutes`` (default: the run's own training minutes at its median step time, so time the run lost to other
+    work on the machine is not handed to the peer) on the run's data, and score both by the evaluation's defaults
     (n samples, 6 sets x 48, memorisation on 256 rows). The run's own evaluation is the sampler-budget one of its
     recipe setting (RUN/sampler_budget.jsonl; computed there if absent). Resumable per run: OUT/peer.jsonl."""
     from ..config import load_config
     from ..eval.evaluate import EvalSize, eval_summary, evaluate_sampler
     from ..io import ResultLog, read_metrics
     from ..registry import DATASETS
-    from .benchmarks import SAMPLER_BUDGET, model_calls, sampler_budget, training_minutes
+    from .benchmarks import SAMPLER_BUDGET, model_calls, sampler_budget, steady_minutes
     from ..sampling.settings import SamplingSettings
     from .runner import summarise_records
 
@@ -206,19 +207,20 @@ def peer_vs_runs(runs: list, recipe: PeerRecipe | None = None, *, n: int = 512, 
     mine, theirs = [], []
     for seed, run in enumerate(map(Path, runs)):
         own = sampler_budget([run], [recipe_setting], n=n, log=log)["settings"][recipe_setting]["per_seed"][0]
-        minutes = max(training_minutes(read_metrics(run / "metrics.jsonl")).values())
+        budget = minutes or steady_minutes(read_metrics(run / "metrics.jsonl"))
 
-        def compute(run=run, seed=seed, minutes=minutes) -> dict:
-            log(f"peer: seed {seed}, {minutes:.1f} minutes as {run} trained")
+        def compute(run=run, seed=seed, budget=budget) -> dict:
+            log(f"peer: seed {seed}, {budget:.1f} minutes beside {run}")
             cfg = load_config(run / "config.yaml")
-            model, trained = train_peer(recipe, DATASETS.build(cfg["dataset"]), minutes, seed)
+            model, trained = train_peer(recipe, DATASETS.build(cfg["dataset"]), budget, seed)
             tic = time.time()
             scored = evaluate_sampler(PeerSampler(model, recipe, seed=cfg["sample"].get("seed", 0)), cfg["dataset"],
                                       EvalSize(n=n), progress=False)
             return {**trained, "eval_seconds": time.time() - tic, **eval_summary(scored.result)}
 
-        rec = peer_log.once({"run": str(run), "seed": seed, "n": n, "recipe": repr(asdict(recipe))}, compute)
-        mine.append({**own, "seed": seed, "minutes": minutes, "train_steps": own["step"]})
+        rec = peer_log.once({"run": str(run), "seed": seed, "n": n, "budget": round(budget, 3),
+                             "recipe": repr(asdict(recipe))}, compute)
+        mine.append({**own, "seed": seed, "minutes": budget, "train_steps": own["step"]})
         theirs.append({**rec, "seed": seed})
     return {"runs": [str(r) for r in runs], "n": n, "recipe": asdict(recipe), "settings": {
         f"gmmcond ({recipe_setting})": {"model_calls": model_calls(SamplingSettings(**SAMPLER_BUDGET[recipe_setting])),
