@@ -92,6 +92,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16: autocast through accelerate; weights stay fp32.
     compile: bool = False  # torch.compile the inner model (compiles once, about a minute on a CPU).
     log_with: Any = None  # Trackers beside metrics.jsonl through accelerate: tensorboard | wandb | ... or a list.
+    immiscible: bool = False  # Immiscible Diffusion (Li et al. 2024): each batch's noise assigned to its images by least distance.
     coind_weight: float = 0.0  # CoInD's independence penalty (needs conditioner.attr_dropout > 0); 0 is off.
     coind_fraction: float = 0.25  # Share of each batch the penalty is computed on (four extra forwards each).
     coind_space: str = "denoised"  # The penalty on the denoised image, or on the noise prediction (noise: as CoInD's authors).

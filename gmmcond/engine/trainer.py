@@ -39,7 +39,7 @@ from ..errors import (REQUEUE_EXIT, AttributeSpecError, ConfigError, Interrupted
 from ..io import (RunLock, append_metrics, atomic_write_bytes, checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint, previous_checkpoint,
                   read_metrics, save_checkpoint, truncate_metrics, write_json)
 from ..modeling.build import Components, build
-from ..modeling.objective import TrainingObjective
+from ..modeling.objective import TrainingObjective, immiscible_noise
 from ..sampling.generate import generate
 from ..sampling.requests import DEFAULT_OPEN, resolve_requests
 from ..sampling.settings import SamplingSettings
@@ -446,6 +446,8 @@ class Trainer:
         with record_function("gmmcond::forward"):
             images, attrs, index = images.to(self.device), attrs.to(self.device), index.to(self.device)
             noise = torch.randn_like(images)
+            if self.t["immiscible"]:
+                noise = immiscible_noise(images, noise)
             sigma = self.parts.schedule.sample_sigmas(len(images)).to(self.device)
             self.module.train()
             losses = self.module(images, attrs, index, noise, sigma)  # accelerate applies the autocast

@@ -438,6 +438,11 @@ PROBES = {
     # the weighting learned instead of chosen: the Karras loss over a learned variance (k-diffusion's
     # DenoiserWithVariance; EDM2's uncertainty weighting, per sample rather than per noise level)
     "uncertainty weighting": ["model.has_variance=true", "denoiser.loss=uncertainty"],
+    # issue 41, learning per step: Immiscible Diffusion's batch-level noise-to-image assignment (Li et al. 2024);
+    # k-diffusion's own image_v1 optimiser betas and EMA schedule (k_diffusion/config.py defaults)
+    "immiscible noise assignment": ["train.immiscible=true"],
+    "adamw betas 0.95, 0.999 (k-diffusion image_v1)": ["train.betas=[0.95,0.999]"],
+    "ema power 2/3, max 0.9999 (k-diffusion)": ["train.ema_power=0.6667", "train.ema_max=0.9999"],
 }
 
 

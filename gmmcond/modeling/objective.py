@@ -11,6 +11,17 @@ from ..errors import ConfigError
 from .build import Components
 
 
+def immiscible_noise(images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Immiscible Diffusion (Li et al. 2024): the batch's noise draws reordered so that the total squared distance
+    between each image and its noise is least (a linear assignment, scipy's Hungarian solver), so each image is
+    noised towards the draws nearest it; every draw is still used once, so the batch's noise stays Gaussian."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = torch.cdist(images.flatten(1).double(), noise.flatten(1).double()).pow(2)
+    _, cols = linear_sum_assignment(cost.cpu().numpy())
+    return noise[torch.as_tensor(cols, device=noise.device)]
+
+
 class TrainingObjective(nn.Module):
     """The training objective, the module accelerate wraps: conditioner + Denoiser (+ head), returning per-sample
     losses: the diffusion loss (the Denoiser's weighting), the head's weighted loss and CoInD's penalty.
