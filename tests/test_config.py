@@ -26,6 +26,17 @@ def test_the_compose_recipe_is_the_default_plus_attribute_dropout():
     assert compose == default
 
 
+def test_the_tokens_recipe_is_the_default_with_attribute_tokens():
+    """shapes_tokens is the default recipe with the conditioner and cross-attention the combination experiment's
+    token arms train (TOKEN_MODEL), so the recipe is what was measured."""
+    from gmmcond.experiments.reproduce import TOKEN_MODEL
+
+    tokens, measured = load_config("shapes_tokens"), load_config("shapes", list(TOKEN_MODEL))
+    assert tokens["conditioner"]["type"] == "gmm_tokens" and tokens["model"]["cross_cond_dim"] == 64
+    del tokens["name"], measured["name"]
+    assert tokens == measured
+
+
 def test_overrides_apply_with_yaml_values():
     cfg = load_config("shapes", ["train.steps=200", "conditioner.sigma=0.25", "conditioner.means=[-1.5,0,1.5]"])
     assert cfg["train"]["steps"] == 200 and cfg["conditioner"]["sigma"] == 0.25
