@@ -134,7 +134,7 @@ def test_a_truncated_export_falls_back_to_the_checkpoint(tiny_run, capsys):
 def test_sigint_checkpoints_names_the_resume_command_and_resumes_exactly(tmp_path):
     """Ctrl-C in a real process: one line, exit 2, a checkpoint of the finished step; --resume then logs the
     losses of an uninterrupted run, and the final weights are bit-identical."""
-    args = ["--config", "shapes_tiny", "--runs", str(tmp_path), "train.steps=150", "train.checkpoint_every=1000",
+    args = ["--config", "shapes_tiny", "--runs", str(tmp_path), "train.steps=60", "train.checkpoint_every=1000",
             "train.log_every=1"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([PY, str(ROOT / "launch" / "train.py"), *args, "--name", "cut"], env=env,
@@ -150,7 +150,7 @@ def test_sigint_checkpoints_names_the_resume_command_and_resumes_exactly(tmp_pat
     assert len(line) == 1 and "Interrupted: interrupted after step" in line[0], err[-2000:]
     assert line[0].endswith("--name cut --resume") and "python " in line[0]
     cut_at = int(line[0].split("after step ")[1].split()[0])
-    assert 20 <= cut_at < 150 and (tmp_path / "cut" / "checkpoints" / f"step_{cut_at:07d}.pt").exists()
+    assert 20 <= cut_at < 60 and (tmp_path / "cut" / "checkpoints" / f"step_{cut_at:07d}.pt").exists()
     train(load_config("shapes_tiny", args[4:]), tmp_path / "cut", resume=True)
     cfg = load_config("shapes_tiny", args[4:])
     cfg["name"] = "full"
@@ -158,8 +158,8 @@ def test_sigint_checkpoints_names_the_resume_command_and_resumes_exactly(tmp_pat
     timeless = lambda run: [{k: v for k, v in m.items() if k not in ("sec_per_step", "peak_rss_mb")}
                             for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
     assert timeless(tmp_path / "cut") == timeless(tmp_path / "full")
-    a = load_checkpoint(tmp_path / "cut" / "checkpoints" / "step_0000150.pt")
-    b = load_checkpoint(tmp_path / "full" / "checkpoints" / "step_0000150.pt")
+    a = load_checkpoint(tmp_path / "cut" / "checkpoints" / "step_0000060.pt")
+    b = load_checkpoint(tmp_path / "full" / "checkpoints" / "step_0000060.pt")
     assert all(torch.equal(v, b["ema"][k]) for k, v in a["ema"].items())
 
 
