@@ -27,7 +27,7 @@ def test_the_combination_experiment_scores_an_arm_end_to_end(tmp_path, arm):
 
     recipe, overrides = combination_arms(3)[arm]
     tiny = ["model.channels=[8,8,8]", "model.depths=[1,1,1]", "model.mapping_out=16", "sample.steps=2",
-            "train.batch_size=8", "train.checkpoint_every=3"]
+            "train.batch_size=8", "train.checkpoint_every=3", "dataset.length=512"]
     rec = combination_scores(arm, 0, recipe, [*overrides, *tiny], tmp_path / "run", 4, out=tmp_path / "combinations.png")
     assert rec["steps"] == 3 and rec["per"] == 4
     for key in ("conformity_seen", "conformity_held_out", "defects_seen", "defects_held_out", "negation_conformity",
