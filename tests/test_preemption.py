@@ -39,7 +39,7 @@ def wait_for_lines(metrics: Path, lines: int, proc, limit: float = 120) -> None:
 def test_a_scheduler_signal_checkpoints_says_one_line_and_asks_to_be_requeued(tmp_path, sig):
     """What a scheduler sends before SIGKILL: the step finishes, a checkpoint is written, one line names it and the
     resume command, exit 75 (EX_TEMPFAIL: try again); --resume auto then finishes the run."""
-    args = ["--config", "shapes_tiny", "--runs", str(tmp_path), "train.steps=150", "train.checkpoint_every=1000",
+    args = ["--config", "shapes_tiny", "--runs", str(tmp_path), "train.steps=60", "train.checkpoint_every=1000",
             "train.log_every=1"]
     proc = subprocess.Popen([PY, str(ROOT / "launch" / "train.py"), *args, "--name", "cut"], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -54,7 +54,7 @@ def test_a_scheduler_signal_checkpoints_says_one_line_and_asks_to_be_requeued(tm
     assert latest_checkpoint(tmp_path / "cut").name == f"step_{cut_at:07d}.pt"
     # the stop is the one Ctrl-C takes, whose resume is shown exact in tests/test_resume.py: here the requeue path
     code, err = run_entry("train", *args, "--name", "cut", "--resume", "auto")
-    assert code == 0 and load_checkpoint(latest_checkpoint(tmp_path / "cut"))["step"] == 150, err[-2000:]
+    assert code == 0 and load_checkpoint(latest_checkpoint(tmp_path / "cut"))["step"] == 60, err[-2000:]
 
 
 def fail_after(nbytes: int, error: Exception):
