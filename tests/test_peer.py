@@ -3,9 +3,11 @@ form, its training and sampler, and its scoring by the project's own protocol.""
 import pytest
 import torch
 
-from gmmcond.experiments.peer import PeerRecipe, PeerSampler, min_snr_weights, train_peer, train_scheduler
+from gmmcond.errors import ConfigError
+from gmmcond.experiments.peer import PeerRecipe, PeerSampler, PeerUNet, min_snr_weights, train_peer, train_scheduler
 
-TINY = PeerRecipe(block_out_channels=(8, 16), layers_per_block=1, attention=(False, True), batch_size=8, sample_steps=3)
+TINY = PeerRecipe(block_out_channels=(8, 16), layers_per_block=1, attention=(False, True), attention_head_dim=8,
+                  batch_size=8, sample_steps=3)
 
 
 def test_min_snr_weights_are_the_closed_form_on_the_cosine_schedule():
@@ -17,6 +19,8 @@ def test_min_snr_weights_are_the_closed_form_on_the_cosine_schedule():
         got = min_snr_weights(scheduler, t, 5.0, prediction).double()
         assert torch.allclose(got, torch.minimum(snr, torch.full_like(snr, 5.0)) / denominator, rtol=1e-5)
     assert PeerRecipe().model_calls == 60 and PeerRecipe(cfg_scale=1.0).model_calls == 30
+    with pytest.raises(ConfigError, match="attention_head_dim 64 must divide the 16 channels"):
+        PeerUNet(PeerRecipe(block_out_channels=(8, 16), attention=(False, True)), 11, 16)
 
 
 @pytest.fixture(scope="module")
