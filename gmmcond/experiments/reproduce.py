@@ -370,8 +370,8 @@ def convergence(log: ResultLog, arms: dict, seeds: int, base: str = "no head") -
         for r in arm_records(log, arms, arm, seeds):
             steps, curve = np.asarray(r["curve_steps"]), np.asarray(r["curve"])
             mark = {pct: steps[-1] * pct / 100 for pct in (25, 50)}  # the last logged step is the run's length
-            at = {f"loss_at_{pct}pct": float(curve[(steps > at - 100) & (steps <= at)].mean())
-                  for pct, at in mark.items() if ((steps > at - 100) & (steps <= at)).any()}
+            at = {f"loss_at_{pct}pct": float(curve[(steps > end - 100) & (steps <= end)].mean())
+                  for pct, end in mark.items() if ((steps > end - 100) & (steps <= end)).any()}
             if r["seed"] in finals:
                 window = max(1, int(np.searchsorted(steps, steps[0] + 100)))  # logged points per 100 steps
                 running = np.convolve(curve, np.ones(window) / window, mode="valid")
