@@ -205,8 +205,8 @@ def peer_vs_runs(runs: list, recipe: PeerRecipe | None = None, *, minutes: float
     from ..eval.evaluate import EvalSize, eval_summary, evaluate_sampler
     from ..io import ResultLog, read_metrics
     from ..registry import DATASETS
-    from .benchmarks import SAMPLER_BUDGET, model_calls, sampler_budget, steady_minutes
     from ..sampling.settings import SamplingSettings
+    from .benchmarks import SAMPLER_BUDGET, model_calls, sampler_budget, steady_minutes
     from .runner import summarise_records
 
     recipe = recipe or PeerRecipe()
@@ -233,5 +233,5 @@ def peer_vs_runs(runs: list, recipe: PeerRecipe | None = None, *, minutes: float
     return {"runs": [str(r) for r in runs], "n": n, "recipe": asdict(recipe), "settings": {
         f"gmmcond ({recipe_setting})": {"model_calls": model_calls(SamplingSettings(**SAMPLER_BUDGET[recipe_setting])),
                                         **summarise_records(mine)},
-        "diffusers UNet2DModel (peer), DPM-Solver++ 30 steps, CFG 1.5": {"model_calls": recipe.model_calls,
-                                                                          **summarise_records(theirs)}}}
+        f"diffusers UNet2DModel (peer), DPM-Solver++ {recipe.sample_steps} steps, CFG {recipe.cfg_scale:g}": {
+            "model_calls": recipe.model_calls, **summarise_records(theirs)}}}
