@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..modeling.precision import autocast
 
 
 def diffusers():
@@ -55,7 +56,7 @@ class PeerRecipe:
     train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "v_prediction"
-    precision: str = "bf16"  # "bf16" mixed precision or "no"
+    precision: str = "bf16"  # "bf16" mixed precision or "fp32" (gmmcond.modeling.precision's names)
     sample_steps: int = 30
     cfg_scale: float = 1.5
 
@@ -91,10 +92,6 @@ class PeerUNet(nn.Module):
 def as_condition(attrs: torch.Tensor) -> torch.Tensor:
     """Attributes (0 / 1) as the peer's condition (-1 / +1)."""
     return attrs * 2 - 1
-
-
-def precision_context(recipe: PeerRecipe, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16")
 
 
 def train_scheduler(recipe: PeerRecipe):
@@ -136,7 +133,7 @@ def train_peer(recipe: PeerRecipe, dataset, minutes: float, seed: int, *, progre
         keep = (torch.rand(len(x0), 1, generator=gen) >= recipe.cond_dropout).float()
         noisy = scheduler.add_noise(x0, noise, t)
         target = scheduler.get_velocity(x0, noise, t) if recipe.prediction_type == "v_prediction" else noise
-        with precision_context(recipe, device):
+        with autocast(device, recipe.precision):
             pred = model(noisy, t, as_condition(attrs) * keep)
         per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * min_snr_weights(scheduler, t, recipe.snr_gamma, recipe.prediction_type)).mean()
@@ -182,7 +179,7 @@ class PeerSampler:
         x = x * scheduler.init_noise_sigma
         cond = torch.cat([as_condition(attrs), torch.zeros_like(attrs)])
         for t in scheduler.timesteps:
-            with precision_context(self.recipe, x.device):
+            with autocast(x.device, self.recipe.precision):
                 out = self.model(torch.cat([x, x]), t.expand(2 * len(x)), cond).float()
             c, u = out.chunk(2)
             x = scheduler.step(u + self.recipe.cfg_scale * (c - u), t, x).prev_sample

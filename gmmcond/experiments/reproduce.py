@@ -309,11 +309,11 @@ def scaled_arms(arm_table: dict, opts: Options) -> dict:
     return {arm: (recipe, [*base, *extra]) for arm, (recipe, extra) in arm_table.items()}
 
 
-def loss_arms(arm_table: dict, name: str, prefix: str, title: str, opts: Options) -> dict:
+def loss_arms(arm_table: dict, name: str, prefix: str, title: str, opts: Options, log: ResultLog | None = None) -> dict:
     """Train and evaluate the arms of ``arm_table`` (those named in ``opts.arms``, else all) at ``opts.scale`` for
-    ``opts.steps`` steps and ``opts.seeds`` seeds (:func:`run_arms`, logged in OUT/NAME.jsonl), plot their
-    diffusion-loss bands (OUT/NAME.png), and summarise them."""
-    log = ResultLog(opts.path(name, "jsonl"))
+    ``opts.steps`` steps and ``opts.seeds`` seeds (:func:`run_arms`, logged in ``log``, by default OUT/NAME.jsonl),
+    plot their diffusion-loss bands (OUT/NAME.png), and summarise them."""
+    log = ResultLog(opts.path(name, "jsonl")) if log is None else log
     chosen = select_arms(arm_table, opts.arms)
     if len(chosen) < len(arm_table):  # a subset: the legend names the arms drawn; the title must not name the rest
         title = f"{title.split(':')[0]}: {len(chosen)} of its {len(arm_table)} arms"
@@ -394,8 +394,7 @@ def head(opts: Options) -> dict:
     shipped = scaled_arms({a: HEAD_ARMS[a] for a in SHIPPED_HEAD_ARMS if not opts.arms or any(
         n == a or n.startswith(f"{a}, share") for n in opts.arms)}, opts)
     table = {**HEAD_ARMS, **calibrated_head_arms(log, shipped, opts)}
-    result = loss_arms(table, "head", "head", "shapes: no head / NGMG head / BCE head", opts)
-    log = ResultLog(log.path)  # read again: loss_arms logged through its own
+    result = loss_arms(table, "head", "head", "shapes: no head / NGMG head / BCE head", opts, log)
     speed = convergence(log, scaled_arms(select_arms(table, opts.arms), opts), opts.seeds)
     for arm, stats in result["arms"].items():
         for r in stats["per_seed"]:
