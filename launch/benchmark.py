@@ -14,7 +14,8 @@ calls a sample or fewer on the same trained runs (seeds), each evaluated at laun
 ``python launch/benchmark.py peer --runs RUN [RUN ...]``: diffusers' UNet2DModel trained as diffusers' text-to-image
 example trains, for each run's own training minutes (at its median step time; or --minutes) on its data (seed i
 beside run i), both scored at the
-evaluation's defaults (runs/benchmark/peer.json; resumable per run; needs the ``peer`` extra).
+evaluation's defaults (runs/benchmark/peer.json; resumable per run and peer recipe; needs the ``peer`` extra); ``FIELD=VALUE``
+arguments change the peer's recipe (gmmcond.experiments.peer.PeerRecipe), e.g. ``lr=1e-3``.
 ``python launch/benchmark.py profile``: torch.profiler over 20 steps of the real training loop, eager and
 compiled: time per phase (data, forward, loss check, backward, optimiser, EMA), loop overhead, and operator
 time by kind (runs/benchmark/profile.json).
@@ -43,7 +44,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, help="peer: its training minutes (default: each run's own, at its "
                                                        "median step time)")
     parser.add_argument("--settings", nargs="*", help="sampler-budget: the SAMPLER_BUDGET names to run (default: all)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides of the recipe (quality, profile, train), e.g. train.adamw_impl=fused")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the recipe (quality, profile, train), e.g. "
+                                                     "train.adamw_impl=fused; peer: of its PeerRecipe fields, e.g. lr=1e-3")
     args = parser.parse_intermixed_args()  # overrides may follow the options
 
     import torch
@@ -74,11 +76,12 @@ def main() -> None:
         return
     if args.what == "peer":
         from gmmcond.experiments.document import sampler_budget_table
-        from gmmcond.experiments.peer import peer_vs_runs
+        from gmmcond.experiments.peer import PeerRecipe, peer_vs_runs
 
         if not args.runs:
             parser.error("peer needs --runs RUN [RUN ...], trained runs of one recipe")
-        result = peer_vs_runs(args.runs, minutes=args.minutes, n=args.n or 512, out=out)
+        result = peer_vs_runs(args.runs, PeerRecipe.from_overrides(args.overrides), minutes=args.minutes,
+                              n=args.n or 512, out=out)
         write_json(out / "peer.json", result)
         print(sampler_budget_table(result))
         print(f"wrote {out / 'peer.json'}")

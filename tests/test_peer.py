@@ -23,6 +23,16 @@ def test_min_snr_weights_are_the_closed_form_on_the_cosine_schedule():
         PeerUNet(PeerRecipe(block_out_channels=(8, 16), attention=(False, True)), 11, 16)
 
 
+def test_the_peer_recipe_takes_field_overrides_as_its_defaults_types_and_names_a_wrong_one():
+    got = PeerRecipe.from_overrides(["lr=1e-3", "attention=[false,false,true]", "betas=[0.9, 0.95]", "precision=fp32"])
+    assert got == PeerRecipe(lr=1e-3, attention=(False, False, True), betas=(0.9, 0.95), precision="fp32")
+    assert PeerRecipe.from_overrides([]) == PeerRecipe()
+    with pytest.raises(ConfigError, match="peer override 'lrr=1': expected FIELD=VALUE with FIELD one of .*, lr, "):
+        PeerRecipe.from_overrides(["lrr=1"])
+    with pytest.raises(ConfigError, match="peer override 'batch_size=big': expected a value like its default 64"):
+        PeerRecipe.from_overrides(["batch_size=big"])
+
+
 @pytest.fixture(scope="module")
 def tiny_peer():
     from gmmcond.config import load_config
