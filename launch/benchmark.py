@@ -11,6 +11,8 @@ minutes and steps (runs/benchmark/quality.json, quality.png; resumable).
 ``python launch/benchmark.py sampler-budget --runs RUN [RUN ...]``: the recipe's sampler against settings of 30 model
 calls a sample or fewer on the same trained runs (seeds), each evaluated at launch/evaluate.py's defaults
 (runs/benchmark/sampler_budget.json; resumable per run and setting).
+``python launch/benchmark.py recipes --runs RUN [RUN ...]``: trained runs of several recipes (seeds of each) side by
+side, each scored with its recipe's sampler as sampler-budget scores it, paired by seed (runs/benchmark/recipes.json).
 ``python launch/benchmark.py peer --runs RUN [RUN ...]``: diffusers' UNet2DModel trained as diffusers' text-to-image
 example trains, for each run's own training minutes (at its median step time; or --minutes) on its data (seed i
 beside run i), both scored at the
@@ -30,7 +32,8 @@ from gmmcond.io import write_json
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["samplers", "train", "quality", "profile", "probes", "sampler-budget", "peer"])
+    parser.add_argument("what", choices=["samplers", "train", "quality", "profile", "probes", "sampler-budget", "recipes",
+                                             "peer"])
     parser.add_argument("--out", default="runs/benchmark", help="output folder")
     parser.add_argument("--config", default="shapes", help="recipe whose model is timed")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (train)")
@@ -40,7 +43,8 @@ def main() -> None:
     parser.add_argument("--evaluate-only", action="store_true",
                         help="quality: evaluate the marks a stopped run has so far, without training on")
     parser.add_argument("--probes", nargs="*", help="probes: the PROBES names to run (default: all)")
-    parser.add_argument("--runs", nargs="*", help="sampler-budget, peer: trained runs of one recipe (its seeds)")
+    parser.add_argument("--runs", nargs="*", help="sampler-budget, peer: trained runs of one recipe (its seeds); "
+                                                     "recipes: of several")
     parser.add_argument("--minutes", type=float, help="peer: its training minutes (default: each run's own, at its "
                                                        "median step time)")
     parser.add_argument("--settings", nargs="*", help="sampler-budget: the SAMPLER_BUDGET names to run (default: all)")
@@ -73,6 +77,16 @@ def main() -> None:
         print(json.dumps({k: {m: v.get(m) for m in ("model_calls", "all_attributes_correct", "defect_rate")}
                           for k, v in result["settings"].items()}, indent=1, default=str))
         print(f"wrote {out / 'sampler_budget.json'}")
+        return
+    if args.what == "recipes":
+        from gmmcond.experiments.document import sampler_budget_table
+
+        if not args.runs:
+            parser.error("recipes needs --runs RUN [RUN ...], trained runs of several recipes (seeds of each)")
+        result = benchmarks.recipes_compared(args.runs, n=args.n or 512)
+        write_json(out / "recipes.json", result)
+        print(sampler_budget_table(result))
+        print(f"wrote {out / 'recipes.json'}")
         return
     if args.what == "peer":
         from gmmcond.experiments.document import sampler_budget_table

@@ -382,3 +382,26 @@ def test_the_sampler_budget_counts_model_calls_and_evaluates_each_setting_once(t
     row = first["settings"][names[0]]
     assert len(calls) == 1 and again == first and row["model_calls"] == 30
     assert 0 <= row["all_attributes_correct"]["mean"] <= 1 and row["eval_seconds"]["mean"] > 0
+
+
+def test_recipes_compared_groups_runs_by_recipe_and_pairs_them_by_training_seed(tiny_cfg, tmp_path, monkeypatch):
+    from gmmcond.engine.trainer import train
+    from gmmcond.eval import evaluate
+    from gmmcond.experiments import benchmarks
+    from gmmcond.experiments.document import sampler_budget_table
+
+    runs = {}
+    for name, seed in (("shapes_tiny", 1), ("other", 1)):
+        runs[name, seed] = tmp_path / f"{name}_{seed}"
+        train(tiny_cfg(f"name={name}", f"train.seed={seed}"), runs[name, seed])
+    real = evaluate.evaluate_run
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda run, overrides, size, **kw: real(
+        run, {**overrides, "steps": 2}, evaluate.EvalSize(n=8, sets=1, per_set=8, memorisation=0), **kw))
+    result = benchmarks.recipes_compared(list(runs.values()), n=8, log=lambda *_: None)
+    assert list(result["settings"]) == ["shapes_tiny", "other"] and result["compared"] == "recipe"
+    other = result["settings"]["other"]
+    assert [r["seed"] for r in other["per_seed"]] == [1] and other["model_calls"] == 200  # its training seed
+    assert [r["train_steps"] for r in other["per_seed"]] == [3] and other["minutes"]["mean"] > 0
+    table = sampler_budget_table(result)
+    assert "| recipe | model calls a sample | runs |" in table and "paired by seed, each recipe minus 'shapes_tiny'" in table
+    assert "(0 of 1 > 0)" in table or "(1 of 1 > 0)" in table  # seed 1 of each, paired

@@ -582,6 +582,30 @@ def model_calls(settings) -> int:
     return calls * (2 if settings.cfg_scale != 1 else 1)
 
 
+def recipes_compared(runs: list, *, n: int = 512, log=print) -> dict:
+    """Trained runs of several recipes (seeds of each), grouped by their recipe's name and each scored as
+    :func:`sampler_budget` scores the recipe's own sampler (the first ``SAMPLER_BUDGET`` setting; read back from
+    RUN/sampler_budget.jsonl where it is there); seeds paired by ``train.seed``, with each run's training minutes at its
+    median step time and its steps."""
+    from pathlib import Path
+
+    from ..config import load_config
+    from ..io import read_metrics
+    from ..sampling.settings import SamplingSettings
+    from .runner import summarise_records
+
+    setting = next(iter(SAMPLER_BUDGET))
+    groups: dict[str, list] = {}
+    for run in map(Path, runs):
+        cfg = load_config(run / "config.yaml")
+        rec = sampler_budget([run], [setting], n=n, log=log)["settings"][setting]["per_seed"][0]
+        groups.setdefault(cfg["name"], []).append({**rec, "seed": cfg["train"]["seed"], "train_steps": rec["step"],
+                                                   "minutes": steady_minutes(read_metrics(run / "metrics.jsonl"))})
+    calls = model_calls(SamplingSettings(**SAMPLER_BUDGET[setting]))
+    return {"runs": [str(r) for r in runs], "n": n, "setting": setting, "compared": "recipe",
+            "settings": {name: {"model_calls": calls, **summarise_records(recs)} for name, recs in groups.items()}}
+
+
 def sampler_budget(runs: list, names=None, *, n: int = 512, log=print) -> dict:
     """Evaluate each of ``SAMPLER_BUDGET`` (or ``names`` of them) on each trained run (seeds of one recipe) at the
     evaluation's defaults (n samples, 6 sets x 48, memorisation on 256 rows); per setting its model calls a sample

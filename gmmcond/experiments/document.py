@@ -156,7 +156,7 @@ def sampler_budget_table(result: dict) -> str:
     # the peer benchmark (gmmcond.experiments.peer) also says how long and how many steps each side trained
     trained = all("minutes" in st and "train_steps" in st for st in settings.values())
     extra = " training minutes | training steps |" if trained else ""
-    lines = ["| setting | model calls a sample | runs | conformity | defects | per-set recall / real | "
+    lines = [f"| {result.get('compared', 'setting')} | model calls a sample | runs | conformity | defects | per-set recall / real | "
              "per-set coverage / real | spread | evaluation seconds |" + extra, "|---|---|---|---|---|---|---|---|---|"
              + "---|---|" * trained]
     for name, st in settings.items():
@@ -167,8 +167,8 @@ def sampler_budget_table(result: dict) -> str:
                      + cells)
     base_name, *others = list(settings)
     if others:
-        lines += ["", f"paired by run, each setting minus '{base_name}':", "",
-                  "| setting | conformity | defects | per-set coverage | spread |", "|---|---|---|---|---|"]
+        lines += ["", f"paired by seed, each {result.get('compared', 'setting')} minus '{base_name}':", "",
+                  f"| {result.get('compared', 'setting')} | conformity | defects | per-set coverage | spread |", "|---|---|---|---|---|"]
         for name in others:
             cells = [_paired(result, name, base_name, k, 3) for k in
                      ("all_attributes_correct", "defect_rate", "set_coverage", "set_mean_spread_ratio")]
@@ -188,6 +188,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "sweep": tables.sweep_table, "marks": benchmarks.quality_table, "sampler_runs": sampler_runs_table,
     "probes": lambda *results: benchmarks.probes_table({k: v for r in results for k, v in r.items()}),
     "benchmark": benchmarks.train_table, "sampler_budget": sampler_budget_table, "peer": sampler_budget_table,
+    "recipes": sampler_budget_table,
     "profile": lambda *results: benchmarks.profile_table([c for r in results for c in r]),
     "samplers": samplers_table, "renoise": renoise_table,
 }
