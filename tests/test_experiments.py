@@ -403,5 +403,5 @@ def test_recipes_compared_groups_runs_by_recipe_and_pairs_them_by_training_seed(
     assert [r["seed"] for r in other["per_seed"]] == [1] and other["model_calls"] == 200  # its training seed
     assert [r["train_steps"] for r in other["per_seed"]] == [3] and other["minutes"]["mean"] > 0
     table = sampler_budget_table(result)
-    assert "| recipe | model calls a sample | runs |" in table and "paired by seed, each recipe minus 'shapes_tiny'" in table
+    assert "| recipe | model calls a sample | runs |" in table and "paired by training seed, each recipe minus 'shapes_tiny'" in table
     assert "(0 of 1 > 0)" in table or "(1 of 1 > 0)" in table  # seed 1 of each, paired

@@ -167,8 +167,9 @@ def sampler_budget_table(result: dict) -> str:
                      + cells)
     base_name, *others = list(settings)
     if others:
-        lines += ["", f"paired by seed, each {result.get('compared', 'setting')} minus '{base_name}':", "",
-                  f"| {result.get('compared', 'setting')} | conformity | defects | per-set coverage | spread |", "|---|---|---|---|---|"]
+        compared = result.get("compared", "setting")  # a benchmark's settings on the same runs, or recipes' runs
+        lines += ["", f"paired by {'training seed' if compared == 'recipe' else 'run'}, each {compared} minus '{base_name}':",
+                  "", f"| {compared} | conformity | defects | per-set coverage | spread |", "|---|---|---|---|---|"]
         for name in others:
             cells = [_paired(result, name, base_name, k, 3) for k in
                      ("all_attributes_correct", "defect_rate", "set_coverage", "set_mean_spread_ratio")]
