@@ -50,7 +50,8 @@ def yaml_load(text: str, source: str = "<string>") -> Any:
 
 
 def recipes_dir() -> Path:
-    """Return the folder of named recipes: ``registry/`` of a checkout, or ``gmmcond/recipes`` once installed."""
+    """Return the folder of named recipes: ``gmmcond/recipes`` (in a checkout a link to ``registry/``; installed, a
+    copy of it), or ``registry/`` itself where a checkout could not make the link."""
     installed = Path(__file__).resolve().parent / "recipes"
     return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "registry"
 
