@@ -385,23 +385,31 @@ def test_the_sampler_budget_counts_model_calls_and_evaluates_each_setting_once(t
 
 
 def test_recipes_compared_groups_runs_by_recipe_and_pairs_them_by_training_seed(tiny_cfg, tmp_path, monkeypatch):
+    import yaml
+
     from gmmcond.engine.trainer import train
     from gmmcond.eval import evaluate
     from gmmcond.experiments import benchmarks
     from gmmcond.experiments.document import sampler_budget_table
 
-    runs = {}
-    for name, seed in (("shapes_tiny", 1), ("other", 1)):
-        runs[name, seed] = tmp_path / f"{name}_{seed}"
-        train(tiny_cfg(f"name={name}", f"train.seed={seed}"), runs[name, seed])
+    a, b = tmp_path / "shapes_tiny_s1", tmp_path / "other_s1"
+    train(tiny_cfg("name=shapes_tiny_s1", "train.seed=1"), a)
+    train(tiny_cfg("name=other_s1", "train.seed=1", "train.lr=5e-4"), b)
+    c = tmp_path / "shapes_tiny_s0"  # seed 0 of a's recipe (its config only: grouping reads nothing else)
+    cfg = yaml.safe_load((a / "config.yaml").read_text())
+    c.mkdir()
+    (c / "config.yaml").write_text(yaml.safe_dump({**cfg, "name": "shapes_tiny_s0", "train": {**cfg["train"], "seed": 0}}))
+    groups = benchmarks.recipe_groups([a, b, c])
+    assert list(groups) == ["shapes_tiny", "other"] and [run for run, _ in groups["shapes_tiny"]] == [a, c]
     real = evaluate.evaluate_run
     monkeypatch.setattr(evaluate, "evaluate_run", lambda run, overrides, size, **kw: real(
         run, {**overrides, "steps": 2}, evaluate.EvalSize(n=8, sets=1, per_set=8, memorisation=0), **kw))
-    result = benchmarks.recipes_compared(list(runs.values()), n=8, log=lambda *_: None)
+    result = benchmarks.recipes_compared([a, b], n=8, log=lambda *_: None)
     assert list(result["settings"]) == ["shapes_tiny", "other"] and result["compared"] == "recipe"
     other = result["settings"]["other"]
     assert [r["seed"] for r in other["per_seed"]] == [1] and other["model_calls"] == 200  # its training seed
     assert [r["train_steps"] for r in other["per_seed"]] == [3] and other["minutes"]["mean"] > 0
     table = sampler_budget_table(result)
-    assert "| recipe | model calls a sample | runs |" in table and "paired by training seed, each recipe minus 'shapes_tiny'" in table
+    assert "| recipe | model calls a sample | runs |" in table
+    assert "paired by training seed, each recipe minus 'shapes_tiny'" in table
     assert "(0 of 1 > 0)" in table or "(1 of 1 > 0)" in table  # seed 1 of each, paired

@@ -582,28 +582,53 @@ def model_calls(settings) -> int:
     return calls * (2 if settings.cfg_scale != 1 else 1)
 
 
-def recipes_compared(runs: list, *, n: int = 512, log=print) -> dict:
-    """Trained runs of several recipes (seeds of each), grouped by their recipe's name and each scored as
-    :func:`sampler_budget` scores the recipe's own sampler (the first ``SAMPLER_BUDGET`` setting; read back from
-    RUN/sampler_budget.jsonl where it is there); seeds paired by ``train.seed``, with each run's training minutes at its
-    median step time and its steps."""
+def recipe_groups(runs: list) -> dict[str, list]:
+    """Trained runs grouped by recipe: runs whose configs agree but for their name and ``train.seed`` (the history
+    of a resume aside) are seeds of one recipe; each group named by what its run names share (``shapes_s0``,
+    ``shapes_s1`` -> ``shapes``), with the config's hash where two groups would share a name."""
+    import hashlib
+    import json
+    import os
     from pathlib import Path
 
     from ..config import load_config
+
+    groups: dict[str, list] = {}
+    for run in map(Path, runs):
+        cfg = load_config(run / "config.yaml")
+        recipe = {k: v for k, v in cfg.items() if k not in ("name", "history")}
+        recipe["train"] = {k: v for k, v in cfg["train"].items() if k != "seed"}
+        groups.setdefault(json.dumps(recipe, sort_keys=True, default=str), []).append((run, cfg))
+    named: dict[str, list] = {}
+    for key, members in groups.items():
+        shared = os.path.commonprefix([cfg["name"] for _, cfg in members]).rstrip("_0123456789").removesuffix("_s")
+        name = shared or members[0][1]["name"]
+        if name in named:
+            name = f"{name} ({hashlib.sha1(key.encode()).hexdigest()[:8]})"
+        named[name] = members
+    return named
+
+
+def recipes_compared(runs: list, *, n: int = 512, log=print) -> dict:
+    """Trained runs of several recipes (seeds of each; grouped by :func:`recipe_groups`), each scored as
+    :func:`sampler_budget` scores the recipe's own sampler (the first ``SAMPLER_BUDGET`` setting; read back from
+    RUN/sampler_budget.jsonl where it is there); seeds paired by ``train.seed``, with each run's training minutes at
+    its median step time and its steps."""
     from ..io import read_metrics
     from ..sampling.settings import SamplingSettings
     from .runner import summarise_records
 
     setting = next(iter(SAMPLER_BUDGET))
-    groups: dict[str, list] = {}
-    for run in map(Path, runs):
-        cfg = load_config(run / "config.yaml")
-        rec = sampler_budget([run], [setting], n=n, log=log)["settings"][setting]["per_seed"][0]
-        groups.setdefault(cfg["name"], []).append({**rec, "seed": cfg["train"]["seed"], "train_steps": rec["step"],
-                                                   "minutes": steady_minutes(read_metrics(run / "metrics.jsonl"))})
-    calls = model_calls(SamplingSettings(**SAMPLER_BUDGET[setting]))
-    return {"runs": [str(r) for r in runs], "n": n, "setting": setting, "compared": "recipe",
-            "settings": {name: {"model_calls": calls, **summarise_records(recs)} for name, recs in groups.items()}}
+    settings = {}
+    for name, members in recipe_groups(runs).items():
+        recs = []
+        for run, cfg in members:
+            rec = sampler_budget([run], [setting], n=n, log=log)["settings"][setting]["per_seed"][0]
+            recs.append({**rec, "seed": cfg["train"]["seed"], "train_steps": rec["step"],
+                         "minutes": steady_minutes(read_metrics(run / "metrics.jsonl"))})
+        settings[name] = {"model_calls": model_calls(SamplingSettings(**SAMPLER_BUDGET[setting])),
+                          **summarise_records(recs)}
+    return {"runs": [str(r) for r in runs], "n": n, "setting": setting, "compared": "recipe", "settings": settings}
 
 
 def sampler_budget(runs: list, names=None, *, n: int = 512, log=print) -> dict:
