@@ -12,7 +12,8 @@ minutes and steps (runs/benchmark/quality.json, quality.png; resumable).
 calls a sample or fewer on the same trained runs (seeds), each evaluated at launch/evaluate.py's defaults
 (runs/benchmark/sampler_budget.json; resumable per run and setting).
 ``python launch/benchmark.py recipes --runs RUN [RUN ...]``: trained runs of several recipes (seeds of each) side by
-side, each scored with its recipe's sampler as sampler-budget scores it, paired by seed (runs/benchmark/recipes.json).
+side, each scored with the default recipe's sampling setting as sampler-budget scores it, paired by training seed
+(runs/benchmark/recipes.json).
 ``python launch/benchmark.py peer --runs RUN [RUN ...]``: diffusers' UNet2DModel trained as diffusers' text-to-image
 example trains, for each run's own training minutes (at its median step time; or --minutes) on its data (seed i
 beside run i), both scored at the
@@ -32,8 +33,8 @@ from gmmcond.io import write_json
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["samplers", "train", "quality", "profile", "probes", "sampler-budget", "recipes",
-                                             "peer"])
+    parser.add_argument("what", choices=["samplers", "train", "quality", "profile", "probes", "sampler-budget",
+                                         "recipes", "peer"])
     parser.add_argument("--out", default="runs/benchmark", help="output folder")
     parser.add_argument("--config", default="shapes", help="recipe whose model is timed")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (train)")

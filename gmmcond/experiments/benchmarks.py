@@ -611,9 +611,9 @@ def recipe_groups(runs: list) -> dict[str, list]:
 
 def recipes_compared(runs: list, *, n: int = 512, log=print) -> dict:
     """Trained runs of several recipes (seeds of each; grouped by :func:`recipe_groups`), each scored as
-    :func:`sampler_budget` scores the recipe's own sampler (the first ``SAMPLER_BUDGET`` setting; read back from
-    RUN/sampler_budget.jsonl where it is there); seeds paired by ``train.seed``, with each run's training minutes at
-    its median step time and its steps."""
+    :func:`sampler_budget` scores the default recipe's sampling setting (the first ``SAMPLER_BUDGET`` one, whatever
+    the run's own ``sample`` section says; read back from RUN/sampler_budget.jsonl where it is there); seeds paired
+    by ``train.seed``, with each run's training minutes at its median step time and its steps."""
     from ..io import read_metrics
     from ..sampling.settings import SamplingSettings
     from .runner import summarise_records
