@@ -27,10 +27,12 @@ def test_the_peer_recipe_takes_field_overrides_as_its_defaults_types_and_names_a
     got = PeerRecipe.from_overrides(["lr=1e-3", "attention=[false,false,true]", "betas=[0.9, 0.95]", "precision=fp32"])
     assert got == PeerRecipe(lr=1e-3, attention=(False, False, True), betas=(0.9, 0.95), precision="fp32")
     assert PeerRecipe.from_overrides([]) == PeerRecipe()
-    with pytest.raises(ConfigError, match="peer override 'lrr=1': expected FIELD=VALUE with FIELD one of .*, lr, "):
+    with pytest.raises(ConfigError, match=r"peer.lrr: unknown key; did you mean 'lr'\? Valid keys: .*, lr, "):
         PeerRecipe.from_overrides(["lrr=1"])
-    with pytest.raises(ConfigError, match="peer override 'batch_size=big': expected a value like its default 64"):
+    with pytest.raises(ConfigError, match="peer.batch_size: expected int, got 'big'"):
         PeerRecipe.from_overrides(["batch_size=big"])
+    with pytest.raises(ConfigError, match="override 'lr' must look like dotted.path=value"):
+        PeerRecipe.from_overrides(["lr"])
 
 
 @pytest.fixture(scope="module")

@@ -619,6 +619,7 @@ def recipes_compared(runs: list, *, n: int = 512, log=print) -> dict:
     from .runner import summarise_records
 
     setting = next(iter(SAMPLER_BUDGET))
+    calls = model_calls(SamplingSettings(**SAMPLER_BUDGET[setting]))
     settings = {}
     for name, members in recipe_groups(runs).items():
         recs = []
@@ -626,8 +627,7 @@ def recipes_compared(runs: list, *, n: int = 512, log=print) -> dict:
             rec = sampler_budget([run], [setting], n=n, log=log)["settings"][setting]["per_seed"][0]
             recs.append({**rec, "seed": cfg["train"]["seed"], "train_steps": rec["step"],
                          "minutes": steady_minutes(read_metrics(run / "metrics.jsonl"))})
-        settings[name] = {"model_calls": model_calls(SamplingSettings(**SAMPLER_BUDGET[setting])),
-                          **summarise_records(recs)}
+        settings[name] = {"model_calls": calls, **summarise_records(recs)}
     return {"runs": [str(r) for r in runs], "n": n, "setting": setting, "compared": "recipe", "settings": settings}
 
 

@@ -153,10 +153,11 @@ def sampler_budget_table(result: dict) -> str:
         return f"{stats[key]['mean'] / stats[key + '_real_reference']['mean']:.2f}x" if key in stats else "-"
 
     settings = result["settings"]
+    compared = result.get("compared", "setting")  # a benchmark's settings on the same runs, or recipes' runs
     # the peer benchmark (gmmcond.experiments.peer) also says how long and how many steps each side trained
     trained = all("minutes" in st and "train_steps" in st for st in settings.values())
     extra = " training minutes | training steps |" if trained else ""
-    lines = [f"| {result.get('compared', 'setting')} | model calls a sample | runs | conformity | defects | per-set recall / real | "
+    lines = [f"| {compared} | model calls a sample | runs | conformity | defects | per-set recall / real | "
              "per-set coverage / real | spread | evaluation seconds |" + extra, "|---|---|---|---|---|---|---|---|---|"
              + "---|---|" * trained]
     for name, st in settings.items():
@@ -167,7 +168,6 @@ def sampler_budget_table(result: dict) -> str:
                      + cells)
     base_name, *others = list(settings)
     if others:
-        compared = result.get("compared", "setting")  # a benchmark's settings on the same runs, or recipes' runs
         lines += ["", f"paired by {'training seed' if compared == 'recipe' else 'run'}, each {compared} minus '{base_name}':",
                   "", f"| {compared} | conformity | defects | per-set coverage | spread |", "|---|---|---|---|---|"]
         for name in others:

@@ -12,7 +12,6 @@ sample. ``diffusers`` is an optional extra (``pip install -e '.[peer]'``).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -63,28 +62,15 @@ class PeerRecipe:
 
     @classmethod
     def from_overrides(cls, overrides: list[str]) -> "PeerRecipe":
-        """The recipe with ``KEY=VALUE`` overrides of its fields, each value read as its default's type (a tuple as
-        ``[a,b]``), e.g. ``lr=1e-3``; an unknown field or a value of the wrong type is a one-line error."""
-        import yaml
+        """The recipe with ``FIELD=VALUE`` overrides, read and checked as a config section is (values as YAML, each
+        of its default's type; a tuple as ``[a,b]``), e.g. ``lr=1e-3``; a wrong one is a one-line ConfigError."""
+        from ..config import apply_override, resolve_section
 
-        defaults = cls()
-        changes = {}
+        raw: dict = {}
         for item in overrides:
-            key, sep, raw = item.partition("=")
-            if not sep or not hasattr(defaults, key):
-                names = ", ".join(f.name for f in dataclasses.fields(cls))
-                raise ConfigError(f"peer override {item!r}: expected FIELD=VALUE with FIELD one of {names}")
-            default = getattr(defaults, key)
-            try:
-                if isinstance(default, tuple):
-                    changes[key] = tuple(type(default[0])(v) for v in yaml.safe_load(raw))
-                elif isinstance(default, bool):
-                    changes[key] = {"true": True, "false": False}[raw.lower()]
-                else:
-                    changes[key] = type(default)(raw)
-            except (ValueError, TypeError, KeyError, yaml.YAMLError):
-                raise ConfigError(f"peer override {item!r}: expected a value like its default {default!r}") from None
-        return dataclasses.replace(defaults, **changes)
+            apply_override(raw, item)
+        values = resolve_section("peer", raw, cls)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     @property
     def model_calls(self) -> int:
