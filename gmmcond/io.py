@@ -90,11 +90,18 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def append_metrics(path: str | Path, records: Iterable[dict]) -> None:
-    """Append records to a metrics.jsonl file (a failed write is a :class:`StorageError` naming it)."""
+    """Append records to a metrics.jsonl file (a failed write is a :class:`StorageError` naming it). The lines go
+    out in one ``write`` to a file opened for appending, so processes appending to one file at once (the workers of
+    ``reproduce.py --jobs``) never interleave inside a line."""
+    data = "".join(json.dumps(record) + "\n" for record in records).encode()
     try:
-        with open(path, "a") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, data)
+        finally:
+            os.close(fd)
+        if written != len(data):
+            raise OSError(28, f"wrote {written} of {len(data)} bytes")
     except OSError as exc:
         raise StorageError(f"could not append to {path} ({exc.strerror}; {free_space(Path(path))} free there): free "
                            f"some space, then run the command again") from None
@@ -111,6 +118,10 @@ class ResultLog:
     @staticmethod
     def key(record: dict, fields) -> tuple:
         return tuple(record[f] for f in fields)
+
+    def refresh(self) -> None:
+        """Read the file again: what other processes appended since (the workers of ``reproduce.py --jobs``)."""
+        self.records = read_metrics(self.path)
 
     def done(self, fields, **key) -> dict | None:
         """Return the finished record with these key values, or None."""
@@ -281,6 +292,35 @@ class RunLock:
         if self.held and self._owner().get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
         self.held = False
+
+
+class Claim:
+    """An advisory lock on ``PATH.claim`` (``flock``, not blocking): which of several processes working through the
+    same list (the workers of ``reproduce.py --jobs``) does an item. The kernel releases it when its holder exits,
+    however it exits, so a killed worker leaves nothing to clear."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(f"{path}.claim")
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        """Take the claim; False when another process holds it."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the file releases the flock
+            self.fd = None
 
 
 # ------------------------------------------------------------------------------------------ safetensors export

@@ -19,6 +19,9 @@ example trains, for each run's own training minutes (at its median step time; or
 beside run i), both scored at the
 evaluation's defaults (runs/benchmark/peer.json; resumable per run and peer recipe; needs the ``peer`` extra); ``FIELD=VALUE``
 arguments change the peer's recipe (gmmcond.experiments.peer.PeerRecipe), e.g. ``lr=1e-3``.
+``python launch/benchmark.py jobs``: training steps an hour on this CPU one process on every core, two runs at once
+each on its own core(s) (``reproduce.py --jobs 2``), and one run on two processes (gloo), measured one after another
+(runs/benchmark/jobs.json; ``--jobs N``, ``--steps N``).
 ``python launch/benchmark.py profile``: torch.profiler over 20 steps of the real training loop, eager and
 compiled: time per phase (data, forward, loss check, backward, optimiser, EMA), loop overhead, and operator
 time by kind (runs/benchmark/profile.json).
@@ -34,7 +37,7 @@ from gmmcond.io import write_json
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("what", choices=["samplers", "train", "quality", "profile", "probes", "sampler-budget",
-                                         "recipes", "peer"])
+                                         "recipes", "peer", "jobs"])
     parser.add_argument("--out", default="runs/benchmark", help="output folder")
     parser.add_argument("--config", default="shapes", help="recipe whose model is timed")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (train)")
@@ -48,6 +51,8 @@ def main() -> None:
                                                      "recipes: of several")
     parser.add_argument("--minutes", type=float, help="peer: its training minutes (default: each run's own, at its "
                                                        "median step time)")
+    parser.add_argument("--jobs", type=int, default=2, help="jobs: processes at once")
+    parser.add_argument("--steps", type=int, default=300, help="jobs: training steps each way")
     parser.add_argument("--settings", nargs="*", help="sampler-budget: the SAMPLER_BUDGET names to run (default: all)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the recipe (quality, profile, train), e.g. "
                                                      "train.adamw_impl=fused; peer: of its PeerRecipe fields, e.g. lr=1e-3")
@@ -100,6 +105,13 @@ def main() -> None:
         write_json(out / "peer.json", result)
         print(sampler_budget_table(result))
         print(f"wrote {out / 'peer.json'}")
+        return
+    if args.what == "jobs":
+        result = benchmarks.jobs_throughput(args.config, args.overrides, out / "jobs", Path(__file__).parent / "train.py",
+                                            jobs=args.jobs, steps=args.steps)
+        write_json(out / "jobs.json", result)
+        print(benchmarks.jobs_table(result))
+        print(f"wrote {out / 'jobs.json'}")
         return
     if args.what == "probes":
         results = benchmarks.recipe_probes(out / "probes", args.probes, n=args.n or 256)

@@ -7,9 +7,12 @@ JSON (``--check``: change nothing, fail if either differs).
 Each experiment writes OUT/NAME.json (and OUT/NAME.png where there is a plot; default OUT: runs/reproduce). Long
 ones are resumable: finished results are appended to OUT/NAME.jsonl as they land, keyed by their full config, and a
 rerun skips them, so they can run in the background (``nohup ... &``) and survive an interrupted process.
+``--jobs N`` trains N arms at once, each process on its own share of the cores (OUT/NAME.worker{i}.log), then
+tabulates: on a small CPU more arms an hour than one process on every core (``launch/benchmark.py jobs``).
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from gmmcond.cli import fail_cleanly
@@ -40,6 +43,9 @@ def main() -> None:
                         help=f"{takers('reuse')}: other experiments' result logs (OUT/NAME.jsonl, or a copy committed "
                              "under launch/figures/results); an arm whose training and evaluation one of them already "
                              "holds (same resolved config, same n) is taken from it instead of trained again")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help=f"{takers('train')}: train this many arms at once, each process pinned to its own share of "
+                             "the cores (their output in OUT/NAME.worker{i}.log), then tabulate")
     parser.add_argument("--sweep", default="runs/shapes/sweep.json", help="report: the sweep to tabulate")
     parser.add_argument("--recipe-runs", nargs="*", default=[], help="report: evaluated runs of one recipe (seeds), one table row")
     parser.add_argument("--check", action="store_true", help="document: write nothing; exit 1 if a file would change")
@@ -69,7 +75,11 @@ def main() -> None:
                             "run": Path(args.run) if args.run else None})
     except ConfigError as e:
         parser.error(str(e))
+    if args.jobs != 1 and "train" not in exp.takes:
+        parser.error(f"--jobs applies to {takers('train')}, not {exp.name}")
     out.mkdir(parents=True, exist_ok=True)
+    if args.jobs != 1 and opts.train:
+        opts = run_in_workers(exp.name, args.jobs, out, opts, parser)
     result = exp(opts)
     write_json(out / f"{exp.name}.json", result)
     if exp.name == "editing":
@@ -81,6 +91,37 @@ def main() -> None:
                    for k, v in result.items() if not isinstance(v, list)}
         print(json.dumps(summary, indent=2))
     print(f"wrote {out / (exp.name + '.png')} and {out / (exp.name + '.json')}")
+
+
+def run_in_workers(name: str, jobs: int, out: Path, opts, parser):
+    """This command again as ``jobs`` workers (without ``--jobs``); the options to tabulate their results with."""
+    from dataclasses import replace
+
+    from gmmcond.errors import ConfigError
+    from gmmcond.experiments.runner import run_workers
+
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip or a.startswith("--jobs="):
+            skip = False
+            continue
+        if a == "--jobs":
+            skip = True
+            continue
+        argv.append(a)
+    logs = [out / f"{name}.worker{i}.log" for i in range(jobs)]
+    try:
+        codes = run_workers([sys.executable, str(Path(__file__).resolve()), *argv], jobs, logs)
+    except ConfigError as e:
+        parser.error(str(e))
+    failed = [(i, c) for i, c in enumerate(codes) if c != 0]
+    for i, code in failed:
+        tail = logs[i].read_text(errors="replace").replace("\r", "\n").splitlines()[-5:]
+        print(f"worker {i} exited with status {code}; the end of {logs[i]}:\n  " + "\n  ".join(tail), file=sys.stderr)
+    if failed:
+        raise SystemExit(f"{len(failed)} of {jobs} workers failed; what finished is logged in {out / (name + '.jsonl')}: "
+                         "run the same command again to resume")
+    return replace(opts, train=False)
 
 
 def document(check: bool) -> None:

@@ -413,3 +413,58 @@ def test_recipes_compared_groups_runs_by_recipe_and_pairs_them_by_training_seed(
     assert "| recipe | model calls a sample | runs |" in table
     assert "paired by training seed, each recipe minus 'shapes_tiny'" in table
     assert "(0 of 1 > 0)" in table or "(1 of 1 > 0)" in table  # seed 1 of each, paired
+
+
+def test_processes_working_through_one_arm_list_split_it_by_the_run_folders_claims(tmp_path):
+    """reproduce.py --jobs: a unit whose run folder another process has claimed is left to it, a result another
+    process logged meanwhile is read back instead of computed, and a claim ends with its holder's file."""
+    from gmmcond.experiments.runner import Options, arm_config, run_arms, run_folder
+    from gmmcond.io import Claim, ResultLog
+
+    arms = {"a": ("shapes", ["train.steps=5"]), "b": ("shapes", ["train.steps=7"])}
+    opts, said = Options(tmp_path, seeds=2, progress=lambda m: said.append(m)), []
+    run = lambda arm, seed: run_folder(opts.runs, f"x_{arm}_seed{seed}", arm_config(*arms[arm], seed)[1])  # noqa: E731
+    other = Claim(run("a", 0))  # another worker is training a, seed 0
+    assert other.acquire() and not Claim(run("a", 0)).acquire()
+    evaluated = []
+
+    def evaluate(arm, seed, recipe, full, folder, n):
+        evaluated.append((arm, seed))
+        if (arm, seed) == ("b", 0):  # meanwhile the other worker logs a, seed 1
+            ResultLog(tmp_path / "log.jsonl").add({"arm": "a", "seed": 1, "config": arm_config(*arms["a"], 1)[1], "x": 2.0})
+        return {"x": 1.0}
+
+    log = ResultLog(tmp_path / "log.jsonl")
+    run_arms(arms, log, opts, "x", evaluate=evaluate)
+    assert evaluated == [("b", 0), ("b", 1)] and any("another process" in m and "a seed 0" in m for m in said)
+    assert sorted((r["arm"], r["seed"]) for r in ResultLog(tmp_path / "log.jsonl").records) == [("a", 1), ("b", 0), ("b", 1)]
+    other.release()  # the other worker died before logging: a rerun does the unit
+    run_arms(arms, ResultLog(tmp_path / "log.jsonl"), opts, "x", evaluate=evaluate)
+    assert evaluated[2:] == [("a", 0)]
+
+
+def test_workers_run_on_disjoint_cores_return_their_status_and_get_the_signals_sent_to_their_parent(tmp_path):
+    import os
+    import signal
+    import sys
+    import threading
+
+    from gmmcond.experiments.runner import core_groups, run_workers
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs two cores")
+    with pytest.raises(ConfigError, match=f"from 1 to {len(cores)}"):
+        core_groups(len(cores) + 1)
+    logs = [tmp_path / "w0.log", tmp_path / "w1.log"]
+    show = "import os; print(sorted(os.sched_getaffinity(0)), os.environ['OMP_NUM_THREADS'])"
+    assert run_workers([sys.executable, "-c", show], 2, logs, progress=lambda m: None) == [0, 0]
+    seen = [eval(log.read_text().split("] ")[0] + "]") for log in logs]
+    assert sorted(seen[0] + seen[1]) == cores and not set(seen[0]) & set(seen[1])
+    assert [log.read_text().split()[-1] for log in logs] == [str(len(s)) for s in seen]
+    # SIGTERM to the parent reaches every worker (here each answers 75, as a trainer that checkpointed does)
+    wait = ("import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *a: (print('got', a[0], flush=True), "
+            "sys.exit(75)))\nprint('ready', flush=True)\ntime.sleep(60)")
+    threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    assert run_workers([sys.executable, "-c", wait], 2, logs, progress=lambda m: None) == [75, 75]
+    assert all(f"got {int(signal.SIGTERM)}" in log.read_text() for log in logs)

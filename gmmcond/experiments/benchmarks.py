@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import k_diffusion as K
 import torch
@@ -337,7 +338,6 @@ def quality_over_time(cfg: dict, run_dir, *, every: int = 1000, n: int = 256, pe
     the EMA weights of each with the frozen evaluator (n samples, 6 attribute sets x ``per_set`` for the
     per-set metrics). A mark already evaluated at the same (step, n, per_set) is read back, not redone.
     ``train_first=False`` evaluates the marks a stopped run has so far."""
-    from pathlib import Path
 
     from ..engine.trainer import train
     from ..eval.evaluate import EvalSize, eval_summary, evaluate_run
@@ -448,7 +448,6 @@ PROBES = {
 
 def probe_dir(out, name: str, overrides: list[str]):
     """The run folder of one probe: its name and a hash of its overrides (other overrides, another folder)."""
-    from pathlib import Path
 
     from .runner import arm_slug, run_folder
 
@@ -589,7 +588,6 @@ def recipe_groups(runs: list) -> dict[str, list]:
     import hashlib
     import json
     import os
-    from pathlib import Path
 
     from ..config import load_config
 
@@ -636,7 +634,6 @@ def sampler_budget(runs: list, names=None, *, n: int = 512, log=print) -> dict:
     evaluation's defaults (n samples, 6 sets x 48, memorisation on 256 rows); per setting its model calls a sample
     and mean +- std over the runs of the headline numbers and of the evaluation's wall time. Resumable: each (run,
     setting) lands in RUN/sampler_budget.jsonl."""
-    from pathlib import Path
 
     from ..eval.evaluate import EvalSize, eval_summary, evaluate_run
     from ..io import ResultLog
@@ -658,3 +655,61 @@ def sampler_budget(runs: list, names=None, *, n: int = 512, log=print) -> dict:
         result["settings"][name] = {"overrides": overrides, "model_calls": model_calls(SamplingSettings(**overrides)),
                                     **summarise_records(records)}
     return result
+
+
+# ------------------------------------------------------------------------------ processes on a small CPU
+
+def _steady_sec_per_step(run) -> float:
+    """The median ``sec_per_step`` of a run's second half of logged steps (compiling and warm-up left out)."""
+    from ..io import read_metrics
+
+    rows = [m for m in read_metrics(Path(run) / "metrics.jsonl") if "sec_per_step" in m]
+    return statistics.median(m["sec_per_step"] for m in rows[len(rows) // 2:])
+
+
+def jobs_throughput(config: str, overrides: list[str], out, train_script, *, jobs: int = 2, steps: int = 300,
+                    log=print) -> dict:
+    """Training steps an hour on this machine's CPU cores three ways, measured one after another in one run:
+    one process on every core (what ``launch/train.py`` does), ``jobs`` independent runs at once each pinned to its
+    share of the cores (``reproduce.py --jobs``), and one run on ``jobs`` processes (gloo data parallel, the global
+    batch split between them; ``torchrun``). Each trains ``steps`` steps of ``config`` from scratch; a step time is
+    the median of the second half of its logged ones. Throughput ratios are to the one process."""
+    import shutil
+    import subprocess
+    import sys
+
+    from .runner import core_groups, run_workers
+
+    out = Path(out)
+    shutil.rmtree(out, ignore_errors=True)
+    base = ["--config", config, "--runs", str(out), *overrides, f"train.steps={steps}", "train.grid_every=0",
+            "train.log_every=10"]
+    log(f"jobs: one process on {sum(map(len, core_groups(jobs)))} core(s)")
+    subprocess.run([sys.executable, str(train_script), *base, "--name", "one"], check=True, stdout=subprocess.DEVNULL)
+    log(f"jobs: {jobs} runs at once, one per core group")
+    codes = run_workers([sys.executable, str(train_script), *base, "--name", "worker{worker}"], jobs,
+                        [out / f"worker{i}.log" for i in range(jobs)], log)
+    if any(codes):
+        raise RuntimeError(f"a worker failed (exit statuses {codes}); see {out}/worker*.log")
+    log(f"jobs: one run on {jobs} processes (gloo)")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={jobs}",
+                    str(train_script), *base, "--name", "ddp"], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    one = _steady_sec_per_step(out / "one")
+    workers = [_steady_sec_per_step(out / f"worker{i}") for i in range(jobs)]
+    ddp = _steady_sec_per_step(out / "ddp")
+    return {"config": config, "overrides": overrides, "steps": steps, "jobs": jobs,
+            "cores": [len(g) for g in core_groups(jobs)],
+            "sec_per_step": {"one process": one, "runs at once": workers, "one run, data parallel": ddp},
+            "throughput_vs_one": {"runs at once": sum(one / w for w in workers), "one run, data parallel": one / ddp}}
+
+
+def jobs_table(result: dict) -> str:
+    t, r = result["sec_per_step"], result["throughput_vs_one"]
+    return "\n".join([
+        f"| how ({result['config']}, {result['steps']} steps each) | seconds a step | steps an hour vs one process |",
+        "|---|---:|---:|",
+        f"| one process on {sum(result['cores'])} cores | {t['one process']:.3f} | 1.00x |",
+        f"| {result['jobs']} runs at once, {'/'.join(map(str, result['cores']))} core(s) each | "
+        f"{' / '.join(f'{w:.3f}' for w in t['runs at once'])} | {r['runs at once']:.2f}x |",
+        f"| one run on {result['jobs']} processes (gloo) | {t['one run, data parallel']:.3f} | {r['one run, data parallel']:.2f}x |"])

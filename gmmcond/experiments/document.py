@@ -189,7 +189,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "sweep": tables.sweep_table, "marks": benchmarks.quality_table, "sampler_runs": sampler_runs_table,
     "probes": lambda *results: benchmarks.probes_table({k: v for r in results for k, v in r.items()}),
     "benchmark": benchmarks.train_table, "sampler_budget": sampler_budget_table, "peer": sampler_budget_table,
-    "recipes": sampler_budget_table,
+    "recipes": sampler_budget_table, "jobs": benchmarks.jobs_table,
     "profile": lambda *results: benchmarks.profile_table([c for r in results for c in r]),
     "samplers": samplers_table, "renoise": renoise_table,
 }

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import statistics
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError
-from ..io import ResultLog
+from ..io import Claim, ResultLog
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,9 @@ def run_arms(arms: dict[str, tuple[str, list[str]]], log: ResultLog, opts: Optio
     ``opts.train=False`` starts nothing. ``opts.reuse``: other experiments' logs; where ``protocol`` names how an
     arm is evaluated, a record of theirs with the same :func:`result_key` (the same training and evaluation, e.g.
     Fig. 9's "no head" and Fig. 7's "features" at one scale) is logged again under this arm (``reused_from`` names
-    its config) instead of training the run a second time."""
+    its config) instead of training the run a second time. Several processes may work through the same list at
+    once (``reproduce.py --jobs``): each unit is done by the one that claims its run folder first
+    (:class:`gmmcond.io.Claim`), the others skip it and log what they finish in the same file."""
     if not opts.train:
         return
     for seed in range(opts.seeds):
@@ -159,7 +162,60 @@ def run_arms(arms: dict[str, tuple[str, list[str]]], log: ResultLog, opts: Optio
                                                                    if isinstance(v, float) and "reference" not in k))
                 return rec
 
-            log.once({"arm": arm, "seed": seed, "config": config}, compute)
+            key = {"arm": arm, "seed": seed, "config": config}
+            log.refresh()  # what other workers (reproduce.py --jobs) finished meanwhile
+            if log.done(tuple(key), **key):
+                continue
+            claim = Claim(run)  # one worker per run folder at a time; arms that share a run wait on one another
+            if not claim.acquire():
+                opts.progress(f"  {arm} seed {seed}: {run} is being worked on by another process; left to it")
+                continue
+            try:
+                log.refresh()
+                log.once(key, compute)
+            finally:
+                claim.release()
+
+
+def core_groups(jobs: int) -> list[list[int]]:
+    """The cores this process may run on, split into ``jobs`` contiguous groups as even as they go."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if not 1 <= jobs <= len(cores):
+        raise ConfigError(f"--jobs {jobs}: this process may run on {len(cores)} core(s); give a number from 1 to "
+                          f"{len(cores)}")
+    return [cores[i * len(cores) // jobs:(i + 1) * len(cores) // jobs] for i in range(jobs)]
+
+
+def run_workers(command: list[str], jobs: int, logs: list[Path], progress: Callable[[str], None] = print) -> list[int]:
+    """Run ``command`` as ``jobs`` processes at once, each pinned to its own group of cores (:func:`core_groups`;
+    torch then starts one thread per core of its group) with its output in ``logs[i]`` and ``{worker}`` in its
+    arguments replaced by its number ``i``, and return their exit
+    statuses. SIGINT and SIGTERM sent to this process are passed on to every worker (each finishes its step and
+    checkpoints). Experiments run this way split their arms through the run folders' claims (:func:`run_arms`)."""
+    import signal
+    import subprocess
+
+    groups = core_groups(jobs)
+    procs = []
+    for i, (group, log) in enumerate(zip(groups, logs)):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            env = {**os.environ, "OMP_NUM_THREADS": str(len(group))}
+            procs.append(subprocess.Popen([a.replace("{worker}", str(i)) for a in command], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                          preexec_fn=lambda g=group: os.sched_setaffinity(0, g)))
+        progress(f"worker {i} (pid {procs[-1].pid}) on core(s) {','.join(map(str, group))}: output in {log}")
+
+    def forward(signum, frame):
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return [proc.wait() for proc in procs]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # ------------------------------------------------------------------------------------------------ summaries
@@ -202,6 +258,6 @@ def select_arms(table: dict, names) -> dict:
     return {a: v for a, v in table.items() if not names or a in names}
 
 
-__all__ = ["Options", "Experiment", "EXPERIMENTS", "experiment", "run_folder", "run_arms", "arm_config",
-           "arm_slug", "result_key", "BOOKKEEPING", "summarise", "summarise_records", "summarise_arms", "arm_records",
+__all__ = ["Options", "Experiment", "EXPERIMENTS", "experiment", "run_folder", "run_arms", "run_workers", "core_groups",
+           "arm_config", "arm_slug", "result_key", "BOOKKEEPING", "summarise", "summarise_records", "summarise_arms", "arm_records",
            "select_arms"]
