@@ -94,24 +94,16 @@ def main() -> None:
 
 
 def run_in_workers(name: str, jobs: int, out: Path, opts, parser):
-    """This command again as ``jobs`` workers (without ``--jobs``); the options to tabulate their results with."""
+    """This command again as ``jobs`` workers (each with ``--jobs 1`` last, which argparse takes over the first);
+    the options to tabulate their results with."""
     from dataclasses import replace
 
     from gmmcond.errors import ConfigError
     from gmmcond.experiments.runner import run_workers
 
-    argv, skip = [], False
-    for a in sys.argv[1:]:
-        if skip or a.startswith("--jobs="):
-            skip = False
-            continue
-        if a == "--jobs":
-            skip = True
-            continue
-        argv.append(a)
     logs = [out / f"{name}.worker{i}.log" for i in range(jobs)]
     try:
-        codes = run_workers([sys.executable, str(Path(__file__).resolve()), *argv], jobs, logs)
+        codes = run_workers([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--jobs", "1"], jobs, logs)
     except ConfigError as e:
         parser.error(str(e))
     failed = [(i, c) for i, c in enumerate(codes) if c != 0]

@@ -189,9 +189,8 @@ def core_groups(jobs: int) -> list[list[int]]:
 def run_workers(command: list[str], jobs: int, logs: list[Path], progress: Callable[[str], None] = print) -> list[int]:
     """Run ``command`` as ``jobs`` processes at once, each pinned to its own group of cores (:func:`core_groups`;
     torch then starts one thread per core of its group) with its output in ``logs[i]`` and ``{worker}`` in its
-    arguments replaced by its number ``i``, and return their exit
-    statuses. SIGINT and SIGTERM sent to this process are passed on to every worker (each finishes its step and
-    checkpoints). Experiments run this way split their arms through the run folders' claims (:func:`run_arms`)."""
+    arguments replaced by its number ``i``, and return their exit statuses. SIGINT (Ctrl-C) and SIGTERM sent to this
+    process are passed on to every worker once (a trainer finishes its step and checkpoints). Experiments run this way split their arms through the run folders' claims (:func:`run_arms`)."""
     import signal
     import subprocess
 
@@ -201,7 +200,10 @@ def run_workers(command: list[str], jobs: int, logs: list[Path], progress: Calla
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             env = {**os.environ, "OMP_NUM_THREADS": str(len(group))}
-            procs.append(subprocess.Popen([a.replace("{worker}", str(i)) for a in command], stdout=out, stderr=subprocess.STDOUT, env=env,
+            # a session of its own: a terminal's Ctrl-C reaches the workers once, through this process, not twice
+            # (a trainer takes a second signal as "stop at once, without a checkpoint")
+            procs.append(subprocess.Popen([a.replace("{worker}", str(i)) for a in command], stdout=out,
+                                          stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                           preexec_fn=lambda g=group: os.sched_setaffinity(0, g)))
         progress(f"worker {i} (pid {procs[-1].pid}) on core(s) {','.join(map(str, group))}: output in {log}")
 
