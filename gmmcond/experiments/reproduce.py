@@ -541,6 +541,11 @@ COMBINATION_ARMS = {  # arm: (recipe, label_mode, how requests are sampled, extr
     # asked with whole test rows, and for shape and colour with the rest drawn from the data
     **{f"tokens{pooled}{how}": ("shapes", "features", mode, [*TOKEN_MODEL, *(["conditioner.pooled=true"] if pooled else [])])
        for pooled in ("", " + pooled") for how, mode in ((" joint", "joint"), (", open from data", "data"))},
+    # a further idea the results point to: the token model's failures on the default task were position (a `left` or
+    # `top` shape drawn anywhere), and image_v1 reads the tokens only at the 8x8 and 4x4 stages: read them at the
+    # 16x16 stage too, where the shapes are drawn
+    "tokens, every stage joint": ("shapes", "features", "joint",
+                                  [*TOKEN_MODEL[:2], "model.cross_attn_depths=[true,true,true]"]),
 }
 # the request modes' open semantics (gmmcond.sampling.requests): how each mode asks for shape and colour only
 REQUEST_OPEN = {"partial": "model", "data": "data"}
