@@ -660,7 +660,8 @@ def sampler_budget(runs: list, names=None, *, n: int = 512, log=print) -> dict:
 # ------------------------------------------------------------------------------ processes on a small CPU
 
 def _steady_sec_per_step(run) -> float:
-    """The median ``sec_per_step`` of a run's second half of logged steps (compiling and warm-up left out)."""
+    """The median ``sec_per_step`` of a run's second half of logged steps: compiling and the warm-up after it left
+    out, which in a few hundred steps :func:`steady_minutes`' median over all of them would not be."""
     from ..io import read_metrics
 
     rows = [m for m in read_metrics(Path(run) / "metrics.jsonl") if "sec_per_step" in m]
