@@ -681,11 +681,11 @@ def jobs_throughput(config: str, overrides: list[str], out, train_script, *, job
 
     from .runner import core_groups, run_workers
 
-    out = Path(out)
+    out, groups = Path(out), core_groups(jobs)
     shutil.rmtree(out, ignore_errors=True)
     base = ["--config", config, "--runs", str(out), *overrides, f"train.steps={steps}", "train.grid_every=0",
             "train.log_every=10"]
-    log(f"jobs: one process on {sum(map(len, core_groups(jobs)))} core(s)")
+    log(f"jobs: one process on {sum(map(len, groups))} core(s)")
     subprocess.run([sys.executable, str(train_script), *base, "--name", "one"], check=True, stdout=subprocess.DEVNULL)
     log(f"jobs: {jobs} runs at once, one per core group")
     codes = run_workers([sys.executable, str(train_script), *base, "--name", "worker{worker}"], jobs,
@@ -700,7 +700,7 @@ def jobs_throughput(config: str, overrides: list[str], out, train_script, *, job
     workers = [_steady_sec_per_step(out / f"worker{i}") for i in range(jobs)]
     ddp = _steady_sec_per_step(out / "ddp")
     return {"config": config, "overrides": overrides, "steps": steps, "jobs": jobs,
-            "cores": [len(g) for g in core_groups(jobs)],
+            "cores": [len(g) for g in groups],
             "sec_per_step": {"one process": one, "runs at once": workers, "one run, data parallel": ddp},
             "throughput_vs_one": {"runs at once": sum(one / w for w in workers), "one run, data parallel": one / ddp}}
 

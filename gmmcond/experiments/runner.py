@@ -190,7 +190,8 @@ def run_workers(command: list[str], jobs: int, logs: list[Path], progress: Calla
     """Run ``command`` as ``jobs`` processes at once, each pinned to its own group of cores (:func:`core_groups`;
     torch then starts one thread per core of its group) with its output in ``logs[i]`` and ``{worker}`` in its
     arguments replaced by its number ``i``, and return their exit statuses. SIGINT (Ctrl-C) and SIGTERM sent to this
-    process are passed on to every worker once (a trainer finishes its step and checkpoints). Experiments run this way split their arms through the run folders' claims (:func:`run_arms`)."""
+    process are passed on to every worker once (a trainer finishes its step and checkpoints). Experiments run this
+    way split their arms through the run folders' claims (:func:`run_arms`)."""
     import signal
     import subprocess
 
