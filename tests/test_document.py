@@ -52,3 +52,26 @@ def test_numbers_typed_into_the_prose_are_refused_and_settings_in_code_spans_are
     assert document.check_template("defects fell to 4.9% here") != []
     assert document.check_template("sampled at `renoise: 0.5`, 6000 steps, Sec. 3.3, {{v|a.json|b|.3f}}") == []
     assert document.check_template("a `multi-line\ncode span 0.5` and [a link](x_0.5.png)") == []
+
+
+def _per_seed(values):
+    return {"per_seed": [{"seed": s, "x": v} for s, v in enumerate(values)]}
+
+
+@pytest.mark.parametrize("arm, claimed, text", [
+    # differences 0.3, 0.5, 0.4: mean 0.4, std 0.1, standard error 0.0577; decided either way round
+    ([0.3, 0.5, 0.4], "higher", "held"),
+    ([0.3, 0.5, 0.4], "lower", "did not hold"),
+    # differences 0.1, -0.02, 0.1: mean 0.06, std 0.0693; 2 std / sqrt(n) is 0.0620 at n = 5 and 0.0566 at n = 6
+    ([0.1, -0.02, 0.1], "higher", "undecided at this scale (a gap this size would take about 6 seeds to decide)"),
+    # differences 0.1, -0.1, 0.001: a mean of 0.000333 against a std near 0.1
+    ([0.1, -0.1, 0.001], "higher", "undecided at this scale, no lean (a gap this size would take more than 100 seeds)"),
+    ([0.1, -0.1], "higher", "undecided at this scale, no lean (the paired differences average to zero)"),
+    ([0.1], "higher", "undecided at this scale (one seed)"),  # no spread to judge by
+])
+def test_a_verdict_placeholder_applies_the_twice_the_standard_error_rule(tmp_path, arm, claimed, text):
+    result = {"arms": {"a": _per_seed(arm), "b": _per_seed([0.0] * len(arm))}}
+    (tmp_path / "r.json").write_text(json.dumps(result))
+    assert document.render(f"{{{{verdict|r.json|a|b|x|{claimed}}}}}", tmp_path) == text
+    with pytest.raises(document.DocumentError, match="'higher' or 'lower'"):
+        document.render("{{verdict|r.json|a|b|x|up}}", tmp_path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import statistics
 from dataclasses import dataclass, field, fields
@@ -228,6 +229,22 @@ def summarise(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
 
+def paired_verdict(diffs: list[float], claimed: int) -> dict:
+    """The results' rule for a verdict on per-seed paired differences (issue 43): "held" when their mean lies in
+    the ``claimed`` direction (``+1``: the arm is higher, ``-1``: lower) by more than twice its standard error
+    (std / sqrt(n)), "did not hold" when it does so the other way, else "undecided". With it, ``seeds_to_decide``:
+    the least n at which a mean and std as observed would be decided (|mean| > 2 std / sqrt(n)); None when decided
+    already, for a mean of exactly zero, or from fewer than two seeds (no spread to go on)."""
+    if claimed not in (1, -1):
+        raise ValueError(f"claimed must be +1 (the arm is higher) or -1 (lower), not {claimed!r}")
+    stat = summarise(diffs)
+    n, mean, se = stat["n"], stat["mean"], stat["std"] / math.sqrt(stat["n"])
+    if n >= 2 and abs(mean) > 2 * se:
+        return {**stat, "se": se, "verdict": "held" if mean * claimed > 0 else "did not hold", "seeds_to_decide": None}
+    need = math.floor((2 * stat["std"] / abs(mean)) ** 2) + 1 if n >= 2 and mean else None
+    return {**stat, "se": se, "verdict": "undecided", "seeds_to_decide": need}
+
+
 def arm_records(log: ResultLog, arms, arm: str, seeds: int) -> list[dict]:
     """The finished records of ``arm`` for seeds below ``seeds`` under its current settings (``arms[arm]``)."""
     want = {s: arm_config(*arms[arm], s)[1] for s in range(seeds)}
@@ -262,5 +279,5 @@ def select_arms(table: dict, names) -> dict:
 
 
 __all__ = ["Options", "Experiment", "EXPERIMENTS", "experiment", "run_folder", "run_arms", "run_workers", "core_groups",
-           "arm_config", "arm_slug", "result_key", "BOOKKEEPING", "summarise", "summarise_records", "summarise_arms", "arm_records",
+           "arm_config", "arm_slug", "result_key", "BOOKKEEPING", "summarise", "paired_verdict", "summarise_records", "summarise_arms", "arm_records",
            "select_arms"]
