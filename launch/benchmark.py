@@ -27,7 +27,6 @@ compiled: time per phase (data, forward, loss check, backward, optimiser, EMA), 
 time by kind (runs/benchmark/profile.json).
 """
 import argparse
-import json
 from pathlib import Path
 
 from gmmcond.cli import fail_cleanly
@@ -36,8 +35,7 @@ from gmmcond.io import write_json
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["samplers", "train", "quality", "profile", "probes", "sampler-budget",
-                                         "recipes", "peer", "jobs"])
+    parser.add_argument("what", choices=list(COMMANDS))
     parser.add_argument("--out", default="runs/benchmark", help="output folder")
     parser.add_argument("--config", default="shapes", help="recipe whose model is timed")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (train)")
@@ -58,83 +56,96 @@ def main() -> None:
                                                      "train.adamw_impl=fused; peer: of its PeerRecipe fields, e.g. lr=1e-3")
     args = parser.parse_intermixed_args()  # overrides may follow the options
 
-    import torch
-
-    from gmmcond.experiments import benchmarks
-    from gmmcond.config import load_config
-    from gmmcond.modeling.build import build
-
+    if args.what in NEEDS_RUNS and not args.runs:
+        parser.error(f"{args.what} needs --runs RUN [RUN ...], {NEEDS_RUNS[args.what]}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.what == "quality":
-        cfg = load_config(args.config, args.overrides)
-        result = benchmarks.quality_over_time(cfg, out / f"quality_{cfg['name']}", every=args.every, n=args.n or 256,
-                                              train_first=not args.evaluate_only)
-        write_json(out / "quality.json", result)
-        benchmarks.plot_quality(result, out / "quality.png")
-        print(benchmarks.quality_table(result))
-        print(f"wrote {out / 'quality.json'} and {out / 'quality.png'}")
-        return
-    if args.what == "sampler-budget":
-        if not args.runs:
-            parser.error("sampler-budget needs --runs RUN [RUN ...], trained runs of one recipe")
-        result = benchmarks.sampler_budget(args.runs, args.settings, n=args.n or 512)
-        write_json(out / "sampler_budget.json", result)
-        print(json.dumps({k: {m: v.get(m) for m in ("model_calls", "all_attributes_correct", "defect_rate")}
-                          for k, v in result["settings"].items()}, indent=1, default=str))
-        print(f"wrote {out / 'sampler_budget.json'}")
-        return
-    if args.what == "recipes":
-        from gmmcond.experiments.document import sampler_budget_table
+    name, result, report = COMMANDS[args.what](args, out)
+    write_json(out / name, result)
+    print(report)
+    print(f"wrote {out / name}")
 
-        if not args.runs:
-            parser.error("recipes needs --runs RUN [RUN ...], trained runs of several recipes (seeds of each)")
-        result = benchmarks.recipes_compared(args.runs, n=args.n or 512)
-        write_json(out / "recipes.json", result)
-        print(sampler_budget_table(result))
-        print(f"wrote {out / 'recipes.json'}")
-        return
-    if args.what == "peer":
-        from gmmcond.experiments.document import sampler_budget_table
-        from gmmcond.experiments.peer import PeerRecipe, peer_vs_runs
 
-        if not args.runs:
-            parser.error("peer needs --runs RUN [RUN ...], trained runs of one recipe")
-        result = peer_vs_runs(args.runs, PeerRecipe.from_overrides(args.overrides), minutes=args.minutes,
-                              n=args.n or 512, out=out)
-        write_json(out / "peer.json", result)
-        print(sampler_budget_table(result))
-        print(f"wrote {out / 'peer.json'}")
-        return
-    if args.what == "jobs":
-        result = benchmarks.jobs_throughput(args.config, args.overrides, out / "jobs", Path(__file__).parent / "train.py",
-                                            jobs=args.jobs, steps=args.steps)
-        write_json(out / "jobs.json", result)
-        print(benchmarks.jobs_table(result))
-        print(f"wrote {out / 'jobs.json'}")
-        return
-    if args.what == "probes":
-        results = benchmarks.recipe_probes(out / "probes", args.probes, n=args.n or 256)
-        write_json(out / "probes.json", results)
-        print(benchmarks.probes_table(results))
-        print(f"wrote {out / 'probes.json'}")
-        return
-    if args.what == "profile":
-        results = []
-        for compiled in (False, True):
-            cfg = load_config(args.config, [*args.overrides, f"train.compile={str(compiled).lower()}"])
-            results.append(benchmarks.profile_training(cfg))
-        write_json(out / "profile.json", results)
-        print(benchmarks.profile_table(results))
-        print(f"wrote {out / 'profile.json'}")
-        return
-    if args.what == "train":
-        cfg = load_config(args.config, args.overrides)
-        result = benchmarks.train_step_time(cfg, rounds=args.rounds)
-        write_json(out / "train.json", result)
-        print(benchmarks.train_table(result))
-        print(f"wrote {out / 'train.json'}")
-        return
+# Each command: (args, out) -> (the JSON's file name, the result, what to print); the tail of main writes and prints.
+NEEDS_RUNS = {"sampler-budget": "trained runs of one recipe", "peer": "trained runs of one recipe",
+              "recipes": "trained runs of several recipes (seeds of each)"}
+
+
+def quality(args, out):
+    from gmmcond.config import load_config
+    from gmmcond.experiments import benchmarks
+
+    cfg = load_config(args.config, args.overrides)
+    result = benchmarks.quality_over_time(cfg, out / f"quality_{cfg['name']}", every=args.every, n=args.n or 256,
+                                          train_first=not args.evaluate_only)
+    benchmarks.plot_quality(result, out / "quality.png")
+    return "quality.json", result, benchmarks.quality_table(result) + f"\nwrote {out / 'quality.png'}"
+
+
+def sampler_budget(args, out):
+    from gmmcond.experiments import benchmarks
+    from gmmcond.experiments.document import sampler_budget_table
+
+    result = benchmarks.sampler_budget(args.runs, args.settings, n=args.n or 512)
+    return "sampler_budget.json", result, sampler_budget_table(result)
+
+
+def recipes(args, out):
+    from gmmcond.experiments import benchmarks
+    from gmmcond.experiments.document import sampler_budget_table
+
+    result = benchmarks.recipes_compared(args.runs, n=args.n or 512)
+    return "recipes.json", result, sampler_budget_table(result)
+
+
+def peer(args, out):
+    from gmmcond.experiments.document import sampler_budget_table
+    from gmmcond.experiments.peer import PeerRecipe, peer_vs_runs
+
+    result = peer_vs_runs(args.runs, PeerRecipe.from_overrides(args.overrides), minutes=args.minutes,
+                          n=args.n or 512, out=out)
+    return "peer.json", result, sampler_budget_table(result)
+
+
+def jobs(args, out):
+    from gmmcond.experiments import benchmarks
+
+    result = benchmarks.jobs_throughput(args.config, args.overrides, out / "jobs", Path(__file__).parent / "train.py",
+                                        jobs=args.jobs, steps=args.steps)
+    return "jobs.json", result, benchmarks.jobs_table(result)
+
+
+def probes(args, out):
+    from gmmcond.experiments import benchmarks
+
+    results = benchmarks.recipe_probes(out / "probes", args.probes, n=args.n or 256)
+    return "probes.json", results, benchmarks.probes_table(results)
+
+
+def profile(args, out):
+    from gmmcond.config import load_config
+    from gmmcond.experiments import benchmarks
+
+    results = [benchmarks.profile_training(load_config(args.config, [*args.overrides, f"train.compile={str(c).lower()}"]))
+               for c in (False, True)]
+    return "profile.json", results, benchmarks.profile_table(results)
+
+
+def train(args, out):
+    from gmmcond.config import load_config
+    from gmmcond.experiments import benchmarks
+
+    result = benchmarks.train_step_time(load_config(args.config, args.overrides), rounds=args.rounds)
+    return "train.json", result, benchmarks.train_table(result)
+
+
+def samplers(args, out):
+    import torch
+
+    from gmmcond.config import load_config
+    from gmmcond.experiments import benchmarks
+    from gmmcond.modeling.build import build
+
     result = benchmarks.testbed_samplers()
     result["renoise_sweep"] = benchmarks.renoise_sweep()
     torch.manual_seed(0)
@@ -142,20 +153,23 @@ def main() -> None:
     parts.denoiser.eval()
     result["step_time"] = benchmarks.sampler_step_time(parts)
     benchmarks.plot_samplers(result, out / "samplers.png")
-    write_json(out / "samplers.json", result)
-    print(benchmarks.markdown_table(result))
-    print("\nx0_reproject renoise sweep (sliced W1, mode weights, within-mode spread); truth:",
-          [[round(v, 3) for v in vs] for vs in result["renoise_sweep"]["true"]])
+    lines = [benchmarks.markdown_table(result), "",
+             "x0_reproject renoise sweep (sliced W1, mode weights, within-mode spread); truth: "
+             f"{[[round(v, 3) for v in vs] for vs in result['renoise_sweep']['true']]}"]
     for r in result["renoise_sweep"]["runs"]:
-        print(f"  r={r['renoise']:.1f} steps={r['steps']:4d} sw1={r['sw1']:.4f} "
-              f"weights={[round(v, 3) for v in r['mode_weights']]} spread={[round(v, 3) for v in r['mode_spread']]}")
+        lines.append(f"  r={r['renoise']:.1f} steps={r['steps']:4d} sw1={r['sw1']:.4f} "
+                     f"weights={[round(v, 3) for v in r['mode_weights']]} spread={[round(v, 3) for v in r['mode_spread']]}")
     st = result["step_time"]
     t = st["sec_per_step"]
-    print(f"\nstep time on the {args.config} model (batch {st['batch']}, median (IQR) of {st['repeats']} interleaved rounds): "
-          f"x0_reproject {t['x0_reproject']['median'] * 1e3:.1f} ms ({t['x0_reproject']['iqr'] * 1e3:.1f}), "
-          f"euler {t['euler']['median'] * 1e3:.1f} ms ({t['euler']['iqr'] * 1e3:.1f}), ratio {st['ratio_x0_reproject_to_euler']:.3f}")
-    print(f"wrote {out / 'samplers.png'} and {out / 'samplers.json'}")
+    lines += ["", f"step time on the {args.config} model (batch {st['batch']}, median (IQR) of {st['repeats']} interleaved "
+              f"rounds): x0_reproject {t['x0_reproject']['median'] * 1e3:.1f} ms ({t['x0_reproject']['iqr'] * 1e3:.1f}), "
+              f"euler {t['euler']['median'] * 1e3:.1f} ms ({t['euler']['iqr'] * 1e3:.1f}), ratio "
+              f"{st['ratio_x0_reproject_to_euler']:.3f}", f"wrote {out / 'samplers.png'}"]
+    return "samplers.json", result, "\n".join(lines)
 
+
+COMMANDS = {"samplers": samplers, "train": train, "quality": quality, "profile": profile, "probes": probes,
+            "sampler-budget": sampler_budget, "recipes": recipes, "peer": peer, "jobs": jobs}
 
 if __name__ == "__main__":
     fail_cleanly(main)
