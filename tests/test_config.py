@@ -37,6 +37,17 @@ def test_the_tokens_recipe_is_the_default_with_attribute_tokens():
     assert tokens == measured
 
 
+def test_the_tokens_and_pooled_recipe_is_the_tokens_recipe_with_the_pooled_vector():
+    """shapes_tokens_pooled is what the combination experiment's "tokens + pooled" arms and the default-task runs
+    trained (`--config shapes_tokens conditioner.pooled=true`)."""
+    from gmmcond.experiments.reproduce import TOKEN_MODEL
+
+    recipe, measured = load_config("shapes_tokens_pooled"), load_config("shapes", [*TOKEN_MODEL, "conditioner.pooled=true"])
+    assert recipe["conditioner"]["pooled"] is True and load_config("shapes_tokens")["conditioner"]["pooled"] is False
+    del recipe["name"], measured["name"]
+    assert recipe == measured
+
+
 def test_overrides_apply_with_yaml_values():
     cfg = load_config("shapes", ["train.steps=200", "conditioner.sigma=0.25", "conditioner.means=[-1.5,0,1.5]"])
     assert cfg["train"]["steps"] == 200 and cfg["conditioner"]["sigma"] == 0.25
