@@ -15,7 +15,8 @@ calls a sample or fewer on the same trained runs (seeds), each evaluated at laun
 side, each scored with the default recipe's sampling setting as sampler-budget scores it, paired by training seed
 (runs/benchmark/recipes.json).
 ``python launch/benchmark.py peer --runs RUN [RUN ...]``: diffusers' UNet2DModel trained as diffusers' text-to-image
-example trains, for each run's own training minutes (at its median step time; or --minutes) on its data (seed i
+example trains, for each run's own training minutes (at its median step time; or --minutes; or, with --calibrate,
+for the steps it makes in the time the run's steps take on this machine now) on its data (seed i
 beside run i), both scored at the
 evaluation's defaults (runs/benchmark/peer.json; resumable per run and peer recipe; needs the ``peer`` extra); ``FIELD=VALUE``
 arguments change the peer's recipe (gmmcond.experiments.peer.PeerRecipe), e.g. ``lr=1e-3``.
@@ -49,6 +50,10 @@ def main() -> None:
                                                      "recipes: of several")
     parser.add_argument("--minutes", type=float, help="peer: its training minutes (default: each run's own, at its "
                                                        "median step time)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="peer: train the peer for the steps it makes in the time the run's steps take on this "
+                             "machine now (both timed back to back first), not for the run's logged minutes: fair on "
+                             "a host whose speed drifts or that other work shares")
     parser.add_argument("--jobs", type=int, default=2, help="jobs: processes at once")
     parser.add_argument("--steps", type=int, default=300, help="jobs: training steps each way")
     parser.add_argument("--settings", nargs="*", help="sampler-budget: the SAMPLER_BUDGET names to run (default: all)")
@@ -103,7 +108,7 @@ def peer(args, out):
     from gmmcond.experiments.peer import PeerRecipe, peer_vs_runs
 
     result = peer_vs_runs(args.runs, PeerRecipe.from_overrides(args.overrides), minutes=args.minutes,
-                          n=args.n or 512, out=out)
+                          calibrate=args.calibrate, n=args.n or 512, out=out)
     return "peer.json", result, sampler_budget_table(result)
 
 

@@ -69,3 +69,23 @@ def test_the_peer_is_scored_by_the_projects_own_protocol(tiny_peer):
     summary = eval_summary(scored.result)
     assert 0 <= summary["all_attributes_correct"] <= 1 and 0 <= summary["defect_rate"] <= 1
     assert "set_coverage" in summary and scored.images.shape[0] == 8 and scored.result["memorisation"]["n"] == 4
+
+
+def test_the_peer_trains_a_given_number_of_steps_and_times_them():
+    from gmmcond.config import load_config
+    from gmmcond.registry import DATASETS
+
+    data = DATASETS.build(load_config("shapes_tiny")["dataset"])
+    _, trained = train_peer(TINY, data, None, seed=0, steps=4, progress=False)
+    assert trained["train_steps"] == 4 and trained["sec_per_step_median"] > 0
+    with pytest.raises(ValueError, match="minutes or steps"):
+        train_peer(TINY, data, None, seed=0)
+
+
+def test_a_recipes_step_time_now_is_timed_on_a_throwaway_run(tiny_cfg, tmp_path, monkeypatch):
+    """What a calibrated peer is measured against: the recipe's own steps, trained from scratch here."""
+    from gmmcond.experiments.benchmarks import step_seconds_now
+
+    monkeypatch.chdir(tmp_path)
+    seconds = step_seconds_now(tiny_cfg(), steps=6)
+    assert 0 < seconds < 60 and list(tmp_path.iterdir()) == []  # nothing left behind

@@ -668,6 +668,20 @@ def _steady_sec_per_step(run) -> float:
     return statistics.median(m["sec_per_step"] for m in rows[len(rows) // 2:])
 
 
+def step_seconds_now(cfg: dict, steps: int = 150) -> float:
+    """Seconds a training step of ``cfg`` takes on this machine as it is now: ``steps`` steps from scratch in a
+    temporary folder (compiling in the first of them), the median of the second half of the logged step times."""
+    import tempfile
+
+    from ..engine.trainer import train
+
+    cfg = dict(cfg, train=dict(cfg["train"], steps=steps, minutes=0.0, grid_every=0, checkpoint_every=10 ** 9,
+                               log_every=1))
+    with tempfile.TemporaryDirectory() as tmp:
+        train(cfg, Path(tmp) / "run")
+        return _steady_sec_per_step(Path(tmp) / "run")
+
+
 def jobs_throughput(config: str, overrides: list[str], out, train_script, *, jobs: int = 2, steps: int = 300,
                     log=print) -> dict:
     """Training steps an hour on this machine's CPU cores three ways, measured one after another in one run:

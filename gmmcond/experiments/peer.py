@@ -13,6 +13,7 @@ sample. ``diffusers`` is an optional extra (``pip install -e '.[peer]'``).
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -120,9 +121,13 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction
     return weights / (snr + 1) if prediction_type == "v_prediction" else weights / snr
 
 
-def train_peer(recipe: PeerRecipe, dataset, minutes: float, seed: int, *, progress: bool = True) -> tuple[PeerUNet, dict]:
-    """Train the peer on ``dataset`` (a gmmcond dataset: image in [-1, 1], attributes, index) for ``minutes`` of
-    wall time from its first step; return its EMA weights in a model and what the training did."""
+def train_peer(recipe: PeerRecipe, dataset, minutes: float | None, seed: int, *, steps: int | None = None,
+               progress: bool = True) -> tuple[PeerUNet, dict]:
+    """Train the peer on ``dataset`` (a gmmcond dataset: image in [-1, 1], attributes, index) for ``steps`` steps
+    when given, else for ``minutes`` of wall time from its first step; return its EMA weights in a model and what
+    the training did (with the median seconds a step took)."""
+    if steps is None and minutes is None:
+        raise ValueError("train_peer needs minutes or steps")
     from diffusers.training_utils import EMAModel
 
     from ..data.cache import InMemory
@@ -136,9 +141,11 @@ def train_peer(recipe: PeerRecipe, dataset, minutes: float, seed: int, *, progre
                             eps=recipe.eps)
     scheduler = train_scheduler(recipe)
     gen = torch.Generator().manual_seed(seed)
-    losses, step, start = [], 0, time.time()
-    bar = tqdm(desc=f"peer ({minutes:.1f} min)", disable=not progress, unit="step")
-    while time.time() - start < minutes * 60:
+    losses, durations, step, start = [], [], 0, time.time()
+    bar = tqdm(desc="peer" + (f" ({minutes:.1f} min)" if steps is None else ""), total=steps, disable=not progress,
+               unit="step")
+    while step < steps if steps is not None else time.time() - start < minutes * 60:
+        tic = time.perf_counter()
         x0, attrs, _ = data.batch(torch.randint(len(data), (recipe.batch_size,), generator=gen).tolist())
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(recipe.train_timesteps, (len(x0),), generator=gen)
@@ -157,6 +164,7 @@ def train_peer(recipe: PeerRecipe, dataset, minutes: float, seed: int, *, progre
         opt.step()
         ema.step(model.parameters())
         losses.append(loss.item())
+        durations.append(time.perf_counter() - tic)
         step += 1
         bar.update()
     bar.close()
@@ -164,7 +172,8 @@ def train_peer(recipe: PeerRecipe, dataset, minutes: float, seed: int, *, progre
     model.eval()
     tail = losses[-100:]
     return model, {"train_steps": step, "minutes": (time.time() - start) / 60, "loss_last100": sum(tail) / max(1, len(tail)),
-                   "params": sum(p.numel() for p in model.parameters())}
+                   "params": sum(p.numel() for p in model.parameters()),
+                   "sec_per_step_median": statistics.median(durations) if durations else None}
 
 
 @dataclass
@@ -203,19 +212,26 @@ class PeerSampler:
         return torch.cat([self.sample(chunk, seed + i) for i, chunk in enumerate(tqdm(chunks, desc=desc, disable=not show))])
 
 
-def peer_vs_runs(runs: list, recipe: PeerRecipe | None = None, *, minutes: float | None = None, n: int = 512,
-                 out: Path = Path("runs/benchmark"), log=print) -> dict:
-    """For each trained gmmcond run (seeds of one recipe; seed i of the peer beside run i): train the peer for
-    ``minutes`` (default: the run's own training minutes at its median step time, so time the run lost to other
-    work on the machine is not handed to the peer) on the run's data, and score both by the evaluation's defaults
-    (n samples, 6 sets x 48, memorisation on 256 rows). The run's own evaluation is the sampler-budget one of its
-    recipe setting (RUN/sampler_budget.jsonl; computed there if absent). Resumable per run: OUT/peer.jsonl."""
+CALIBRATION_STEPS = {"run": 150, "peer": 60}  # steps timed of each before a calibrated peer trains
+
+
+def peer_vs_runs(runs: list, recipe: PeerRecipe | None = None, *, minutes: float | None = None, calibrate: bool = False,
+                 n: int = 512, out: Path = Path("runs/benchmark"), log=print) -> dict:
+    """For each trained gmmcond run (seeds of one recipe; seed i of the peer beside run i): train the peer on the
+    run's data for the run's training time and score both by the evaluation's defaults (n samples, 6 sets x 48,
+    memorisation on 256 rows). The training time is ``minutes`` if given, else the run's own minutes at its median
+    step time (time the run lost to other work is not handed to the peer); with ``calibrate``, the peer trains
+    instead for the steps it makes in the time the run's steps take on this machine now, both step times measured
+    back to back just before (:data:`CALIBRATION_STEPS`), so a host whose speed has drifted since the run trained,
+    or that other work shares, hands the peer neither more nor less than the run had. The run's own evaluation is
+    the sampler-budget one of its recipe setting (RUN/sampler_budget.jsonl; computed there if absent). Resumable
+    per run: OUT/peer.jsonl."""
     from ..config import load_config
     from ..eval.evaluate import EvalSize, eval_summary, evaluate_sampler
     from ..io import ResultLog, read_metrics
     from ..registry import DATASETS
     from ..sampling.settings import SamplingSettings
-    from .benchmarks import SAMPLER_BUDGET, model_calls, sampler_budget, steady_minutes
+    from .benchmarks import SAMPLER_BUDGET, model_calls, sampler_budget, steady_minutes, step_seconds_now
     from .runner import summarise_records
 
     recipe = recipe or PeerRecipe()
@@ -226,16 +242,31 @@ def peer_vs_runs(runs: list, recipe: PeerRecipe | None = None, *, minutes: float
         own = sampler_budget([run], [recipe_setting], n=n, log=log)["settings"][recipe_setting]["per_seed"][0]
         budget = minutes or steady_minutes(read_metrics(run / "metrics.jsonl"))
 
-        def compute(run=run, seed=seed, budget=budget) -> dict:
-            log(f"peer: seed {seed}, {budget:.1f} minutes beside {run}")
+        def compute(run=run, seed=seed, budget=budget, run_steps=own["step"]) -> dict:
             cfg = load_config(run / "config.yaml")
-            model, trained = train_peer(recipe, DATASETS.build(cfg["dataset"]), budget, seed)
+            data = DATASETS.build(cfg["dataset"])
+            timing = {}
+            if calibrate:
+                log(f"peer: seed {seed}, timing {CALIBRATION_STEPS['run']} steps of {run}'s recipe and "
+                    f"{CALIBRATION_STEPS['peer']} of the peer's on this machine now")
+                run_s = step_seconds_now(cfg, CALIBRATION_STEPS["run"])
+                peer_s = train_peer(recipe, data, None, seed, steps=CALIBRATION_STEPS["peer"])[1]["sec_per_step_median"]
+                steps = round(run_steps * run_s / peer_s)
+                timing = {"calibrated": {"run_sec_per_step": run_s, "peer_sec_per_step": peer_s, "peer_steps": steps,
+                                         "run_minutes_now": run_steps * run_s / 60}}
+                log(f"peer: seed {seed}, {steps} steps beside {run} ({run_steps} steps at {run_s:.3f} s against "
+                    f"{peer_s:.3f} s a peer step)")
+                model, trained = train_peer(recipe, data, None, seed, steps=steps)
+            else:
+                log(f"peer: seed {seed}, {budget:.1f} minutes beside {run}")
+                model, trained = train_peer(recipe, data, budget, seed)
             tic = time.time()
             scored = evaluate_sampler(PeerSampler(model, recipe, seed=cfg["sample"].get("seed", 0)), cfg["dataset"],
                                       EvalSize(n=n), progress=False)
-            return {**trained, "eval_seconds": time.time() - tic, **eval_summary(scored.result)}
+            return {**trained, **timing, "eval_seconds": time.time() - tic, **eval_summary(scored.result)}
 
-        rec = peer_log.once({"run": str(run), "seed": seed, "n": n, "budget": round(budget, 3),
+        rec = peer_log.once({"run": str(run), "seed": seed, "n": n,
+                             "budget": "calibrated" if calibrate else round(budget, 3),
                              "recipe": repr(asdict(recipe))}, compute)
         mine.append({**own, "seed": seed, "minutes": budget, "train_steps": own["step"]})
         theirs.append({**rec, "seed": seed})
