@@ -279,5 +279,5 @@ def select_arms(table: dict, names) -> dict:
 
 
 __all__ = ["Options", "Experiment", "EXPERIMENTS", "experiment", "run_folder", "run_arms", "run_workers", "core_groups",
-           "arm_config", "arm_slug", "result_key", "BOOKKEEPING", "summarise", "paired_verdict", "summarise_records", "summarise_arms", "arm_records",
-           "select_arms"]
+           "arm_config", "arm_slug", "result_key", "BOOKKEEPING", "summarise", "paired_verdict", "summarise_records",
+           "summarise_arms", "arm_records", "select_arms"]
