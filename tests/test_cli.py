@@ -84,3 +84,14 @@ def test_only_gmmcond_errors_become_one_line_messages(capsys):
     with pytest.raises(ValueError, match="a bug"):  # not disguised as the user's mistake
         fail_cleanly(bug)
     assert issubclass(ConfigError, GmmcondError) and issubclass(CheckpointError, GmmcondError)
+
+
+@pytest.mark.parametrize("command, fragment", [
+    ("recipes", "recipes needs --runs RUN [RUN ...], trained runs of several recipes"),
+    ("peer", "peer needs --runs RUN [RUN ...], trained runs of one recipe"),
+    ("sampler-budget", "sampler-budget needs --runs RUN [RUN ...], trained runs of one recipe"),
+])
+def test_benchmarks_that_score_trained_runs_name_the_missing_runs(command, fragment, tmp_path):
+    code, err = run_entry("benchmark", command, "--out", tmp_path)
+    assert_one_line(code, err, fragment)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
