@@ -75,3 +75,15 @@ def test_a_verdict_placeholder_applies_the_twice_the_standard_error_rule(tmp_pat
     assert document.render(f"{{{{verdict|r.json|a|b|x|{claimed}}}}}", tmp_path) == text
     with pytest.raises(document.DocumentError, match="'higher' or 'lower'"):
         document.render("{{verdict|r.json|a|b|x|up}}", tmp_path)
+
+
+def test_the_budget_table_orders_arms_by_steps_with_the_ratio_of_their_means():
+    def result(steps, seen, held):
+        stat = lambda m: {"mean": m, "std": 0.01, "n": 3}  # noqa: E731
+        return {"steps": steps, "arms": {"tokens": {"conformity_seen": stat(seen), "conformity_held_out": stat(held),
+                                                    "defects_held_out": stat(0.05)}}}
+
+    table = document.TABLES["budget"](result(12000, 0.9, 0.81), result(6000, 0.8, 0.4))
+    rows = table.splitlines()[2:]
+    assert rows == ["| tokens | 6000 | 3 | 0.800 +- 0.010 | 0.400 +- 0.010 | 0.50x | 0.050 +- 0.010 |",
+                    "| tokens | 12000 | 3 | 0.900 +- 0.010 | 0.810 +- 0.010 | 0.90x | 0.050 +- 0.010 |"]

@@ -213,7 +213,7 @@ TABLES: dict[str, Callable[..., str]] = {
     "headline": _arms(tables.HEADLINE_ARM_COLUMNS), "arms": _arms(tables.ARM_COLUMNS),
     "distribution": _arms(tables.DISTRIBUTION_COLUMNS), "combinations": _arms(tables.COMBINATION_COLUMNS),
     "convergence": _arms(tables.CONVERGENCE_COLUMNS),
-    "paired": tables.paired_table, "open": tables.open_table, "ngmg": tables.ngmg_table, "editing": tables.editing_table,
+    "paired": tables.paired_table, "budget": tables.budget_table, "open": tables.open_table, "ngmg": tables.ngmg_table, "editing": tables.editing_table,
     "sweep": tables.sweep_table, "marks": benchmarks.quality_table, "sampler_runs": sampler_runs_table,
     "probes": lambda *results: benchmarks.probes_table({k: v for r in results for k, v in r.items()}),
     "benchmark": benchmarks.train_table, "sampler_budget": sampler_budget_table, "peer": sampler_budget_table,

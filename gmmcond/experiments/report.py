@@ -64,6 +64,22 @@ def arms_table(result: dict, columns=ARM_COLUMNS) -> str:
     return "\n".join(lines)
 
 
+def budget_table(*results: dict) -> str:
+    """The combination experiment's budget curve (issue 42): one row per arm and training length, from runs of the
+    same split at several ``--steps`` (one result each), ordered by arm and steps: seen and held-out conformity, the
+    ratio of their means, and held-out defects, so the table says how much of the gap more training closes."""
+    rows = sorted(((arm, r["steps"], stats) for r in results for arm, stats in r["arms"].items()),
+                  key=lambda t: (t[0], t[1]))
+    lines = ["| arm | steps | seeds | conformity seen | conformity held-out | held-out / seen | defects held-out |",
+             "|---|---:|---:|---|---|---:|---|"]
+    for arm, steps, stats in rows:
+        seen, held = stats["conformity_seen"], stats["conformity_held_out"]
+        ratio = f"{held['mean'] / seen['mean']:.2f}x" if seen["mean"] else "-"
+        lines.append(f"| {arm} | {steps} | {seen['n']} | {pm(seen)} | {pm(held)} | {ratio} | "
+                     f"{pm(stats['defects_held_out'])} |")
+    return "\n".join(lines)
+
+
 def paired_table(result: dict, columns=HEADLINE_ARM_COLUMNS) -> str:
     """Each arm minus the first arm, paired by seed: mean +- std (n - 1) of the per-seed differences over the seeds
     both ran, and on how many of them the difference is positive. Seed-to-seed variation shared by both arms
