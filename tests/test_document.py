@@ -63,9 +63,9 @@ def _per_seed(values):
     ([0.3, 0.5, 0.4], "higher", "held"),
     ([0.3, 0.5, 0.4], "lower", "did not hold"),
     # differences 0.1, -0.02, 0.1: mean 0.06, std 0.0693; 2 std / sqrt(n) is 0.0620 at n = 5 and 0.0566 at n = 6
-    ([0.1, -0.02, 0.1], "higher", "undecided at this scale (a gap this size would take about 6 seeds to decide)"),
+    ([0.1, -0.02, 0.1], "higher", "undecided at this scale (about 6 seeds would decide a gap this size)"),
     # differences 0.1, -0.1, 0.001: a mean of 0.000333 against a std near 0.1
-    ([0.1, -0.1, 0.001], "higher", "undecided at this scale, no lean (a gap this size would take more than 100 seeds)"),
+    ([0.1, -0.1, 0.001], "higher", "undecided at this scale, no lean (more than 100 seeds would decide a gap this size)"),
     ([0.1, -0.1], "higher", "undecided at this scale, no lean (the paired differences average to zero)"),
     ([0.1], "higher", "undecided at this scale (one seed)"),  # no spread to judge by
 ])

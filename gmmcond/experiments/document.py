@@ -96,8 +96,8 @@ def _verdict(result: dict, arm: str, base: str, key: str, claimed: str) -> str:
     if need is None:
         return "undecided at this scale, no lean (the paired differences average to zero)"
     if need > DECIDABLE_SEEDS:
-        return f"undecided at this scale, no lean (a gap this size would take more than {DECIDABLE_SEEDS} seeds)"
-    return f"undecided at this scale (a gap this size would take about {need} seeds to decide)"
+        return f"undecided at this scale, no lean (more than {DECIDABLE_SEEDS} seeds would decide a gap this size)"
+    return f"undecided at this scale (about {need} seeds would decide a gap this size)"
 
 
 def _per_seed_ratio(result: dict, path: str, ref_path: str, digits: int) -> str:
