@@ -11,6 +11,7 @@ import os
 import pickle
 import shutil
 import socket
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -87,6 +88,17 @@ def read_metrics(path: str | Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def median_sec_per_step(metrics: list[dict], skip: str = "first") -> float:
+    """The median logged ``sec_per_step`` of a run's metrics rows. ``skip`` says which intervals to leave out:
+    ``"first"`` (it holds compiling), ``"half"`` (the first half: compiling and the warm-up after it, which in a
+    run of a few hundred steps are more than one interval) or ``"none"``."""
+    timed = [m["sec_per_step"] for m in metrics if "sec_per_step" in m]
+    if not timed:
+        raise ValueError("no sec_per_step in these metrics rows: the run logged no training interval yet")
+    kept = {"none": timed, "first": timed[1:] or timed, "half": timed[len(timed) // 2:]}[skip]
+    return statistics.median(kept)
 
 
 def append_metrics(path: str | Path, records: Iterable[dict]) -> None:

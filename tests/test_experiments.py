@@ -296,6 +296,18 @@ def test_a_runs_steady_minutes_leave_out_the_time_other_work_took():
     assert steady_minutes(metrics) == 30 * 1.0 / 60 and training_minutes(metrics)[30] == 90 / 60
 
 
+def test_the_median_step_time_leaves_out_what_it_is_told_to():
+    from gmmcond.io import median_sec_per_step
+
+    times = [9.0, 4.0, 1.0, 2.0, 3.0]
+    rows = [{"step": 0, "loss": 1.0}] + [{"step": 10 * i, "sec_per_step": t} for i, t in enumerate(times, 1)]
+    assert median_sec_per_step(rows, "none") == 3.0  # of 9, 4, 1, 2, 3; the row without a time is not one
+    assert median_sec_per_step(rows) == 2.5  # the first interval (compiling) left out: of 4, 1, 2, 3
+    assert median_sec_per_step(rows, "half") == 2.0  # the second half: of 1, 2, 3
+    with pytest.raises(ValueError, match="no sec_per_step"):
+        median_sec_per_step([{"step": 0, "loss": 1.0}])
+
+
 def test_a_head_weight_for_a_share_gives_that_share_when_the_losses_stay():
     from gmmcond.experiments.reproduce import share_weight
 

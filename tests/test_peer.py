@@ -77,7 +77,7 @@ def test_the_peer_trains_a_given_number_of_steps_and_times_them():
 
     data = DATASETS.build(load_config("shapes_tiny")["dataset"])
     _, trained = train_peer(TINY, data, None, seed=0, steps=4, progress=False)
-    assert trained["train_steps"] == 4 and trained["sec_per_step_median"] > 0
+    assert trained["train_steps"] == 4 and trained["sec_per_step_median"] > 0 and trained["sec_per_step_steady"] > 0
     with pytest.raises(ValueError, match="minutes or steps"):
         train_peer(TINY, data, None, seed=0)
 

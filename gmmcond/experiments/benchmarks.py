@@ -1,7 +1,6 @@
 """Benchmarks: samplers on the exact Gaussian-mixture testbed, and sampler wall time on the shapes model."""
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
@@ -329,7 +328,9 @@ def training_minutes(metrics: list[dict]) -> dict[int, float]:
 def steady_minutes(metrics: list[dict]) -> float:
     """A run's training minutes at its median step time (steps x the median of its logged ``sec_per_step``): what it
     takes on a machine doing nothing else, where :func:`training_minutes` also counts time lost to other work."""
-    return statistics.median(m["sec_per_step"] for m in metrics) * metrics[-1]["step"] / 60
+    from ..io import median_sec_per_step
+
+    return median_sec_per_step(metrics, "none") * metrics[-1]["step"] / 60
 
 
 def quality_over_time(cfg: dict, run_dir, *, every: int = 1000, n: int = 256, per_set: int = 48, log=print,
@@ -341,8 +342,7 @@ def quality_over_time(cfg: dict, run_dir, *, every: int = 1000, n: int = 256, pe
 
     from ..engine.trainer import train
     from ..eval.evaluate import EvalSize, eval_summary, evaluate_run
-    from ..io import ResultLog, checkpoint_step, list_checkpoints, read_metrics
-    from .reproduce import median_step_time
+    from ..io import ResultLog, checkpoint_step, list_checkpoints, median_sec_per_step, read_metrics
 
     run_dir = Path(run_dir)
     steps = cfg["train"]["steps"]
@@ -367,7 +367,7 @@ def quality_over_time(cfg: dict, run_dir, *, every: int = 1000, n: int = 256, pe
         record = results.once({"step": step, "n": n, "per_set": per_set}, compute)
         marks.append(dict(record, minutes=minutes.get(step)))
     return {"config": cfg, "every": every, "n": n, "per_set": per_set, "marks": marks,
-            "sec_per_step_median": median_step_time(metrics)}
+            "sec_per_step_median": median_sec_per_step(metrics)}
 
 
 def plot_quality(result: dict, out) -> None:
@@ -660,12 +660,11 @@ def sampler_budget(runs: list, names=None, *, n: int = 512, log=print) -> dict:
 # ------------------------------------------------------------------------------ processes on a small CPU
 
 def _steady_sec_per_step(run) -> float:
-    """The median ``sec_per_step`` of a run's second half of logged steps: compiling and the warm-up after it left
-    out, which in a few hundred steps :func:`steady_minutes`' median over all of them would not be."""
-    from ..io import read_metrics
+    """The median ``sec_per_step`` of a run's second half of logged steps (a short timing run's compiling and
+    warm-up are more than its first interval)."""
+    from ..io import median_sec_per_step, read_metrics
 
-    rows = [m for m in read_metrics(Path(run) / "metrics.jsonl") if "sec_per_step" in m]
-    return statistics.median(m["sec_per_step"] for m in rows[len(rows) // 2:])
+    return median_sec_per_step(read_metrics(Path(run) / "metrics.jsonl"), "half")
 
 
 def step_seconds_now(cfg: dict, steps: int = 150) -> float:

@@ -125,7 +125,8 @@ def train_peer(recipe: PeerRecipe, dataset, minutes: float | None, seed: int, *,
                progress: bool = True) -> tuple[PeerUNet, dict]:
     """Train the peer on ``dataset`` (a gmmcond dataset: image in [-1, 1], attributes, index) for ``steps`` steps
     when given, else for ``minutes`` of wall time from its first step; return its EMA weights in a model and what
-    the training did (with the median seconds a step took)."""
+    the training did (with the median seconds a step took, over all steps and over the second half: the peer warms
+    up for tens of steps, so only the second one times a short run fairly)."""
     if steps is None and minutes is None:
         raise ValueError("train_peer needs minutes or steps")
     from diffusers.training_utils import EMAModel
@@ -171,9 +172,11 @@ def train_peer(recipe: PeerRecipe, dataset, minutes: float | None, seed: int, *,
     ema.copy_to(model.parameters())
     model.eval()
     tail = losses[-100:]
-    return model, {"train_steps": step, "minutes": (time.time() - start) / 60, "loss_last100": sum(tail) / max(1, len(tail)),
-                   "params": sum(p.numel() for p in model.parameters()),
-                   "sec_per_step_median": statistics.median(durations) if durations else None}
+    timed = {"sec_per_step_median": statistics.median(durations),
+             "sec_per_step_steady": statistics.median(durations[len(durations) // 2:])} if durations else {}
+    return model, {"train_steps": step, "minutes": (time.time() - start) / 60,
+                   "loss_last100": sum(tail) / max(1, len(tail)), "params": sum(p.numel() for p in model.parameters()),
+                   **timed}
 
 
 @dataclass
@@ -212,7 +215,9 @@ class PeerSampler:
         return torch.cat([self.sample(chunk, seed + i) for i, chunk in enumerate(tqdm(chunks, desc=desc, disable=not show))])
 
 
-CALIBRATION_STEPS = {"run": 150, "peer": 60}  # steps timed of each before a calibrated peer trains
+# steps timed of each before a calibrated peer trains, each the median of its second half: the peer's first ~50 steps
+# run at about 1.5x its steady step time (measured: 0.52 s over 60 steps, 0.35 s from step 100 on)
+CALIBRATION_STEPS = {"run": 150, "peer": 150}
 
 
 def peer_vs_runs(runs: list, recipe: PeerRecipe | None = None, *, minutes: float | None = None, calibrate: bool = False,
@@ -250,7 +255,7 @@ def peer_vs_runs(runs: list, recipe: PeerRecipe | None = None, *, minutes: float
                 log(f"peer: seed {seed}, timing {CALIBRATION_STEPS['run']} steps of {run}'s recipe and "
                     f"{CALIBRATION_STEPS['peer']} of the peer's on this machine now")
                 run_s = step_seconds_now(cfg, CALIBRATION_STEPS["run"])
-                peer_s = train_peer(recipe, data, None, seed, steps=CALIBRATION_STEPS["peer"])[1]["sec_per_step_median"]
+                peer_s = train_peer(recipe, data, None, seed, steps=CALIBRATION_STEPS["peer"])[1]["sec_per_step_steady"]
                 steps = round(run_steps * run_s / peer_s)
                 timing = {"calibrated": {"run_sec_per_step": run_s, "peer_sec_per_step": peer_s, "peer_steps": steps,
                                          "run_minutes_now": run_steps * run_s / 60}}

@@ -219,14 +219,14 @@ def recipe_table(runs: list[Path]) -> str:
     """One row: mean +- std over ``runs`` (seeds of one recipe) of each run's ``eval.json`` and its median
     training step time; the real-vs-real references below it."""
     from ..eval.evaluate import eval_summary
-    from ..io import read_json, read_metrics
-    from .reproduce import median_step_time, shape_accuracy
+    from ..io import median_sec_per_step, read_json, read_metrics
+    from .reproduce import shape_accuracy
     from .runner import summarise_records
 
     recs = []
     for run in runs:
         ev = read_json(run / "eval.json")
-        recs.append({**eval_summary(ev), "sec_per_step": median_step_time(read_metrics(run / "metrics.jsonl")),
+        recs.append({**eval_summary(ev), "sec_per_step": median_sec_per_step(read_metrics(run / "metrics.jsonl")),
                      "shape_accuracy": shape_accuracy(ev["per_attribute"])})
     stats = summarise_records(recs)
     return f"runs: {', '.join(map(str, runs))}\n\n" + arms_table({"arms": {"default recipe": stats}}, RECIPE_COLUMNS)

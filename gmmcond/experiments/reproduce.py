@@ -12,7 +12,7 @@ from torch import nn
 
 from ..math.gmm import expansion_means, normal_pdf
 from ..math.ngmg import density_learning
-from ..io import ResultLog, read_metrics
+from ..io import ResultLog, median_sec_per_step, read_metrics
 from ..visualize import pyplot, save_figure, save_png
 from .runner import (Options, arm_config, arm_records, experiment, result_key, run_arms, select_arms, summarise,
                      summarise_arms)
@@ -75,12 +75,6 @@ def small_classifier(k: int) -> nn.Module:
         nn.Conv2d(16, 32, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(32 * 16, 64), nn.GELU(), nn.Linear(64, k),
     )
-
-
-def median_step_time(rows: list[dict]) -> float:
-    """Median ``sec_per_step`` over a run's logged intervals, leaving out the first (compilation, warm-up)."""
-    timed = [r["sec_per_step"] for r in rows if "sec_per_step" in r]
-    return statistics.median(timed[1:] or timed)
 
 
 def shape_accuracy(per_attribute: dict) -> float:
@@ -261,7 +255,7 @@ def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) 
                       progress=False)
     return {"steps": steps, "curve_steps": [r["step"] for r in records], "curve": [r["diffusion"] for r in records],
             "last100": statistics.fmean(r["diffusion"] for r in records if r["step"] > steps - 100),
-            "sec_per_step_median": median_step_time(records),
+            "sec_per_step_median": median_sec_per_step(records),
             **({} if (share := head_share(records)) is None else {"head_share": share}),
             # per attribute too, so a logged result is whole without its run folder (a later machine lacks runs/)
             "per_attribute": ev["per_attribute"], **eval_summary(ev)}
