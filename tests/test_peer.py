@@ -89,3 +89,27 @@ def test_a_recipes_step_time_now_is_timed_on_a_throwaway_run(tiny_cfg, tmp_path,
     monkeypatch.chdir(tmp_path)
     seconds = step_seconds_now(tiny_cfg(), steps=6)
     assert 0 < seconds < 60 and list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_a_calibrated_peer_trains_the_runs_steps_scaled_by_the_step_times_and_records_them(tiny_run, tmp_path,
+                                                                                            monkeypatch):
+    """--calibrate: the peer gets round(run steps x recipe step time / peer step time) steps, both times measured
+    just before it trains; the timings land beside its scores, and a second call reads the result back."""
+    import gmmcond.experiments.benchmarks as benchmarks
+    import gmmcond.experiments.peer as peer
+
+    monkeypatch.setattr(peer, "CALIBRATION_STEPS", {"run": 4, "peer": 4})
+    monkeypatch.setattr(benchmarks, "step_seconds_now", lambda cfg, steps: 0.25)  # the recipe's step, timed
+    result = peer.peer_vs_runs([tiny_run], TINY, calibrate=True, n=8, out=tmp_path / "bench", log=lambda *a: None)
+    gm, theirs = (s["per_seed"][0] for s in result["settings"].values())
+    run_steps, peer_s = gm["train_steps"], theirs["calibrated_peer_sec_per_step"]
+    assert theirs["calibrated_run_sec_per_step"] == 0.25 and peer_s > 0
+    assert theirs["train_steps"] == theirs["calibrated_peer_steps"] == round(run_steps * 0.25 / peer_s)
+    assert theirs["calibrated_run_minutes_now"] == run_steps * 0.25 / 60
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished seed was trained again")
+
+    monkeypatch.setattr(peer, "train_peer", must_not_train)
+    again = peer.peer_vs_runs([tiny_run], TINY, calibrate=True, n=8, out=tmp_path / "bench", log=lambda *a: None)
+    assert again == result

@@ -274,7 +274,8 @@ def peer_vs_runs(runs: list, recipe: PeerRecipe | None = None, *, minutes: float
                              "budget": "calibrated" if calibrate else round(budget, 3),
                              "recipe": repr(asdict(recipe))}, compute)
         mine.append({**own, "seed": seed, "minutes": budget, "train_steps": own["step"]})
-        theirs.append({**rec, "seed": seed})
+        # the calibration's timings beside the scores (the summary keeps numbers only, not nested records)
+        theirs.append({**rec, **{f"calibrated_{k}": v for k, v in rec.get("calibrated", {}).items()}, "seed": seed})
     return {"runs": [str(r) for r in runs], "n": n, "recipe": asdict(recipe), "settings": {
         f"gmmcond ({recipe_setting})": {"model_calls": model_calls(SamplingSettings(**SAMPLER_BUDGET[recipe_setting])),
                                         **summarise_records(mine)},
