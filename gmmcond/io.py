@@ -90,15 +90,19 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def median_seconds(times: list[float], skip: str = "first") -> float:
+    """The median of step times in the order they were taken. ``skip`` says which to leave out: ``"first"`` (it
+    holds compiling), ``"half"`` (the first half: compiling and the warm-up after it, which in a run of a few hundred
+    steps are more than one interval) or ``"none"``."""
+    return statistics.median({"none": times, "first": times[1:] or times, "half": times[len(times) // 2:]}[skip])
+
+
 def median_sec_per_step(metrics: list[dict], skip: str = "first") -> float:
-    """The median logged ``sec_per_step`` of a run's metrics rows. ``skip`` says which intervals to leave out:
-    ``"first"`` (it holds compiling), ``"half"`` (the first half: compiling and the warm-up after it, which in a
-    run of a few hundred steps are more than one interval) or ``"none"``."""
+    """The median logged ``sec_per_step`` of a run's metrics rows (:func:`median_seconds`)."""
     timed = [m["sec_per_step"] for m in metrics if "sec_per_step" in m]
     if not timed:
         raise ValueError("no sec_per_step in these metrics rows: the run logged no training interval yet")
-    kept = {"none": timed, "first": timed[1:] or timed, "half": timed[len(timed) // 2:]}[skip]
-    return statistics.median(kept)
+    return median_seconds(timed, skip)
 
 
 def append_metrics(path: str | Path, records: Iterable[dict]) -> None:

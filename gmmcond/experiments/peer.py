@@ -13,7 +13,6 @@ sample. ``diffusers`` is an optional extra (``pip install -e '.[peer]'``).
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..io import median_seconds
 from ..modeling.precision import autocast
 
 
@@ -172,8 +172,9 @@ def train_peer(recipe: PeerRecipe, dataset, minutes: float | None, seed: int, *,
     ema.copy_to(model.parameters())
     model.eval()
     tail = losses[-100:]
-    timed = {"sec_per_step_median": statistics.median(durations),
-             "sec_per_step_steady": statistics.median(durations[len(durations) // 2:])} if durations else {}
+    # the steady time by the same rule the recipe's is (``median_seconds``), so a calibration compares like with like
+    timed = {"sec_per_step_median": median_seconds(durations, "none"),
+             "sec_per_step_steady": median_seconds(durations, "half")} if durations else {}
     return model, {"train_steps": step, "minutes": (time.time() - start) / 60,
                    "loss_last100": sum(tail) / max(1, len(tail)), "params": sum(p.numel() for p in model.parameters()),
                    **timed}
