@@ -131,6 +131,23 @@ def test_an_arm_another_experiment_already_ran_is_reused_not_retrained(tmp_path,
     assert len(trained) == len(HEAD_ARMS)
 
 
+def test_the_loss_plot_draws_the_seeds_with_curves_and_says_how_many(tmp_path, monkeypatch):
+    """A record rebuilt from a committed table's per-seed summary (no curve) is counted, not drawn."""
+    from gmmcond.experiments import reproduce
+    from gmmcond.experiments.runner import ResultLog, arm_config
+
+    arms = {"a": ("shapes", ["train.steps=10"]), "b": ("shapes", ["train.steps=10"])}
+    log = ResultLog(tmp_path / "log.jsonl")
+    for arm, seed, curve in (("a", 0, [0.5, 0.25]), ("a", 1, None), ("b", 0, [0.4, 0.2]), ("b", 1, [0.6, 0.2])):
+        log.add({"arm": arm, "seed": seed, "config": arm_config(*arms[arm], seed)[1],
+                 **({"curve_steps": [5, 10], "curve": curve} if curve else {})})
+    drawn = []
+    monkeypatch.setattr(reproduce, "plot_band", lambda ax, x, curves, label: drawn.append((curves, label)))
+    reproduce.plot_loss_bands(tmp_path / "loss.png", log, arms, 2, "title")
+    assert drawn == [([[0.5, 0.25]], "a (curves of 1 of 2 seeds)"), ([[0.4, 0.2], [0.6, 0.2]], "b (2 seeds)")]
+    assert (tmp_path / "loss.png").exists()
+
+
 def test_the_experiment_registry_says_which_options_each_experiment_takes(tmp_path):
     """launch/reproduce.py is a thin entry point over EXPERIMENTS: an option an experiment does not take is an error
     naming the experiments that do; what is not given comes from the experiment's defaults."""

@@ -278,8 +278,10 @@ def plot_loss_bands(out: Path, log: "ResultLog", arms, seeds: int, title: str) -
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for arm in arms:
         rs = arm_records(log, arms, arm, seeds)
-        if rs:
-            plot_band(ax, rs[0]["curve_steps"], [r["curve"] for r in rs], f"{arm} ({len(rs)} seeds)")
+        drawn = [r for r in rs if "curve" in r]  # a record rebuilt from a table's per-seed summary has no curve
+        if drawn:
+            seeds_drawn = f"{len(drawn)} seeds" if len(drawn) == len(rs) else f"curves of {len(drawn)} of {len(rs)} seeds"
+            plot_band(ax, drawn[0]["curve_steps"], [r["curve"] for r in drawn], f"{arm} ({seeds_drawn})")
     ax.set_xlabel("step")
     ax.set_ylabel("diffusion loss")
     ax.set_yscale("log")
