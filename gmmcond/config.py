@@ -261,7 +261,12 @@ def apply_override(raw: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override '{override}' must look like dotted.path=value, e.g. train.steps=200")
     path, value = override.split("=", 1)
-    keys = path.strip().split(".")
+    set_dotted(raw, path.strip().split("."), yaml_load(value, f"override '{override}'"))
+
+
+def set_dotted(raw: dict, keys: list[str], value: Any) -> None:
+    """Set ``raw[k1][k2]...`` to ``value`` in place, making the sections on the way; a node given as a bare registry
+    key (``conditioner: gmm_attrs``) becomes ``{type: key}`` when a key below it is set."""
     node = raw
     for depth, key in enumerate(keys[:-1]):
         child = node.get(key)
@@ -274,10 +279,44 @@ def apply_override(raw: dict, override: str) -> None:
         elif child is None:
             child = {}
         elif not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(keys[:depth + 1])}: is {child!r}, not a section; cannot set {path}")
+            raise ConfigError(f"{node_path}: is {child!r}, not a section; cannot set {'.'.join(keys)}")
         node[key] = child
         node = child
-    node[keys[-1]] = yaml_load(value, f"override '{override}'")
+    node[keys[-1]] = value
+
+
+def leaves(tree: dict, prefix: tuple[str, ...] = ()) -> Iterable[tuple[list[str], Any]]:
+    """The (dotted keys, value) of every leaf of a nested mapping; a list or an empty mapping is a leaf."""
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from leaves(value, (*prefix, str(key)))
+        else:
+            yield [*prefix, str(key)], value
+
+
+def read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A recipe file's raw mapping with its ``base`` applied: ``base: NAME`` (a recipe name, or a path beside the
+    file) is that recipe with every leaf of this file set on it as a dotted override would set it (a list replaces
+    the whole list). The file must name itself (``name``); a base that leads back to the file is an error."""
+    raw = yaml_load(path.read_text(), str(path)) or {}
+    if not isinstance(raw, dict) or "base" not in raw:
+        return raw
+    base = raw.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: must be a recipe name or a path to one, got {base!r}")
+    if "name" not in raw:
+        raise ConfigError(f"{path}: name: required in a recipe built on a base (else it would be called '{base}')")
+    beside = path.parent / base
+    base_path = beside if beside.suffix in (".yaml", ".yml") and beside.exists() else recipe_path(base)
+    chain = (*chain, path.resolve())
+    if base_path.resolve() in chain:
+        raise ConfigError(f"{path}: base: '{base}' leads back to {base_path}: recipes cannot be their own base")
+    merged = read_recipe(base_path, chain)
+    if not isinstance(merged, dict):
+        raise ConfigError(f"{base_path}: a recipe must be a mapping of sections (the base of {path})")
+    for keys, value in leaves(raw):
+        set_dotted(merged, keys, value)
+    return merged
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
@@ -298,8 +337,7 @@ def recipe_path(name_or_path: str | Path) -> Path:
 
 def load_config(name_or_path: str | Path, overrides: Iterable[str] = ()) -> dict:
     """Load a recipe by name (``registry/NAME.yaml``) or path, apply dotted overrides, validate it."""
-    path = recipe_path(name_or_path)
-    raw = yaml_load(path.read_text(), str(path)) or {}
+    raw = read_recipe(recipe_path(name_or_path))
     for override in overrides:
         apply_override(raw, override)
     return resolve(raw)

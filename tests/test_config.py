@@ -192,3 +192,32 @@ def test_the_paper_recipe_is_the_default_trained_and_sampled_the_papers_way_and_
             "train.batch_size=8", "train.compile=false", "train.grid_every=0", "sample.steps=3", "sample.grid_rows=[]"]
     last = train(load_config("shapes_paper", tiny), tmp_path / "run")
     assert last["step"] == 3 and last["loss"] > 0
+
+
+def test_a_recipe_on_a_base_is_the_base_with_each_key_set_as_an_override(tmp_path):
+    """`base: NAME` sets every leaf of the file on the base recipe the way a dotted override sets it: a bare
+    registry key grows into a node, a list replaces the whole list; a base beside the file is found by path."""
+    (tmp_path / "mine.yaml").write_text(
+        "base: shapes_tiny\nname: mine\nconditioner: {sigma: 0.25}\nschedule: {type: vp_constant, T: 50}\n"
+        "sample: {grid_rows: [circle]}\n")
+    (tmp_path / "child.yaml").write_text("base: mine.yaml\nname: child\ntrain: {steps: 7}\n")
+    overrides = ["conditioner.sigma=0.25", "schedule.type=vp_constant", "schedule.T=50", "sample.grid_rows=[circle]"]
+    assert load_config(tmp_path / "mine.yaml") == dict(load_config("shapes_tiny", overrides), name="mine")
+    assert load_config(tmp_path / "child.yaml") == dict(load_config("shapes_tiny", [*overrides, "train.steps=7"]),
+                                                        name="child")
+    assert load_config("shapes_tokens_pooled") == dict(  # the shipped chain: shapes -> shapes_tokens -> pooled
+        load_config("shapes", ["model.cross_cond_dim=64", "model.cross_attn_depths=[false,true,true]",
+                               "conditioner.type=gmm_tokens", "conditioner.pooled=true"]), name="shapes_tokens_pooled")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base: shapes_tny\nname: x\n", "did you mean 'shapes_tiny'"),
+    ("base: shapes_tiny\ntrain: {steps: 2}\n", "name: required in a recipe built on a base"),
+    ("base: [shapes]\nname: x\n", "base: must be a recipe name"),
+    ("base: loop.yaml\nname: loop\n", "leads back to"),
+    ("base: shapes_tiny\nname: x\ntrain: {stpes: 2}\n", "did you mean 'steps'"),
+])
+def test_a_bad_base_is_an_error_naming_the_file_and_the_fix(tmp_path, text, message):
+    (tmp_path / "loop.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "loop.yaml")
