@@ -82,14 +82,14 @@ def main() -> None:
         opts = run_in_workers(exp.name, args.jobs, out, opts, parser)
     result = exp(opts)
     write_json(out / f"{exp.name}.json", result)
-    if exp.name == "editing":
-        from gmmcond.experiments.report import editing_table
+    from gmmcond.experiments.report import EXPERIMENT_TABLES
 
-        print(editing_table(result))
-    else:
-        summary = {k: {kk: vv for kk, vv in v.items() if not isinstance(vv, list)} if isinstance(v, dict) else v
-                   for k, v in result.items() if not isinstance(v, list)}
-        print(json.dumps(summary, indent=2))
+    if exp.name in EXPERIMENT_TABLES:
+        print(EXPERIMENT_TABLES[exp.name](result))
+    else:  # the numbers without their curves (those are in the JSON)
+        drop_lists = lambda tree: {k: drop_lists(v) if isinstance(v, dict) else v  # noqa: E731
+                                   for k, v in tree.items() if not isinstance(v, list)}
+        print(json.dumps(drop_lists(result), indent=2))
     print(f"wrote {out / (exp.name + '.png')} and {out / (exp.name + '.json')}")
 
 

@@ -165,6 +165,17 @@ def test_the_experiment_registry_says_which_options_each_experiment_takes(tmp_pa
         EXPERIMENTS["density"].options({"out": tmp_path, "run": tmp_path})
 
 
+def test_a_tabulation_ends_with_the_experiments_table_not_its_json(tmp_path):
+    """What reproduce.py prints when it tabulates: the markdown table the report would show (the per-seed records
+    and curves stay in the JSON it writes)."""
+    from entry import run_captured
+
+    done = run_captured("reproduce", "distribution", "--no-train", "--out", str(tmp_path), "--seeds", "2")
+    assert done.returncode == 0, done.stderr
+    assert "(no arm has a finished seed yet)" in done.stdout and "{" not in done.stdout
+    assert (tmp_path / "distribution.json").exists()
+
+
 def test_a_logged_result_is_computed_once_and_read_back(tmp_path):
     """ResultLog.once, the resumable unit of every experiment: a key already logged is read back, not computed."""
     from gmmcond.io import ResultLog

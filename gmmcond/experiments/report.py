@@ -50,6 +50,8 @@ CONVERGENCE_COLUMNS = (("head_share", "head's share", 3), ("loss_at_25pct", "los
 def arms_table(result: dict, columns=ARM_COLUMNS) -> str:
     """One row per arm: mean +- std over seeds of each column the arm has; real-vs-real references last."""
     arms = result["arms"]
+    if not arms:
+        return "(no arm has a finished seed yet)"
     cols = [c for c in columns if any(c[0] in a for a in arms.values())]
     lines = ["| arm | seeds | " + " | ".join(c[1] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for arm, stats in arms.items():
@@ -264,18 +266,23 @@ def command_options(result: dict) -> str:
     return "".join(f" --{k} {result[k]}" for k in ("scale", "steps", "seeds") if k in result)
 
 
+def _headline(result: dict) -> str:
+    return "\n\n".join(filter(None, (arms_table(result, HEADLINE_ARM_COLUMNS), paired_table(result))))
+
+
+EXPERIMENT_TABLES = {  # experiment name -> its markdown table(s) from its result JSON
+    "ngmg-vs-bce": ngmg_table, "head": _headline, "features-vs-classes": _headline, "precision": arms_table,
+    "combinations": lambda r: "\n\n".join(filter(None, (arms_table(r, COMBINATION_COLUMNS), open_table(r)))),
+    "editing": editing_table, "distribution": lambda r: arms_table(r, DISTRIBUTION_COLUMNS)}
+
+
 def report(out: Path, sweep_json: Path | None = None, recipe_runs: list[Path] | None = None) -> str:
     """Every table whose JSON exists under ``out`` (and the sweep's and the recipe runs', if given), as one
     markdown string."""
     parts = []
     if recipe_runs:
         parts.append(f"### the default recipe (`python launch/evaluate.py --run RUN` per seed)\n\n{recipe_table(recipe_runs)}")
-    headline = lambda r: "\n\n".join(filter(None, (arms_table(r, HEADLINE_ARM_COLUMNS), paired_table(r))))  # noqa: E731
-    tables = {"ngmg-vs-bce": ngmg_table, "head": headline, "features-vs-classes": headline, "precision": arms_table,
-              "combinations": lambda r: "\n\n".join(filter(None, (arms_table(r, COMBINATION_COLUMNS), open_table(r)))),
-              "editing": editing_table,
-              "distribution": lambda r: arms_table(r, DISTRIBUTION_COLUMNS)}
-    for name, fn in tables.items():
+    for name, fn in EXPERIMENT_TABLES.items():
         path = out / f"{name}.json"
         if path.exists():
             result = json.loads(path.read_text())
