@@ -176,6 +176,16 @@ def test_a_tabulation_ends_with_the_experiments_table_not_its_json(tmp_path):
     assert (tmp_path / "distribution.json").exists()
 
 
+def test_a_result_records_the_precision_its_run_trained_at(tiny_run, tmp_path):
+    """Seeds of one arm may train on hosts that resolve ``precision: auto`` differently (bf16 only where the CPU
+    computes it natively): the record says which, from the run's resolved config."""
+    from gmmcond.experiments.reproduce import trained_precision
+    from gmmcond.modeling.precision import resolve_precision
+
+    assert trained_precision(tiny_run) == resolve_precision("auto", "cpu").name
+    assert trained_precision(tmp_path / "no_such_run") is None
+
+
 def test_a_logged_result_is_computed_once_and_read_back(tmp_path):
     """ResultLog.once, the resumable unit of every experiment: a key already logged is read back, not computed."""
     from gmmcond.io import ResultLog

@@ -236,6 +236,15 @@ def train_once(recipe: str, overrides: list[str], run: Path) -> dict:
     return cfg
 
 
+def trained_precision(run: Path) -> str | None:
+    """The precision a run trained at, as its config.yaml records it resolved (``auto`` becomes bf16 only on a CPU
+    or GPU that computes bf16 natively, so seeds trained on other hosts may differ); None without the file."""
+    from ..config import yaml_load
+
+    path = run / "config.yaml"
+    return yaml_load(path.read_text(), str(path))["train"]["precision"] if path.is_file() else None
+
+
 def head_share(rows: list[dict]) -> float | None:
     """The head's part of the training objective, (loss - diffusion) / loss = weight * head / loss, averaged over
     a run's logged intervals; None for a run without a head."""
@@ -255,7 +264,7 @@ def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) 
                       progress=False)
     return {"steps": steps, "curve_steps": [r["step"] for r in records], "curve": [r["diffusion"] for r in records],
             "last100": statistics.fmean(r["diffusion"] for r in records if r["step"] > steps - 100),
-            "sec_per_step_median": median_sec_per_step(records),
+            "sec_per_step_median": median_sec_per_step(records), "precision": trained_precision(run),
             **({} if (share := head_share(records)) is None else {"head_share": share}),
             # per attribute too, so a logged result is whole without its run folder (a later machine lacks runs/)
             "per_attribute": ev["per_attribute"], **eval_summary(ev)}
@@ -315,6 +324,9 @@ def loss_arms(arm_table: dict, name: str, prefix: str, title: str, opts: Options
         title = f"{title.split(':')[0]}: {len(chosen)} of its {len(arm_table)} arms"
     arms = scaled_arms(chosen, opts)
     train_and_evaluate_arms(arms, log, opts, prefix)
+    for r in log.records:  # logged before records said their precision: from the run folder, where it still is
+        if "precision" not in r and (precision := trained_precision(Path(r["run"]))):
+            r["precision"] = precision
     plot_loss_bands(opts.path(name, "png"), log, arms, opts.seeds, f"{title}, {opts.steps} steps ({opts.scale} scale)")
     return {"steps": opts.steps, "seeds": opts.seeds, "n": opts.n, "scale": opts.scale,
             "arms": summarise_arms(log, arms, opts.seeds)}
