@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 
 
@@ -34,3 +35,20 @@ def cpu_flags() -> set[str]:
 def cpu_has_native_bf16() -> bool:
     """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16)."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def host_description() -> str:
+    """This machine as a benchmark should name it: CPU model, usable cores and the widest of the features that
+    decide the recipe's speed (AMX, AVX512-BF16, AVX512, AVX2), e.g. ``"AMD EPYC, 2 cores, AVX2 (no native bf16)"``."""
+    name = ""
+    try:
+        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), "")
+    except OSError:
+        pass
+    flags = cpu_flags()
+    widest = next((label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"),
+                                             ("avx2", "AVX2")) if flag in flags), "")
+    features = f", {widest}" if widest else ""
+    return (f"{name or platform.processor() or platform.machine()}, {usable_cores()} cores{features}"
+            f"{'' if cpu_has_native_bf16() else ' (no native bf16)'}")

@@ -119,3 +119,17 @@ def test_two_trainings_in_one_process_may_use_different_precisions(tiny_cfg, tmp
     train(tiny_cfg("train.precision=fp32"), tmp_path / "fp32")
     train(tiny_cfg("train.precision=bf16"), tmp_path / "bf16")  # accelerate's state from the first run is not reused
     assert "precision: bf16" in (tmp_path / "bf16" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("flags, words, native", [
+    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "AMX", True),
+    ({"avx2", "avx512f", "avx512_bf16"}, "AVX512-BF16", True),
+    ({"avx2", "avx512f"}, "AVX512 (no native bf16)", False),
+    ({"avx2"}, "AVX2 (no native bf16)", False),
+])
+def test_a_benchmark_names_its_host_by_cores_and_the_widest_feature_that_sets_its_speed(monkeypatch, flags, words, native):
+    from gmmcond import utils
+
+    monkeypatch.setattr(utils, "cpu_flags", lambda: flags)
+    described = utils.host_description()
+    assert described.endswith(f", {utils.usable_cores()} cores, {words}") and utils.cpu_has_native_bf16() is native

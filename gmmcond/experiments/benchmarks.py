@@ -9,6 +9,7 @@ import torch
 
 from ..sampling.samplers import sample
 from ..sampling.testbed import GaussianMixtureDenoiser, sliced_wasserstein
+from ..utils import host_description
 
 # (label, SAMPLERS node, model evaluations per step)
 SAMPLER_SET = [
@@ -269,7 +270,8 @@ def train_step_time(cfg: dict, *, steps: int = 4, rounds: int = 15, warmup: int 
             times[arm].append((time.perf_counter() - t0) / steps)
     peaks = peak_gflops()
     result = {"batch": batch_size, "steps_per_round": steps, "rounds": rounds, "flops_per_step": flops,
-              "threads": torch.get_num_threads(), "peak_gflops": peaks, "warmup_seconds": warm, "arms": {}}
+              "threads": torch.get_num_threads(), "host": host_description(), "peak_gflops": peaks,
+              "warmup_seconds": warm, "arms": {}}
     for arm in arms:
         stats = median_iqr(times[arm])
         result["arms"][arm] = {"what": TRAIN_ARMS[arm][0], "sec_per_step": stats, "gflops": flops / stats["median"] / 1e9}
@@ -304,7 +306,8 @@ def train_table(result: dict) -> str:
         lines.append(f"| {arm}: {r['what']} | {st['median'] * 1e3:.1f} ms ({st['iqr'] * 1e3:.1f}) | {r['gflops']:.0f} | "
                      f"{r.get('ratio_to_plain', float('nan')):.3f} |")
     p = result["peak_gflops"]
-    lines.append(f"\nFLOPs per step {result['flops_per_step'] / 1e9:.2f} G (batch {result['batch']}, FlopCounterMode); "
+    host = f"{result['host']}; " if "host" in result else ""  # results measured before benchmarks named it
+    lines.append(f"\n{host}FLOPs per step {result['flops_per_step'] / 1e9:.2f} G (batch {result['batch']}, FlopCounterMode); "
                  f"machine peaks, GFLOP/s: fp32 matmul {p['fp32_matmul']:.0f}, fp32 conv {p['fp32_conv']:.0f}, "
                  f"bf16 matmul {p['bf16_matmul']:.0f}, bf16 conv {p['bf16_conv']:.0f}")
     if "speedup_fastest_vs_plain" in result:
