@@ -465,6 +465,30 @@ def test_recipes_compared_groups_runs_by_recipe_and_pairs_them_by_training_seed(
     assert "(0 of 1 > 0)" in table or "(1 of 1 > 0)" in table  # seed 1 of each, paired
 
 
+def test_the_recipes_table_on_data_without_per_set_metrics_shows_recall_and_coverage_of_the_whole_set():
+    """Real data (digits, a folder) has no renderer to redraw an attribute set: no per-set numbers, so the table
+    gives the whole set's recall and coverage against the real reference and no spread."""
+    from gmmcond.experiments.document import sampler_budget_table
+    from gmmcond.experiments.runner import summarise_records
+
+    def runs(conf, recall, coverage):
+        return [{"seed": s, "all_attributes_correct": c, "defect_rate": 0.1, "recall": r, "recall_real_reference": 0.8,
+                 "coverage": v, "coverage_real_reference": 0.5, "eval_seconds": 10.0}
+                for s, (c, r, v) in enumerate(zip(conf, recall, coverage))]
+
+    result = {"compared": "recipe", "settings": {
+        "digits": {"model_calls": 200, **summarise_records(runs([0.5, 0.7], [0.4, 0.4], [0.5, 0.5]))},
+        "digits_new": {"model_calls": 200, **summarise_records(runs([0.6, 0.9], [0.8, 0.8], [0.25, 0.25]))}}}
+    table = sampler_budget_table(result).splitlines()
+    assert table[0] == ("| recipe | model calls a sample | runs | conformity | defects | recall / real | coverage / real | "
+                        "spread | evaluation seconds |")
+    assert table[2] == "| digits | 200 | 2 | 0.600 +- 0.141 | 0.100 +- 0.000 | 0.50x | 1.00x | - | 10 +- 0 |"
+    assert table[3].startswith("| digits_new | 200 | 2 | 0.750 +- 0.212 | 0.100 +- 0.000 | 1.00x | 0.50x | - |")
+    assert table[-3:] == ["| recipe | conformity | defects | coverage |", "|---|---|---|---|",
+                          "| digits_new | +0.150 +- 0.071 (2 of 2 > 0) | +0.000 +- 0.000 (0 of 2 > 0) | "
+                          "-0.250 +- 0.000 (0 of 2 > 0) |"]
+
+
 def test_processes_working_through_one_arm_list_split_it_by_the_run_folders_claims(tmp_path):
     """reproduce.py --jobs: a unit whose run folder another process has claimed is left to it, a result another
     process logged meanwhile is read back instead of computed, and a claim ends with its holder's file."""

@@ -185,10 +185,12 @@ class RowSampler:
 
 
 def score(sets: Heldout, images: torch.Tensor, fake: dict, real: dict, ref: dict) -> tuple[dict, list[str]]:
-    """Step 4: conformity, per-attribute accuracy, defects (and real images' rate under the same rule),
-    the evaluator's uncertainty, and the whole-set distances beside their real-vs-real references."""
+    """Step 4: conformity (and the real images' under the same evaluator), per-attribute accuracy, defects (and the
+    real images' rate under the same rule), the evaluator's uncertainty, and the whole-set distances beside their
+    real-vs-real references."""
     protocol, target, known = sets.protocol, sets.target, sets.known
     correct = ((fake["probs"] > 0.5).float() == target).float()
+    real_correct = ((real["probs"] > 0.5).float() == target).float()  # set A's real images, read against their rows
     names = protocol.attr_names
     reasons = defect_flags(protocol, images, fake["probs"], target, known, fake["features"], real["features"])
     real_reasons = defect_flags(protocol, sets.real_x, real["probs"], sets.reference.rows, torch.ones_like(target),
@@ -197,6 +199,8 @@ def score(sets: Heldout, images: torch.Tensor, fake: dict, real: dict, ref: dict
     result = {
         "attr_accuracy": (correct * known).sum().item() / known.sum().item(),
         "all_attributes_correct": ((correct * known).sum(1) == known.sum(1)).float().mean().item(),
+        # conformity's ceiling under this evaluator: the real images the samples' rows came from, read the same way
+        "all_attributes_correct_real_reference": ((real_correct * known).sum(1) == known.sum(1)).float().mean().item(),
         "per_attribute": {nm: (correct[:, k][known[:, k] > 0]).mean().item() for k, nm in enumerate(names) if known[:, k].any()},
         "defect_rate": sum(r != "ok" for r in reasons) / len(reasons),
         "defect_reasons": {r: reasons.count(r) for r in sorted(set(reasons)) if r != "ok"},
@@ -402,6 +406,8 @@ def eval_summary(ev: dict) -> dict:
     """The numbers an experiment keeps from an evaluation: accuracy, defects, and each distance beside its
     real-vs-real reference; the per-set diversity where the evaluation had every attribute fixed."""
     out = {k: ev[k] for k in ("attr_accuracy", "all_attributes_correct", "defect_rate")}
+    if "all_attributes_correct_real_reference" in ev:  # evaluations before it was measured lack it
+        out["all_attributes_correct_real_reference"] = ev["all_attributes_correct_real_reference"]
     for k in ("fd", "kid", "recall", "coverage", "precision"):
         out[k], out[f"{k}_real_reference"] = ev[k]["value"], ev[k]["real_reference"]
     for k, v in ev.get("per_set_mean", {}).items():

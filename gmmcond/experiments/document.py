@@ -185,23 +185,26 @@ def sampler_budget_table(result: dict) -> str:
     # the peer benchmark (gmmcond.experiments.peer) also says how long and how many steps each side trained
     trained = all("minutes" in st and "train_steps" in st for st in settings.values())
     extra = " training minutes | training steps |" if trained else ""
-    lines = [f"| {compared} | model calls a sample | runs | conformity | defects | per-set recall / real | "
-             "per-set coverage / real | spread | evaluation seconds |" + extra, "|---|---|---|---|---|---|---|---|---|"
+    # data with a renderer behind it (shapes) have the per-set metrics; elsewhere recall and coverage of the whole set
+    per_set = all("set_recall" in st for st in settings.values())
+    kind, key = ("per-set ", "set_") if per_set else ("", "")
+    lines = [f"| {compared} | model calls a sample | runs | conformity | defects | {kind}recall / real | "
+             f"{kind}coverage / real | spread | evaluation seconds |" + extra, "|---|---|---|---|---|---|---|---|---|"
              + "---|---|" * trained]
     for name, st in settings.items():
         cells = f" {tables.pm(st['minutes'], 1)} | {tables.pm(st['train_steps'], 0)} |" if trained else ""
+        spread = tables.pm(st["set_mean_spread_ratio"], 3) if per_set else "-"
         lines.append(f"| {name} | {st['model_calls']} | {st['all_attributes_correct']['n']} | "
-                     f"{tables.pm(st['all_attributes_correct'], 3)} | {tables.pm(st['defect_rate'], 3)} | {x(st, 'set_recall')} | "
-                     f"{x(st, 'set_coverage')} | {tables.pm(st['set_mean_spread_ratio'], 3)} | {tables.pm(st['eval_seconds'], 0)} |"
-                     + cells)
+                     f"{tables.pm(st['all_attributes_correct'], 3)} | {tables.pm(st['defect_rate'], 3)} | {x(st, key + 'recall')} | "
+                     f"{x(st, key + 'coverage')} | {spread} | {tables.pm(st['eval_seconds'], 0)} |" + cells)
     base_name, *others = list(settings)
     if others:
+        paired = ("all_attributes_correct", "defect_rate", key + "coverage", *("set_mean_spread_ratio",) * per_set)
         lines += ["", f"paired by {'training seed' if compared == 'recipe' else 'run'}, each {compared} minus '{base_name}':",
-                  "", f"| {compared} | conformity | defects | per-set coverage | spread |", "|---|---|---|---|---|"]
+                  "", f"| {compared} | conformity | defects | {kind}coverage |" + " spread |" * per_set,
+                  "|---|---|---|---|" + "---|" * per_set]
         for name in others:
-            cells = [_paired(result, name, base_name, k, 3) for k in
-                     ("all_attributes_correct", "defect_rate", "set_coverage", "set_mean_spread_ratio")]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | " + " | ".join(_paired(result, name, base_name, k, 3) for k in paired) + " |")
     return "\n".join(lines)
 
 
