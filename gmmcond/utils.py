@@ -52,3 +52,9 @@ def host_description() -> str:
     features = f", {widest}" if widest else ""
     return (f"{name or platform.processor() or platform.machine()}, {usable_cores()} cores{features}"
             f"{'' if cpu_has_native_bf16() else ' (no native bf16)'}")
+
+
+def cache_root() -> Path:
+    """Where gmmcond keeps what it makes once and reuses (evaluators trained on first use, the digits folder):
+    ``$GMMCOND_CACHE``, default ``~/.cache/gmmcond``."""
+    return Path(os.environ.get("GMMCOND_CACHE", Path.home() / ".cache" / "gmmcond"))

@@ -24,6 +24,7 @@ from PIL import Image
 
 from ..errors import DatasetError
 from ..registry import DATASETS, EVAL_PROTOCOLS
+from ..utils import cache_root
 from .local import ImageFolderAttrs
 from .protocol import TableProtocol
 
@@ -36,7 +37,7 @@ CSV_NAME = "attrs.csv"
 
 def default_root() -> Path:
     """Where the folder is written unless a recipe names one: beside the cached evaluators."""
-    return Path(os.environ.get("GMMCOND_CACHE", Path.home() / ".cache" / "gmmcond")) / "data" / "digits"
+    return cache_root() / "data" / "digits"
 
 
 def load_scans() -> tuple[np.ndarray, np.ndarray]:

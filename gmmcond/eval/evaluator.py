@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from ..data.protocol import EvaluationProtocol, protocol_class, stack_items
 from ..errors import GmmcondError, RunError
 from ..io import read_safetensors, write_safetensors
 from ..registry import DATASETS
+from ..utils import cache_root
 
 FROZEN = Path(__file__).resolve().parent / "weights" / "shapes16.safetensors"
 TRAIN_COMMAND = "python launch/evaluate.py --train-evaluator"
@@ -194,7 +194,7 @@ def load_evaluator(path: Path) -> tuple[Evaluator, dict]:
 
 def cache_dir() -> Path:
     """Return the folder of evaluators trained on first use."""
-    return Path(os.environ.get("GMMCOND_CACHE", Path.home() / ".cache" / "gmmcond")) / "evaluators"
+    return cache_root() / "evaluators"
 
 
 def evaluator_for(dataset_cfg: dict, path: str | Path | None = None, *, progress: bool = True) -> tuple[Evaluator, dict, Path]:
