@@ -176,14 +176,22 @@ def test_a_tabulation_ends_with_the_experiments_table_not_its_json(tmp_path):
     assert (tmp_path / "distribution.json").exists()
 
 
-def test_a_result_records_the_precision_its_run_trained_at(tiny_run, tmp_path):
+def test_a_result_records_the_precision_its_run_trained_at(tiny_run, tmp_path, monkeypatch):
     """Seeds of one arm may train on hosts that resolve ``precision: auto`` differently (bf16 only where the CPU
-    computes it natively): the record says which, from the run's resolved config."""
-    from gmmcond.experiments.reproduce import trained_precision
+    computes it natively): the record says which (``train_precision``), from the run's resolved config, beside the
+    evaluation's ``precision`` (PRDC's, a different number that must not overwrite it)."""
+    from gmmcond.eval import evaluate
+    from gmmcond.experiments.reproduce import train_and_evaluate, trained_precision
     from gmmcond.modeling.precision import resolve_precision
 
-    assert trained_precision(tiny_run) == resolve_precision("auto", "cpu").name
+    trained = resolve_precision("auto", "cpu").name
+    assert trained_precision(tiny_run) == trained
     assert trained_precision(tmp_path / "no_such_run") is None
+    real = evaluate.evaluate_run
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda run, overrides, size, **kw: real(
+        run, {**overrides, "steps": 2}, evaluate.EvalSize(n=8, sets=0, memorisation=0), **kw))
+    record = train_and_evaluate("shapes_tiny", [], tiny_run, n=8)  # a finished run: evaluated, not trained again
+    assert record["train_precision"] == trained and isinstance(record["precision"], float)
 
 
 def test_a_logged_result_is_computed_once_and_read_back(tmp_path):

@@ -264,7 +264,7 @@ def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) 
                       progress=False)
     return {"steps": steps, "curve_steps": [r["step"] for r in records], "curve": [r["diffusion"] for r in records],
             "last100": statistics.fmean(r["diffusion"] for r in records if r["step"] > steps - 100),
-            "sec_per_step_median": median_sec_per_step(records), "precision": trained_precision(run),
+            "sec_per_step_median": median_sec_per_step(records), "train_precision": trained_precision(run),
             **({} if (share := head_share(records)) is None else {"head_share": share}),
             # per attribute too, so a logged result is whole without its run folder (a later machine lacks runs/)
             "per_attribute": ev["per_attribute"], **eval_summary(ev)}
@@ -325,8 +325,8 @@ def loss_arms(arm_table: dict, name: str, prefix: str, title: str, opts: Options
     arms = scaled_arms(chosen, opts)
     train_and_evaluate_arms(arms, log, opts, prefix)
     for r in log.records:  # logged before records said their precision: from the run folder, where it still is
-        if "precision" not in r and (precision := trained_precision(Path(r["run"]))):
-            r["precision"] = precision
+        if "train_precision" not in r and (precision := trained_precision(Path(r["run"]))):
+            r["train_precision"] = precision
     plot_loss_bands(opts.path(name, "png"), log, arms, opts.seeds, f"{title}, {opts.steps} steps ({opts.scale} scale)")
     return {"steps": opts.steps, "seeds": opts.seeds, "n": opts.n, "scale": opts.scale,
             "arms": summarise_arms(log, arms, opts.seeds)}
