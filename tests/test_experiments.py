@@ -390,12 +390,35 @@ def test_the_head_experiment_calibrates_each_loss_on_seed_0_then_trains_every_se
     # NGMG: 0.1 x odds(0.02) / odds(0.2) = 0.0082 and x odds(0.1) / odds(0.2) = 0.044; BCE from odds(0.5) = 1
     assert sorted(set(weights)) == ["head.weight=0.002", "head.weight=0.0082", "head.weight=0.011", "head.weight=0.044"]
     assert all(weights.count(w) == 2 for w in weights)  # fixed for both seeds
+    assert result["calibrated_weights"] == {"head ngmg surplus, share 2%": 0.0082, "head ngmg surplus, share 10%": 0.044,
+                                            "head bce, share 2%": 0.002, "head bce, share 10%": 0.011}
     no_head = result["arms"]["no head"]
     expected = sum(0.010 + 0.05 * max(0, 800 - s) / 1000 for s in range(160, 260, 10)) / 10  # steps 151..250
     assert no_head["loss_at_25pct"]["mean"] == pytest.approx(expected, rel=1e-12)
     assert no_head["reaches_base_final"]["mean"] == 1.0 and no_head["steps_to_base_final"]["mean"] == 890
     assert result["arms"]["head bce"]["reaches_base_final"]["mean"] == 0.0
     assert "steps_to_base_final" not in result["arms"]["head bce"]
+
+
+def test_the_head_experiment_tabulates_seeds_whose_records_kept_no_curve(tmp_path, monkeypatch):
+    """A record rebuilt from a table's per-seed row (or reused from such a log) keeps its numbers, not its loss
+    curve: convergence leaves it out and the rest of the table stands."""
+    from gmmcond.experiments import reproduce
+    from gmmcond.experiments.runner import Options
+
+    def fake(recipe, full, run, *, n):
+        steps = list(range(10, 1010, 10))
+        rec = {"last100": 0.01, "steps": 1000, "curve_steps": steps, "curve": [0.01] * len(steps)}
+        if "head=none" in full and "train.seed=1" in full:
+            del rec["curve_steps"], rec["curve"]
+        return rec
+
+    monkeypatch.setattr(reproduce, "train_and_evaluate", fake)
+    monkeypatch.setattr(reproduce, "plot_loss_bands", lambda *a, **k: None)
+    result = reproduce.head(Options(tmp_path, seeds=2, steps=1000, n=8, scale="recipe", arms=("no head",)))
+    no_head = result["arms"]["no head"]
+    assert no_head["last100"]["n"] == 2 and "loss_at_25pct" not in no_head  # not every seed has it: no summary
+    assert [("loss_at_25pct" in r) for r in no_head["per_seed"]] == [True, False]
 
 
 def test_the_open_table_reports_each_target_met_or_missed_from_the_records():

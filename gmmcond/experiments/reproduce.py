@@ -371,11 +371,13 @@ def calibrated_head_arms(log: ResultLog, shipped: dict, opts: Options) -> dict:
 def convergence(log: ResultLog, arms: dict, seeds: int, base: str = "no head") -> dict:
     """Fig. 9's "faster convergence", per arm and seed: the diffusion loss over the 100 steps up to 25% and 50% of
     training, whether the loss's 100-step running mean ever reaches the same seed's ``base`` arm's final loss (its
-    last 100 steps) and the first step at which it does."""
+    last 100 steps) and the first step at which it does. Records without a curve are left out."""
     finals = {r["seed"]: r["last100"] for r in arm_records(log, arms, base, seeds)} if base in arms else {}
     out = {}
     for arm in arms:
         for r in arm_records(log, arms, arm, seeds):
+            if "curve" not in r:  # a record rebuilt from a table's per-seed row keeps its numbers, not its curve
+                continue
             steps, curve = np.asarray(r["curve_steps"]), np.asarray(r["curve"])
             mark = {pct: steps[-1] * pct / 100 for pct in (25, 50)}  # the last logged step is the run's length
             at = {f"loss_at_{pct}pct": float(curve[(steps > end - 100) & (steps <= end)].mean())
@@ -401,8 +403,11 @@ def head(opts: Options) -> dict:
     log = ResultLog(opts.path("head", "jsonl"))
     shipped = scaled_arms({a: HEAD_ARMS[a] for a in SHIPPED_HEAD_ARMS if not opts.arms or any(
         n == a or n.startswith(f"{a}, share") for n in opts.arms)}, opts)
-    table = {**HEAD_ARMS, **calibrated_head_arms(log, shipped, opts)}
+    calibrated = calibrated_head_arms(log, shipped, opts)
+    table = {**HEAD_ARMS, **calibrated}
     result = loss_arms(table, "head", "head", "shapes: no head / NGMG head / BCE head", opts, log)
+    # the weights fixed for every seed, there before any of their seeds is trained
+    result["calibrated_weights"] = {arm: float(overrides[-1].split("=", 1)[1]) for arm, (_, overrides) in calibrated.items()}
     speed = convergence(log, scaled_arms(select_arms(table, opts.arms), opts), opts.seeds)
     for arm, stats in result["arms"].items():
         for r in stats["per_seed"]:
