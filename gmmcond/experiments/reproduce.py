@@ -289,7 +289,8 @@ def plot_loss_bands(out: Path, log: "ResultLog", arms, seeds: int, title: str) -
         rs = arm_records(log, arms, arm, seeds)
         drawn = [r for r in rs if "curve" in r]  # a record rebuilt from a table's per-seed summary has no curve
         if drawn:
-            seeds_drawn = f"{len(drawn)} seeds" if len(drawn) == len(rs) else f"curves of {len(drawn)} of {len(rs)} seeds"
+            seeds_drawn = (f"{len(drawn)} seed{'s' * (len(drawn) != 1)}" if len(drawn) == len(rs)
+                           else f"curves of {len(drawn)} of {len(rs)} seeds")
             plot_band(ax, drawn[0]["curve_steps"], [r["curve"] for r in drawn], f"{arm} ({seeds_drawn})")
     ax.set_xlabel("step")
     ax.set_ylabel("diffusion loss")
