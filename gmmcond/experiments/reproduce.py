@@ -348,14 +348,14 @@ def share_weight(weight: float, share: float, target: float) -> float:
     return float(f"{weight * odds(target) / odds(share):.2g}")
 
 
-def calibrated_head_arms(log: ResultLog, shipped: dict, opts: Options) -> dict:
+def calibrated_head_arms(log: ResultLog, shipped: dict, opts: Options) -> tuple[dict, dict]:
     """Per shipped-weight head arm and :data:`HEAD_SHARES` target: "ARM, share T%" at the weight calibrated on that
     arm's seed-0 record in ``log`` or an ``opts.reuse`` log (trained first where in neither and ``opts.train``); none
-    for an arm not calibrated."""
+    for an arm not calibrated. Returns the arms and, by the same names, their weights."""
     from ..config import load_config
 
     train_and_evaluate_arms(shipped, log, replace(opts, seeds=1), "head")
-    out = {}
+    arms, weights = {}, {}
     for arm, (recipe, overrides) in shipped.items():
         key = result_key(recipe, arm_config(recipe, overrides, 0)[0], train_eval_protocol(opts.n))
         rs = [*arm_records(log, shipped, arm, 1), *(r for other in opts.reuse for r in other.records
@@ -364,9 +364,10 @@ def calibrated_head_arms(log: ResultLog, shipped: dict, opts: Options) -> dict:
             continue
         weight = load_config(recipe, overrides)["head"]["weight"]
         for target in HEAD_SHARES:
-            w = share_weight(weight, rs[0]["head_share"], target)
-            out[f"{arm}, share {target:.0%}"] = (recipe, [*HEAD_ARMS[arm][1], f"head.weight={w:g}"])
-    return out
+            name = f"{arm}, share {target:.0%}"
+            weights[name] = share_weight(weight, rs[0]["head_share"], target)
+            arms[name] = (recipe, [*HEAD_ARMS[arm][1], f"head.weight={weights[name]:g}"])
+    return arms, weights
 
 
 def convergence(log: ResultLog, arms: dict, seeds: int, base: str = "no head") -> dict:
@@ -404,11 +405,11 @@ def head(opts: Options) -> dict:
     log = ResultLog(opts.path("head", "jsonl"))
     shipped = scaled_arms({a: HEAD_ARMS[a] for a in SHIPPED_HEAD_ARMS if not opts.arms or any(
         n == a or n.startswith(f"{a}, share") for n in opts.arms)}, opts)
-    calibrated = calibrated_head_arms(log, shipped, opts)
+    calibrated, weights = calibrated_head_arms(log, shipped, opts)
     table = {**HEAD_ARMS, **calibrated}
     result = loss_arms(table, "head", "head", "shapes: no head / NGMG head / BCE head", opts, log)
     # the weights fixed for every seed, there before any of their seeds is trained
-    result["calibrated_weights"] = {arm: float(overrides[-1].split("=", 1)[1]) for arm, (_, overrides) in calibrated.items()}
+    result["calibrated_weights"] = weights
     speed = convergence(log, scaled_arms(select_arms(table, opts.arms), opts), opts.seeds)
     for arm, stats in result["arms"].items():
         for r in stats["per_seed"]:
