@@ -106,6 +106,7 @@ class SampleConfig:
     steps: int = 50  # Model evaluations for grids and launch/sample.py.
     cfg_scale: float = 1.0  # Classifier-free guidance scale (1: plain conditional).
     cfg_null: str = "dropped"  # What guidance pushes from: dropped (the trained null) or all_unknown (partial runs).
+    cfg_interval: list = field(default_factory=list)  # [lo, hi]: guide only where lo < sigma <= hi; []: at every sigma.
     grid_rows: list = field(default_factory=list)  # Attribute sets ("circle,red") for training grids; [] picks from data.
     grid_cols: int = 8  # Samples per grid row.
     seed: int = 0  # Noise seed of the grids.
@@ -211,6 +212,16 @@ def resolve_section(path: str, values: Any, schema: type) -> dict:
     }
 
 
+def check_cfg_interval(interval: Any, path: str = "sample.cfg_interval") -> None:
+    """A guidance interval is empty (guide at every sigma) or two numbers ``lo < hi``, ``lo >= 0``."""
+    if len(interval) == 0:
+        return
+    if len(interval) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval) \
+            or not 0 <= interval[0] < interval[1]:
+        raise ConfigError(f"{path}: must be [lo, hi] with 0 <= lo < hi (guide where lo < sigma <= hi) or [] (every "
+                          f"sigma), got {list(interval)!r}")
+
+
 def resolve(raw: dict) -> dict:
     """Validate a whole config dict and return it with every default filled in."""
     if not isinstance(raw, dict):
@@ -230,6 +241,7 @@ def resolve(raw: dict) -> dict:
     for key, schema in SECTIONS.items():
         cfg[key] = resolve_section(key, raw.get(key), schema)
     cfg["sample"]["sampler"] = resolve_node("sample.sampler", cfg["sample"]["sampler"], SAMPLERS, SAMPLER_FIXED_ARGS)
+    check_cfg_interval(cfg["sample"]["cfg_interval"])
     for dotted, low in MINIMUMS.items():
         section, key = dotted.split(".")
         if cfg[section][key] < low or (key == "lr" and cfg[section][key] == 0):

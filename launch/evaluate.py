@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--tag", type=tag_name, help="write eval_TAG.json (and PNGs) instead of eval.json, e.g. for another sampler")
     parser.add_argument("--steps", type=positive_int)
     parser.add_argument("--cfg-scale", type=guidance_scale, help="guidance scale >= 0 (see launch/sample.py --help)")
+    parser.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                        help="guide only where LO < sigma <= HI (see launch/sample.py --help)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                         help="sampling autocast (default: the run's training precision where this machine runs it)")
@@ -86,8 +88,8 @@ def main() -> None:
 
     from gmmcond.eval.evaluate import METRICS, EvalSize, eval_stem, evaluate_run
 
-    sampling = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale, "seed": args.seed,
-                "precision": args.precision}
+    sampling = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
+                "cfg_interval": args.cfg_interval, "seed": args.seed, "precision": args.precision}
     size = EvalSize(n=args.n or 512, sets=args.sets, per_set=args.per_set, memorisation=args.memorisation)
     result = evaluate_run(args.run, sampling, size, evaluator=args.evaluator, tag=args.tag, weights=args.weights)
     h = result["headline"]

@@ -31,6 +31,9 @@ def main() -> None:
                         help="classifier-free guidance scale D_uncond + s (D_cond - D_uncond): 0 ignores the attributes, "
                              "between 0 and 1 mixes toward the unconditional model, 1 is plain conditional (no "
                              "guidance), above 1 guides; default: the run's sample.cfg_scale")
+    parser.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                        help="guide only where LO < sigma <= HI (guidance in a limited interval), plain conditional "
+                             "elsewhere; default: the run's sample.cfg_interval")
     parser.add_argument("--cfg-null", choices=GUIDANCE_NULLS,
                         help="what guidance pushes away from: dropped, the dropped condition it was trained with, or "
                              "all_unknown, every attribute unspecified (runs trained with attr_dropout > 0); default: "
@@ -73,7 +76,7 @@ def main() -> None:
         export_run(Path(args.export), run.parts, run.cfg, run.step)
         print(f"wrote {args.export}")
     sampling = {"sampler": args.sampler, "steps": args.steps, "seed": args.seed, "cfg_scale": args.cfg_scale,
-                "precision": args.precision}
+                "cfg_interval": args.cfg_interval, "precision": args.precision}
     if args.edit:
         if args.save:
             parser.error("--save applies to sampling, not to --edit")

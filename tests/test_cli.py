@@ -63,6 +63,7 @@ def test_under_accelerate_launch_quiet_the_only_error_output_is_gmmconds_line(tm
     (["--n", "0"], "argument --n: must be >= 1, got 0"),
     (["--steps", "-1"], "argument --steps: must be >= 1, got -1"),
     (["--attrs", "circle,square"], "the group ['circle', 'square', 'triangle'] is mutually exclusive"),
+    (["--cfg-scale", "2", "--cfg-interval", "5", "1"], "cfg_interval: must be [lo, hi] with 0 <= lo < hi"),
 ])
 def test_bad_sample_arguments_are_one_line_errors(tiny_run, args, message):
     code, err = run_entry("sample", "--run", tiny_run, *args)

@@ -146,11 +146,15 @@ def test_evaluator_weights_are_hashed_and_an_altered_file_is_refused(tmp_path):
         load_evaluator(path)
 
 
-def test_evaluation_at_small_n_warns(tiny_run):
+def test_an_evaluation_records_its_guidance_interval_and_warns_at_small_n(tiny_run):
     from gmmcond.eval.evaluate import EvalSize, evaluate_run
 
     result = evaluate_run(tiny_run, None, EvalSize(n=8, sets=0), progress=False, write=False)
     assert result["warnings"] and "n=8 is below 64" in result["warnings"][0]
+    assert "cfg_interval" not in result  # guidance at every sigma, as before intervals existed
+    limited = evaluate_run(tiny_run, {"cfg_scale": 2.0, "cfg_interval": [0.5, 5.0]}, EvalSize(n=8, sets=0),
+                           progress=False, write=False)
+    assert limited["cfg_interval"] == [0.5, 5.0] and limited["cfg_scale"] == 2.0
 
 
 def test_sweep_evaluates_each_point_once_and_resumes(tiny_cfg, tmp_path, monkeypatch):

@@ -446,6 +446,8 @@ def test_the_open_table_reports_each_target_met_or_missed_from_the_records():
 
 
 def test_the_sampler_budget_counts_model_calls_and_evaluates_each_setting_once(tiny_run, monkeypatch):
+    import k_diffusion as K
+
     from gmmcond.eval import evaluate
     from gmmcond.experiments import benchmarks
     from gmmcond.sampling.settings import SamplingSettings
@@ -453,6 +455,12 @@ def test_the_sampler_budget_counts_model_calls_and_evaluates_each_setting_once(t
     assert benchmarks.model_calls(SamplingSettings("dpmpp_2m", 15, 1.5)) == 30
     assert benchmarks.model_calls(SamplingSettings({"type": "x0_reproject", "renoise": 0.5}, 100, 1.5)) == 200
     assert benchmarks.model_calls(SamplingSettings("heun", 10, 1.0)) == 20
+    # guided only where 0.28 < sigma <= 5.42: of k-diffusion's 100 Karras sigmas from 80 to 0.01 (rho 7), 32 steps
+    sigmas = K.sampling.get_sigmas_karras(100, 0.01, 80.0, 7.0)
+    interval = SamplingSettings({"type": "x0_reproject", "renoise": 0.5}, 100, 2.5, cfg_interval=(0.28, 5.42))
+    assert benchmarks.model_calls(interval, sigmas) == 100 + int(((sigmas[:-1] > 0.28) & (sigmas[:-1] <= 5.42)).sum()) == 132
+    with pytest.raises(ValueError, match="sampling sigmas"):
+        benchmarks.model_calls(interval)
     calls = []
     real = evaluate.evaluate_run
     monkeypatch.setattr(evaluate, "evaluate_run", lambda run, overrides, size, **kw: calls.append(overrides) or real(

@@ -108,6 +108,51 @@ def test_cfg_at_scale_1_is_the_conditional_model():
     assert torch.allclose(guided, bed(x, sigma, class_weights=cond), atol=1e-12)
 
 
+class CallLog(torch.nn.Module):
+    """The testbed, recording the batch size of every forward."""
+
+    def __init__(self, bed):
+        super().__init__()
+        self.bed, self.batches = bed, []
+
+    def forward(self, x, sigma, **kwargs):
+        self.batches.append(len(x))
+        return self.bed(x, sigma, **kwargs)
+
+
+def test_cfg_in_an_interval_guides_inside_it_and_is_the_conditional_model_in_one_forward_outside():
+    bed = GaussianMixtureDenoiser.default(d=2)
+    x = torch.randn(6, 2, dtype=torch.float64) * 2
+    cond = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 1, 0, 2]), 3).double()
+    sigma = torch.tensor([0.1, 0.5, 1.0, 2.0, 5.0, 9.0], dtype=torch.float64)
+    always = CFGDenoiser(bed, 3.0, bed.weights, cond_key="class_weights")(x, sigma, class_weights=cond)
+    plain = bed(x, sigma, class_weights=cond)
+    logged = CallLog(bed)
+    mixed = CFGDenoiser(logged, 3.0, bed.weights, cond_key="class_weights", interval=(0.5, 5.0))(x, sigma, class_weights=cond)
+    inside = torch.tensor([False, False, True, True, True, False])  # lo < sigma <= hi
+    assert torch.equal(mixed[inside], always[inside]) and torch.allclose(mixed[~inside], plain[~inside], atol=1e-12)
+    assert not torch.allclose(always, plain)  # the guidance moved something
+    logged.batches.clear()
+    outside = CFGDenoiser(logged, 3.0, bed.weights, cond_key="class_weights", interval=(10.0, 80.0))
+    assert torch.equal(outside(x, sigma, class_weights=cond), plain) and logged.batches == [6]  # no null branch
+
+
+def test_sampling_with_cfg_in_an_interval_spans_plain_and_guided_sampling():
+    bed = GaussianMixtureDenoiser.default(d=2)
+    cond = torch.nn.functional.one_hot(torch.full((64,), 1), 3).double()
+    sigmas = K.sampling.get_sigmas_karras(20, 0.002, 80.0).double()
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def run(scale, interval=None):
+        model = CFGDenoiser(bed, scale, bed.weights, cond_key="class_weights", interval=interval)
+        return sample("euler", model, noise, sigmas, extra_args={"class_weights": cond})
+
+    assert torch.equal(run(3.0, (0.0, 1e3)), run(3.0))  # every sampling sigma inside: CFG throughout
+    assert torch.allclose(run(3.0, (1e3, 1e4)), run(1.0), atol=1e-12)  # none inside: the conditional model
+    part = run(3.0, (0.3, 5.0))
+    assert not torch.allclose(part, run(3.0)) and not torch.allclose(part, run(1.0))
+
+
 def test_cfg_raises_target_posterior_and_lowers_spread_on_the_testbed():
     bed = GaussianMixtureDenoiser.default(d=2)
     n, target = 2000, 1
@@ -250,8 +295,9 @@ def test_sample_cli_writes_grids_lists_valid_attributes_and_exports(tiny_cfg, tm
     assert bad.returncode == 2
     assert "unknown attribute(s) ['purple'] in 'circle,purple'; valid attributes: circle, square, triangle, red, green, blue" in bad.stderr
     for mode in ("latents", "fixed-latent", "x0-strip"):
+        interval = ("--cfg-interval", 0.1, 5.0) if mode == "x0-strip" else ()
         ok = run_sample("--run", run, "--attrs", "circle,red", "--n", 2, "--steps", 3, "--mode", mode, "--head-scale", 1.0,
-                        "--cfg-scale", 2.0, "--export", tmp_path / "ema.safetensors")  # head guidance and CFG together
+                        "--cfg-scale", 2.0, *interval, "--export", tmp_path / "ema.safetensors")  # head guidance and CFG
         assert ok.returncode == 0, ok.stderr[-2000:]
         assert (run / "samples" / f"{mode}_circle-red.png").exists()
     from safetensors import safe_open

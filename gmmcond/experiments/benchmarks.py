@@ -573,15 +573,43 @@ SAMPLER_BUDGET = {
     "dpmpp_2m, 15 steps, CFG 1.5": {"sampler": "dpmpp_2m", "steps": 15, "cfg_scale": 1.5},
     "dpmpp_2m_sde, 15 steps, CFG 1.5": {"sampler": "dpmpp_2m_sde", "steps": 15, "cfg_scale": 1.5},
     "dpmpp_3m_sde, 15 steps, CFG 1.5": {"sampler": "dpmpp_3m_sde", "steps": 15, "cfg_scale": 1.5},
+    # guidance in a limited interval (Kynkäänniemi et al. 2024; (0.28, 5.42] is their EDM2-S interval, sigma_data 0.5
+    # as here): guidance off at the highest sigmas, where it narrows each set, so it can be stronger elsewhere
+    "x0_reproject 0.5, 100 steps, CFG 1.5 in (0.28, 5.42]": {"sampler": {"type": "x0_reproject", "renoise": 0.5},
+                                                            "steps": 100, "cfg_scale": 1.5, "cfg_interval": (0.28, 5.42)},
+    "x0_reproject 0.5, 100 steps, CFG 2.5 in (0.28, 5.42]": {"sampler": {"type": "x0_reproject", "renoise": 0.5},
+                                                            "steps": 100, "cfg_scale": 2.5, "cfg_interval": (0.28, 5.42)},
+    "x0_reproject 0.5, 100 steps, CFG 2.5 in (0.28, 80]": {"sampler": {"type": "x0_reproject", "renoise": 0.5},
+                                                          "steps": 100, "cfg_scale": 2.5, "cfg_interval": (0.28, 80.0)},
+    "dpmpp_2m_sde, 20 steps, CFG 2.5 in (0.28, 5.42]": {"sampler": "dpmpp_2m_sde", "steps": 20, "cfg_scale": 2.5,
+                                                        "cfg_interval": (0.28, 5.42)},
 }
 
 
-def model_calls(settings) -> int:
+def model_calls(settings, sigmas=None) -> int:
     """Model evaluations a sample costs under ``settings`` (a SamplingSettings): steps times the sampler's calls
-    per step, doubled under classifier-free guidance (the conditional and the null branch)."""
+    per step, doubled under classifier-free guidance (the conditional and the null branch); with a guidance
+    interval, doubled only at the steps whose sigma (of the sampling ``sigmas``, the run's schedule) lies in it
+    (for a two-call sampler both calls counted at the step's first sigma)."""
     name = settings.sampler if isinstance(settings.sampler, str) else settings.sampler["type"]
-    calls = settings.steps * CALLS_PER_STEP.get(name, 1)
-    return calls * (2 if settings.cfg_scale != 1 else 1)
+    per_step = CALLS_PER_STEP.get(name, 1)
+    if settings.cfg_scale == 1:
+        return settings.steps * per_step
+    if not settings.cfg_interval:
+        return 2 * settings.steps * per_step
+    if sigmas is None:
+        raise ValueError("the model calls of a guidance interval depend on the sampling sigmas: pass the run's")
+    lo, hi = settings.cfg_interval
+    guided = sum(1 for sigma in list(map(float, sigmas))[:settings.steps] if lo < sigma <= hi)
+    return (settings.steps + guided) * per_step
+
+
+def run_sigmas(run, steps: int):
+    """The sampling sigmas of a trained run's schedule at ``steps`` steps."""
+    from ..config import load_config
+    from ..registry import SCHEDULES
+
+    return SCHEDULES.build(load_config(Path(run) / "config.yaml")["schedule"]).sigmas(steps)
 
 
 def recipe_groups(runs: list) -> dict[str, list]:
@@ -655,8 +683,9 @@ def sampler_budget(runs: list, names=None, *, n: int = 512, log=print) -> dict:
 
             rec = ResultLog(run / "sampler_budget.jsonl").once({"setting": name, "n": n}, compute)
             records.append({**rec, "seed": len(records)})
-        result["settings"][name] = {"overrides": overrides, "model_calls": model_calls(SamplingSettings(**overrides)),
-                                    **summarise_records(records)}
+        settings = SamplingSettings(**overrides)
+        result["settings"][name] = {"overrides": overrides, **summarise_records(records),
+                                    "model_calls": model_calls(settings, run_sigmas(runs[0], settings.steps))}
     return result
 
 

@@ -53,7 +53,8 @@ def generate(
     device = next(parts.denoiser.parameters()).device
     z = draw_latents(parts, n, gen, latents)
     denoiser, extra_args = conditioned(parts, attrs, z, model=model, cfg_scale=settings.cfg_scale, known=known,
-                                       compose=compose, head_target=head_target, cfg_null=settings.cfg_null)
+                                       compose=compose, head_target=head_target, cfg_null=settings.cfg_null,
+                                       cfg_interval=settings.cfg_interval or None)
     noise = torch.randn(n, 3, size, size, generator=gen).to(device)
     sigmas = parts.schedule.sigmas(settings.steps).to(device)
     return sample(settings.sampler, denoiser, noise, sigmas, extra_args=extra_args, callback=callback, generator=gen)
@@ -68,12 +69,14 @@ def draw_latents(parts: Components, n: int, gen: torch.Generator, latents: torch
 
 def conditioned(parts: Components, attrs: torch.Tensor, z: torch.Tensor | None, *, model: nn.Module | None = None,
                 cfg_scale: float = 1.0, known: torch.Tensor | None = None, compose: list[tuple[int, float]] | None = None,
-                head_target: torch.Tensor | None = None, cfg_null: str = "dropped") -> tuple[nn.Module, dict]:
+                head_target: torch.Tensor | None = None, cfg_null: str = "dropped",
+                cfg_interval: tuple[float, float] | None = None) -> tuple[nn.Module, dict]:
     """Return the k-diffusion model and its ``extra_args`` for attribute rows ``attrs`` with latents ``z``.
 
     The model is ``model`` (default the run's denoiser), wrapped for CFG when ``cfg_scale != 1`` or for
     composed guidance with ``compose``, either pushing away from the condition ``cfg_null`` names
-    (:meth:`Conditioner.guidance_null`); ``extra_args`` holds the encoded ``mapping_cond`` (and ``head_target``).
+    (:meth:`Conditioner.guidance_null`), CFG only at the sigmas in ``cfg_interval`` where given; ``extra_args`` holds
+    the encoded ``mapping_cond`` (and ``head_target``).
     """
     denoiser = model if model is not None else parts.denoiser
     device = next(parts.denoiser.parameters()).device
@@ -88,7 +91,8 @@ def conditioned(parts: Components, attrs: torch.Tensor, z: torch.Tensor | None, 
         else:
             extra_args["mapping_cond"] = cond_module.encode(attrs.to(device), z, known=None if known is None else known.to(device))
             if cfg_scale != 1.0:
-                denoiser = CFGDenoiser(denoiser, cfg_scale, cond_module.guidance_null(1, cfg_null)[0].to(device))
+                denoiser = CFGDenoiser(denoiser, cfg_scale, cond_module.guidance_null(1, cfg_null)[0].to(device),
+                                       interval=cfg_interval)
     elif compose:
         raise ConfigError("composed guidance needs a conditional run; this one is unconditional")
     if head_target is not None:

@@ -19,21 +19,33 @@ class CFGDenoiser(nn.Module):
     Both branches run in one batched forward; the unconditional input is the conditioner's dropped
     condition (``conditioner.unconditional``), passed as ``uncond`` [dim] or [B, dim]. Other tensor
     arguments with one row per sample (e.g. ``head_target``) are repeated for the two branches.
+
+    ``interval`` ``(lo, hi)`` guides only where ``lo < sigma <= hi`` (guidance in a limited interval, Kynkäänniemi
+    et al. 2024) and returns the plain conditional output elsewhere, in one forward of the conditional branch.
     """
 
-    def __init__(self, model: nn.Module, scale: float, uncond: torch.Tensor, cond_key: str = "mapping_cond"):
+    def __init__(self, model: nn.Module, scale: float, uncond: torch.Tensor, cond_key: str = "mapping_cond",
+                 interval: tuple[float, float] | None = None):
         super().__init__()
-        self.model, self.scale, self.cond_key = model, scale, cond_key
+        self.model, self.scale, self.cond_key, self.interval = model, scale, cond_key, interval
         self.register_buffer("uncond", uncond, persistent=False)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
+        inside = None
+        if self.interval is not None:
+            inside = (sigma > self.interval[0]) & (sigma <= self.interval[1])
+            if not inside.any():
+                return self.model(x, sigma, **kwargs)
         cond = kwargs.pop(self.cond_key)
         uncond = self.uncond.to(cond).expand_as(cond)
         doubled = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.ndim and len(v) == len(x) else v
                    for k, v in kwargs.items()}
         both = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]), **{self.cond_key: torch.cat([uncond, cond])}, **doubled)
         out_uncond, out_cond = both.chunk(2)
-        return out_uncond + (out_cond - out_uncond) * self.scale
+        guided = out_uncond + (out_cond - out_uncond) * self.scale
+        if inside is None or inside.all():
+            return guided
+        return torch.where(inside.view(-1, *[1] * (x.ndim - 1)), guided, out_cond)
 
 
 class ComposedGuidanceDenoiser(nn.Module):

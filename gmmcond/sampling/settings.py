@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..config import GUIDANCE_NULLS, SAMPLER_FIXED_ARGS, resolve_node
+from ..config import GUIDANCE_NULLS, SAMPLER_FIXED_ARGS, check_cfg_interval, resolve_node
 from ..errors import ConfigError
 from ..modeling.precision import DTYPES, autocast, sampling_precision
 from ..registry import SAMPLERS
@@ -31,6 +31,7 @@ class SamplingSettings:
     precision: str | None = None  # Sampling autocast: fp32 | bf16 | fp16; None: the run's where this machine runs it.
     open: str = DEFAULT_OPEN  # What an attribute a request leaves open means: data | absent | model.
     head_scale: float = 0.0  # Guidance by the run's classifier head (0: off).
+    cfg_interval: tuple = ()  # (lo, hi): guide only where lo < sigma <= hi, plain conditional elsewhere; (): always.
 
     def __post_init__(self):
         resolve_node("sampler", self.sampler, SAMPLERS, SAMPLER_FIXED_ARGS)  # an unknown key or option names itself
@@ -38,6 +39,8 @@ class SamplingSettings:
             raise ConfigError(f"sampling steps must be an integer >= 1, got {self.steps!r}")
         if self.cfg_scale < 0:
             raise ConfigError(f"cfg_scale must be >= 0 (1 is plain conditional sampling), got {self.cfg_scale}")
+        check_cfg_interval(self.cfg_interval)
+        object.__setattr__(self, "cfg_interval", tuple(float(v) for v in self.cfg_interval))
         if self.cfg_null not in GUIDANCE_NULLS:
             raise ConfigError(f"cfg_null must be one of {', '.join(GUIDANCE_NULLS)}, got {self.cfg_null!r}")
         if self.open not in OPEN_MODES:
@@ -56,7 +59,7 @@ class SamplingSettings:
         unknown = sorted(set(given) - names)
         if unknown:
             raise ConfigError(f"unknown sampling setting(s) {unknown}; valid: {', '.join(sorted(names))}")
-        base = {k: section[k] for k in ("sampler", "steps", "cfg_scale", "cfg_null", "seed") if k in section}
+        base = {k: section[k] for k in ("sampler", "steps", "cfg_scale", "cfg_null", "cfg_interval", "seed") if k in section}
         return cls(**{**base, **given})
 
     @classmethod
