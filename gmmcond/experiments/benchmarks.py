@@ -574,13 +574,14 @@ SAMPLER_BUDGET = {
     "dpmpp_2m_sde, 15 steps, CFG 1.5": {"sampler": "dpmpp_2m_sde", "steps": 15, "cfg_scale": 1.5},
     "dpmpp_3m_sde, 15 steps, CFG 1.5": {"sampler": "dpmpp_3m_sde", "steps": 15, "cfg_scale": 1.5},
     # guidance in a limited interval (Kynkäänniemi et al. 2024; (0.28, 5.42] is their EDM2-S interval, sigma_data 0.5
-    # as here): guidance off at the highest sigmas, where it narrows each set, so it can be stronger elsewhere
+    # as here): guidance off at the highest sigmas, where it narrows each set, so it can be stronger elsewhere; a
+    # 16x16 image loses its structure at lower sigmas than their 64x64 latents, hence also (0.28, 2]
     "x0_reproject 0.5, 100 steps, CFG 1.5 in (0.28, 5.42]": {"sampler": {"type": "x0_reproject", "renoise": 0.5},
                                                             "steps": 100, "cfg_scale": 1.5, "cfg_interval": (0.28, 5.42)},
     "x0_reproject 0.5, 100 steps, CFG 2.5 in (0.28, 5.42]": {"sampler": {"type": "x0_reproject", "renoise": 0.5},
                                                             "steps": 100, "cfg_scale": 2.5, "cfg_interval": (0.28, 5.42)},
-    "x0_reproject 0.5, 100 steps, CFG 2.5 in (0.28, 80]": {"sampler": {"type": "x0_reproject", "renoise": 0.5},
-                                                          "steps": 100, "cfg_scale": 2.5, "cfg_interval": (0.28, 80.0)},
+    "x0_reproject 0.5, 100 steps, CFG 2.5 in (0.28, 2]": {"sampler": {"type": "x0_reproject", "renoise": 0.5},
+                                                         "steps": 100, "cfg_scale": 2.5, "cfg_interval": (0.28, 2.0)},
     "dpmpp_2m_sde, 20 steps, CFG 2.5 in (0.28, 5.42]": {"sampler": "dpmpp_2m_sde", "steps": 20, "cfg_scale": 2.5,
                                                         "cfg_interval": (0.28, 5.42)},
 }
