@@ -251,7 +251,8 @@ def evaluate_run(run_dir: str | Path, settings: SamplingSettings | Mapping | Non
     result = {
         "run": str(run_dir), "step": run.step, "weights": weights, "n": size.n, "sampler": settings.sampler,
         "steps": settings.steps, "cfg_scale": settings.cfg_scale, "cfg_null": settings.cfg_null,
-        **({"cfg_interval": list(settings.cfg_interval)} if settings.cfg_interval else {}), "autocast": settings.precision, **scored.result,
+        **({"cfg_interval": list(settings.cfg_interval)} if settings.cfg_interval else {}),
+        "autocast": settings.precision, **scored.result,
     }
     result = {"headline": headline(result), **result}
     if write:
