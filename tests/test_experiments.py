@@ -125,6 +125,7 @@ def test_an_arm_another_experiment_already_ran_is_reused_not_retrained(tmp_path,
     assert key == result_key("shapes", [*base, "train.grid_every=0", "head=none"], "train_and_evaluate n=256")
     assert key != result_key("shapes", base, "train_and_evaluate n=512")
     assert key != result_key("shapes", [*base, "train.lr=1e-3"], "train_and_evaluate n=256")
+    assert key != result_key("shapes", [*base, "sample.cfg_interval=[0.28,5.42]"], "train_and_evaluate n=256")
     # evaluated with another n: nothing to reuse, every arm trains
     trained.clear()
     head(Options(tmp_path / "n512", seeds=1, steps=6000, n=512, scale="recipe", reuse=(fvc,)))
@@ -581,3 +582,20 @@ def test_workers_run_on_disjoint_cores_return_their_status_and_get_the_signals_s
     threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
     assert run_workers([sys.executable, "-c", wait], 2, logs, progress=lambda m: None) == [75, 75]
     assert all(f"got {int(signal.SIGTERM)}" in log.read_text() for log in logs)
+
+
+def test_the_result_keys_logged_before_a_setting_was_added_still_match():
+    """A setting added later at the value that does what runs did before it is left out of the key: the committed
+    Fig. 9 log (logged before ``sample.cfg_interval`` existed) still finds its runs, and the arms it reuses."""
+    import shlex
+
+    from entry import ROOT
+    from gmmcond.experiments.reproduce import train_eval_protocol
+    from gmmcond.experiments.runner import result_key
+    from gmmcond.io import ResultLog
+
+    records = ResultLog(ROOT / "launch/figures/results/head_paper.jsonl").records
+    assert len(records) >= 4
+    for r in records:
+        recipe, rest = r["config"].split(": ", 1)
+        assert result_key(recipe, shlex.split(rest), train_eval_protocol(256)) == r["result_key"], r["arm"]  # n 256

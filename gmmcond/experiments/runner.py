@@ -112,15 +112,25 @@ BOOKKEEPING = ("train.grid_every", "train.checkpoint_every", "train.keep_checkpo
                "sample.grid_cols")
 
 
+# Settings added after results were logged, with the value that does what runs did before they existed: left out
+# of a result's key at that value, so the keys logged before still match.
+ADDED_SETTINGS = {"sample.cfg_interval": []}
+
+
 def result_key(recipe: str, overrides: list[str], protocol: str) -> str:
-    """A digest of what a logged result depends on: the resolved config less ``BOOKKEEPING``, and how the run
-    was evaluated (``protocol``). Equal keys in two experiments' logs are one training and one evaluation."""
+    """A digest of what a logged result depends on: the resolved config less ``BOOKKEEPING`` (and less each of
+    ``ADDED_SETTINGS`` at its old behaviour), and how the run was evaluated (``protocol``). Equal keys in two
+    experiments' logs are one training and one evaluation."""
     from ..config import load_config
 
     cfg = load_config(recipe, overrides)
     for dotted in BOOKKEEPING:
         section, key = dotted.split(".")
         cfg.get(section, {}).pop(key, None)
+    for dotted, old in ADDED_SETTINGS.items():
+        section, key = dotted.split(".")
+        if cfg.get(section, {}).get(key) == old:
+            del cfg[section][key]
     blob = json.dumps({"config": cfg, "protocol": protocol}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
