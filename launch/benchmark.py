@@ -9,7 +9,8 @@ machine's matmul/conv peaks and peak memory, all in one run; ratios to (a). JSON
 steps with the frozen evaluator: conformity, defects, per-set recall / coverage / spread against training
 minutes and steps (runs/benchmark/quality.json, quality.png; resumable).
 ``python launch/benchmark.py sampler-budget --runs RUN [RUN ...]``: the recipe's sampler against settings of 30 model
-calls a sample or fewer on the same trained runs (seeds), each evaluated at launch/evaluate.py's defaults
+calls a sample or fewer and guidance in an interval, on the same trained runs (seeds), each evaluated at
+launch/evaluate.py's defaults
 (runs/benchmark/sampler_budget.json; resumable per run and setting).
 ``python launch/benchmark.py recipes --runs RUN [RUN ...]``: trained runs of several recipes (seeds of each) side by
 side, each scored with the default recipe's sampling setting as sampler-budget scores it, paired by training seed

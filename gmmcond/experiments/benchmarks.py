@@ -564,7 +564,8 @@ def profile_table(results: list[dict]) -> str:
 # previous step's output, its second-order single-step ones evaluate twice (the last step once).
 CALLS_PER_STEP = {"heun": 2, "dpm_2": 2, "dpm_2_ancestral": 2, "dpmpp_2s_ancestral": 2, "dpmpp_sde": 2}
 
-# sampling settings compared at the same trained weights: the recipe's, and ones of 30 model calls a sample or fewer
+# sampling settings compared at the same trained weights: the recipe's, ones of 30 model calls a sample or fewer, and
+# guidance in a limited interval
 SAMPLER_BUDGET = {
     "x0_reproject 0.5, 100 steps, CFG 1.5 (recipe)": {"sampler": {"type": "x0_reproject", "renoise": 0.5}, "steps": 100,
                                                       "cfg_scale": 1.5},
