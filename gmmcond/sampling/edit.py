@@ -65,7 +65,7 @@ def sdedit(parts: Components, images: torch.Tensor, attrs: torch.Tensor, setting
     gen = torch.Generator().manual_seed(settings.seed)
     z = draw_latents(parts, len(images), gen, latents)
     denoiser, extra_args = conditioned(parts, attrs, z, model=model, cfg_scale=settings.cfg_scale,
-                                       cfg_interval=settings.cfg_interval or None)
+                                       cfg_interval=settings.cfg_interval)
     noise = torch.randn(images.shape, generator=gen).to(device)
     sigmas = start_sigmas(parts, settings.steps, strength, device)
     return sample(settings.sampler, denoiser, noise, sigmas, extra_args=extra_args, generator=gen, init=images.to(device))
@@ -104,7 +104,7 @@ def invert(parts: Components, images: torch.Tensor, attrs: torch.Tensor, setting
     device = next(parts.denoiser.parameters()).device
     z = draw_latents(parts, len(images), torch.Generator().manual_seed(settings.seed), latents)
     denoiser, extra_args = conditioned(parts, attrs, z, model=model, cfg_scale=settings.cfg_scale,
-                                       cfg_interval=settings.cfg_interval or None)
+                                       cfg_interval=settings.cfg_interval)
     sigmas = start_sigmas(parts, settings.steps, strength, device)
     return invert_euler(denoiser, images.to(device), sigmas, extra_args, iters), z
 
@@ -117,7 +117,7 @@ def regenerate(parts: Components, x: torch.Tensor, attrs: torch.Tensor, latents:
     settings = settings or EDIT_DEFAULTS
     device = next(parts.denoiser.parameters()).device
     denoiser, extra_args = conditioned(parts, attrs, latents, model=model, cfg_scale=settings.cfg_scale,
-                                       cfg_interval=settings.cfg_interval or None)
+                                       cfg_interval=settings.cfg_interval)
     sigmas = start_sigmas(parts, settings.steps, strength, device)
     return SAMPLERS.get("euler")(denoiser, x.to(device), sigmas, extra_args=extra_args, disable=True)
 

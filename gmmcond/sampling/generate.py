@@ -54,7 +54,7 @@ def generate(
     z = draw_latents(parts, n, gen, latents)
     denoiser, extra_args = conditioned(parts, attrs, z, model=model, cfg_scale=settings.cfg_scale, known=known,
                                        compose=compose, head_target=head_target, cfg_null=settings.cfg_null,
-                                       cfg_interval=settings.cfg_interval or None)
+                                       cfg_interval=settings.cfg_interval)
     noise = torch.randn(n, 3, size, size, generator=gen).to(device)
     sigmas = parts.schedule.sigmas(settings.steps).to(device)
     return sample(settings.sampler, denoiser, noise, sigmas, extra_args=extra_args, callback=callback, generator=gen)
@@ -70,12 +70,12 @@ def draw_latents(parts: Components, n: int, gen: torch.Generator, latents: torch
 def conditioned(parts: Components, attrs: torch.Tensor, z: torch.Tensor | None, *, model: nn.Module | None = None,
                 cfg_scale: float = 1.0, known: torch.Tensor | None = None, compose: list[tuple[int, float]] | None = None,
                 head_target: torch.Tensor | None = None, cfg_null: str = "dropped",
-                cfg_interval: tuple[float, float] | None = None) -> tuple[nn.Module, dict]:
+                cfg_interval: tuple = ()) -> tuple[nn.Module, dict]:
     """Return the k-diffusion model and its ``extra_args`` for attribute rows ``attrs`` with latents ``z``.
 
     The model is ``model`` (default the run's denoiser), wrapped for CFG when ``cfg_scale != 1`` or for
     composed guidance with ``compose``, either pushing away from the condition ``cfg_null`` names
-    (:meth:`Conditioner.guidance_null`), CFG only at the sigmas in ``cfg_interval`` where given; ``extra_args`` holds
+    (:meth:`Conditioner.guidance_null`), CFG only at the sigmas in a non-empty ``cfg_interval``; ``extra_args`` holds
     the encoded ``mapping_cond`` (and ``head_target``).
     """
     denoiser = model if model is not None else parts.denoiser

@@ -20,19 +20,20 @@ class CFGDenoiser(nn.Module):
     condition (``conditioner.unconditional``), passed as ``uncond`` [dim] or [B, dim]. Other tensor
     arguments with one row per sample (e.g. ``head_target``) are repeated for the two branches.
 
-    ``interval`` ``(lo, hi)`` guides only where ``lo < sigma <= hi`` (guidance in a limited interval, Kynkäänniemi
-    et al. 2024) and returns the plain conditional output elsewhere, in one forward of the conditional branch.
+    A non-empty ``interval`` ``(lo, hi)`` guides only where ``lo < sigma <= hi`` (guidance in a limited interval,
+    Kynkäänniemi et al. 2024) and returns the plain conditional output elsewhere, in one forward of the conditional
+    branch; ``()`` guides at every sigma.
     """
 
     def __init__(self, model: nn.Module, scale: float, uncond: torch.Tensor, cond_key: str = "mapping_cond",
-                 interval: tuple[float, float] | None = None):
+                 interval: tuple = ()):
         super().__init__()
         self.model, self.scale, self.cond_key, self.interval = model, scale, cond_key, interval
         self.register_buffer("uncond", uncond, persistent=False)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
         inside = None
-        if self.interval is not None:
+        if self.interval:
             inside = (sigma > self.interval[0]) & (sigma <= self.interval[1])
             if not inside.any():
                 return self.model(x, sigma, **kwargs)
