@@ -69,9 +69,14 @@ def arms_table(result: dict, columns=ARM_COLUMNS) -> str:
 def budget_table(*results: dict) -> str:
     """The combination experiment's budget curve (issue 42): one row per arm and training length, from runs of the
     same split at several ``--steps`` (one result each), ordered by arm and steps: seen and held-out conformity, the
-    ratio of their means, and held-out defects, so the table says how much of the gap more training closes."""
-    rows = sorted(((arm, r["steps"], stats) for r in results for arm, stats in r["arms"].items()),
-                  key=lambda t: (t[0], t[1]))
+    ratio of their means, and held-out defects, so the table says how much of the gap more training closes. Only
+    arms measured at more than one length are drawn (the recipe-length results hold every other arm too)."""
+    lengths: dict[str, set] = {}
+    for r in results:
+        for arm in r["arms"]:
+            lengths.setdefault(arm, set()).add(r["steps"])
+    rows = sorted(((arm, r["steps"], stats) for r in results for arm, stats in r["arms"].items()
+                   if len(lengths[arm]) > 1), key=lambda t: (t[0], t[1]))
     lines = ["| arm | steps | seeds | conformity seen | conformity held-out | held-out / seen | defects held-out |",
              "|---|---:|---:|---|---|---:|---|"]
     for arm, steps, stats in rows:
