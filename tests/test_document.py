@@ -39,6 +39,17 @@ def test_placeholders_are_filled_from_the_json(tmp_path):
     assert document.render(text, tmp_path) == "12.35 / 0.50 +- 0.25 / +0.35 +- 0.21 (2 of 2 > 0) / 0.041x"
 
 
+def test_a_paired_placeholder_reads_its_base_from_another_json_by_seed(tmp_path):
+    """paired_with: the base arm ran under another command; seeds pair by number, a seed only one side has is left
+    out, and the same arm in one file pairs exactly as paired does."""
+    new = {"arms": {"a": {"per_seed": [{"seed": 0, "x": 0.5}, {"seed": 2, "x": 0.9}]}}}
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    (tmp_path / "old.json").write_text(json.dumps({"arms": {"b": _per_seed([0.0, 0.1, 0.2])}}))
+    assert document.render("{{paired_with|new.json|a|old.json|b|x|2}}", tmp_path) == "+0.60 +- 0.14 (2 of 2 > 0)"
+    with pytest.raises(document.DocumentError, match="KeyError"):
+        document.render("{{paired_with|new.json|a|old.json|c|x|2}}", tmp_path)
+
+
 def test_a_placeholder_that_cannot_be_filled_names_itself(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"a": 1}))
     with pytest.raises(document.DocumentError, match=r"\{\{v\|r.json\|b\|d\}\}.*KeyError"):

@@ -12,6 +12,8 @@ the JSON with ``>`` between keys (keys hold spaces, dots and slashes) and intege
 - ``{{paired|FILE|ARM|BASE|KEY|DIGITS}}``: ARM minus BASE, paired by seed over ``arms>*>per_seed`` (or a
   benchmark's ``settings>*>per_seed``):
   "+0.019 +- 0.028 (2 of 3 > 0)";
+- ``{{paired_with|FILE|ARM|BASE_FILE|BASE|KEY|DIGITS}}``: the same with BASE read from another JSON (an arm of the
+  same split and seeds that another command ran);
 - ``{{verdict|FILE|ARM|BASE|KEY|higher}}`` (or ``lower``, the claimed direction of ARM against BASE): the results'
   rule (:func:`gmmcond.experiments.runner.paired_verdict`) on the same paired differences: "held", "did not hold" or
   "undecided at this scale" with the seeds a gap of the observed size would take;
@@ -64,18 +66,24 @@ def lookup(data, path: str):
     return data
 
 
-def _paired_diffs(result: dict, arm: str, base: str, key: str) -> list[float]:
-    groups = result["arms"] if "arms" in result else result["settings"]  # an experiment's arms, a benchmark's settings
-    a = {r["seed"]: r[key] for r in groups[arm]["per_seed"] if isinstance(r.get(key), (int, float))}
-    b = {r["seed"]: r[key] for r in groups[base]["per_seed"] if isinstance(r.get(key), (int, float))}
+def _groups(result: dict) -> dict:
+    return result["arms"] if "arms" in result else result["settings"]  # an experiment's arms, a benchmark's settings
+
+
+def _paired_diffs(result: dict, arm: str, base: str, key: str, base_result: dict | None = None) -> list[float]:
+    """ARM minus BASE per seed; BASE from ``base_result`` where given (an arm of the same split and seeds run by
+    another command, its results in another JSON)."""
+    a = {r["seed"]: r[key] for r in _groups(result)[arm]["per_seed"] if isinstance(r.get(key), (int, float))}
+    b = {r["seed"]: r[key] for r in _groups(base_result or result)[base]["per_seed"]
+         if isinstance(r.get(key), (int, float))}
     d = [a[s] - b[s] for s in sorted(a) if s in b]
     if not d:
         raise KeyError(f"no seed with {key} in both {arm!r} and {base!r}")
     return d
 
 
-def _paired(result: dict, arm: str, base: str, key: str, digits: int) -> str:
-    d = _paired_diffs(result, arm, base, key)
+def _paired(result: dict, arm: str, base: str, key: str, digits: int, base_result: dict | None = None) -> str:
+    d = _paired_diffs(result, arm, base, key, base_result)
     stat = summarise(d)
     return f"{stat['mean']:+.{digits}f} +- {stat['std']:.{digits}f} ({sum(x > 0 for x in d)} of {len(d)} > 0)"
 
@@ -247,14 +255,16 @@ def fill(spec: str, root: Path, cache: dict) -> str:
             return f"{lookup(data, args[1]) / lookup(data, args[2]):.{int(args[3])}f}x"
         if kind == "paired":
             return _paired(data, args[1], args[2], args[3], int(args[4]))
+        if kind == "paired_with":
+            return _paired(data, args[1], args[3], args[4], int(args[5]), _load(root, args[2], cache))
         if kind == "verdict":
             return _verdict(data, args[1], args[2], args[3], args[4])
         if kind == "ratio_of_means":
             return _per_seed_ratio(data, args[1], args[2], int(args[3]))
     except (KeyError, IndexError, ValueError, TypeError) as e:
         raise DocumentError(f"{{{{{spec}}}}}: {type(e).__name__}: {e}") from None
-    raise DocumentError(f"{{{{{spec}}}}}: unknown placeholder kind {kind!r}; one of v, pm, x, paired, verdict, "
-                        "ratio_of_means, table")
+    raise DocumentError(f"{{{{{spec}}}}}: unknown placeholder kind {kind!r}; one of v, pm, x, paired, paired_with, "
+                        "verdict, ratio_of_means, table")
 
 
 def render(template: str, root: Path) -> str:
