@@ -83,6 +83,8 @@ class TrainConfig:
     adamw_impl: str = "foreach"  # foreach | fused (one kernel, equal up to rounding; launch/figures/RESULTS.md, "Cost over plain k-diffusion").
     ema_power: float = 0.75  # k-diffusion EMAWarmup power.
     ema_max: float = 0.999  # k-diffusion EMAWarmup max decay.
+    posthoc_ema: list = field(default_factory=list)  # sigma_rel of power-function EMA tracks kept for post-hoc EMA (EDM2: [0.05, 0.1]).
+    posthoc_every: int = 500  # Steps between the post-hoc EMA tracks' snapshots (RUN/posthoc_ema/).
     log_every: int = 10  # Steps between metrics.jsonl lines.
     grid_every: int = 500  # Steps between sample grids (0: only at the end).
     checkpoint_every: int = 500  # Steps between checkpoints (always one at the end).
@@ -115,7 +117,7 @@ class SampleConfig:
 SECTIONS = {"denoiser": DenoiserConfig, "train": TrainConfig, "sample": SampleConfig}
 MINIMUMS = {  # dotted key -> smallest valid value
     "train.steps": 1, "train.batch_size": 1, "train.log_every": 1, "train.checkpoint_every": 1, "train.grid_every": 0,
-    "train.keep_checkpoints": 1, "train.warmup_steps": 0, "train.num_workers": 0, "train.cpu_threads": 0,
+    "train.keep_checkpoints": 1, "train.posthoc_every": 1, "train.warmup_steps": 0, "train.num_workers": 0, "train.cpu_threads": 0,
     "train.lr": 0.0, "train.minutes": 0.0, "train.coind_weight": 0.0, "train.coind_fraction": 0.0, "sample.steps": 1, "sample.grid_cols": 1, "sample.cfg_scale": 0.0,
 }
 GUIDANCE_NULLS = ("dropped", "all_unknown")  # sample.cfg_null: what CFG and composed guidance push away from
@@ -222,6 +224,21 @@ def check_cfg_interval(interval: Any, path: str = "sample.cfg_interval") -> None
                           f"sigma), got {list(interval)!r}")
 
 
+def check_posthoc_ema(sigma_rels: Any, path: str = "train.posthoc_ema") -> None:
+    """Post-hoc EMA tracks: a list of distinct relative standard deviations, each a power-function profile's."""
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sigma_rels) \
+            or len(set(sigma_rels)) != len(sigma_rels):
+        raise ConfigError(f"{path}: must be a list of distinct numbers (each track's sigma_rel, EDM2 keeps [0.05, 0.1]) "
+                          f"or [] (none), got {list(sigma_rels)!r}")
+    for value in sigma_rels:
+        from .engine.posthoc_ema import gamma_of_sigma_rel  # only where tracks are asked for (imports the engine)
+
+        try:
+            gamma_of_sigma_rel(value)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+
 def resolve(raw: dict) -> dict:
     """Validate a whole config dict and return it with every default filled in."""
     if not isinstance(raw, dict):
@@ -242,6 +259,7 @@ def resolve(raw: dict) -> dict:
         cfg[key] = resolve_section(key, raw.get(key), schema)
     cfg["sample"]["sampler"] = resolve_node("sample.sampler", cfg["sample"]["sampler"], SAMPLERS, SAMPLER_FIXED_ARGS)
     check_cfg_interval(cfg["sample"]["cfg_interval"])
+    check_posthoc_ema(cfg["train"]["posthoc_ema"])
     for dotted, low in MINIMUMS.items():
         section, key = dotted.split(".")
         if cfg[section][key] < low or (key == "lr" and cfg[section][key] == 0):

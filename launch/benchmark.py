@@ -24,6 +24,8 @@ arguments change the peer's recipe (gmmcond.experiments.peer.PeerRecipe), e.g. `
 ``python launch/benchmark.py jobs``: training steps an hour on this CPU one process on every core, two runs at once
 each on its own core(s) (``reproduce.py --jobs 2``), and one run on two processes (gloo), measured one after another
 (runs/benchmark/jobs.json; ``--jobs N``, ``--steps N``).
+``python launch/benchmark.py ema-lengths --runs RUN...``: runs trained with ``train.posthoc_ema`` scored with their
+training EMA and with post-hoc EMAs of each ``--sigma-rels`` length (EDM2), paired by run (runs/benchmark/ema_lengths.json).
 ``python launch/benchmark.py profile``: torch.profiler over 20 steps of the real training loop, eager and
 compiled: time per phase (data, forward, loss check, backward, optimiser, EMA), loop overhead, and operator
 time by kind (runs/benchmark/profile.json).
@@ -58,6 +60,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="jobs: processes at once")
     parser.add_argument("--steps", type=int, default=300, help="jobs: training steps each way")
     parser.add_argument("--settings", nargs="*", help="sampler-budget: the SAMPLER_BUDGET names to run (default: all)")
+    parser.add_argument("--sigma-rels", nargs="*", type=float,
+                        help="ema-lengths: the post-hoc EMA lengths (sigma_rel) to reconstruct and score (default: "
+                             "0.02 0.05 0.08 0.1 0.15 0.2)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the recipe (quality, profile, train), e.g. "
                                                      "train.adamw_impl=fused; peer: of its PeerRecipe fields, e.g. lr=1e-3")
     args = parser.parse_intermixed_args()  # overrides may follow the options
@@ -74,7 +79,8 @@ def main() -> None:
 
 # Each command: (args, out) -> (the JSON's file name, the result, what to print); the tail of main writes and prints.
 NEEDS_RUNS = {"sampler-budget": "trained runs of one recipe", "peer": "trained runs of one recipe",
-              "recipes": "trained runs of several recipes (seeds of each)"}
+              "recipes": "trained runs of several recipes (seeds of each)",
+              "ema-lengths": "runs of one recipe trained with train.posthoc_ema"}
 
 
 def quality(args, out):
@@ -174,8 +180,16 @@ def samplers(args, out):
     return "samplers.json", result, "\n".join(lines)
 
 
+def ema_lengths(args, out):
+    from gmmcond.experiments import benchmarks
+    from gmmcond.experiments.document import sampler_budget_table
+
+    result = benchmarks.ema_lengths(args.runs, args.sigma_rels or benchmarks.EMA_LENGTHS, n=args.n or 512)
+    return "ema_lengths.json", result, sampler_budget_table(result)
+
+
 COMMANDS = {"samplers": samplers, "train": train, "quality": quality, "profile": profile, "probes": probes,
-            "sampler-budget": sampler_budget, "recipes": recipes, "peer": peer, "jobs": jobs}
+            "sampler-budget": sampler_budget, "recipes": recipes, "peer": peer, "jobs": jobs, "ema-lengths": ema_lengths}
 
 if __name__ == "__main__":
     fail_cleanly(main)

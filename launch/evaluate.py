@@ -7,7 +7,17 @@ import re
 
 
 from gmmcond.cli import fail_cleanly, guidance_scale, positive_int
-from gmmcond.modeling.runs import RUN_WEIGHTS
+from gmmcond.errors import RunError
+from gmmcond.modeling.runs import posthoc_sigma_rel
+
+
+def run_weights(text: str) -> str:
+    """argparse type: ema, live or posthoc:SIGMA_REL."""
+    try:
+        posthoc_sigma_rel(text)
+    except RunError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def sampler_node(text: str):
@@ -44,9 +54,10 @@ def main() -> None:
                                             "data, else one trained on first use and cached)")
     parser.add_argument("--sets", type=int, default=6, help="attribute sets for the per-set diversity metrics (shapes)")
     parser.add_argument("--per-set", type=positive_int, default=48, help="samples (and real redraws) per attribute set")
-    parser.add_argument("--weights", choices=RUN_WEIGHTS, default="ema",
+    parser.add_argument("--weights", type=run_weights, default="ema",
                         help="ema (default): the averaged weights sampling uses; live: the trained weights before "
-                             "averaging, from the latest checkpoint (with --tag, to judge the EMA length)")
+                             "averaging, from the latest checkpoint; posthoc:SIGMA_REL: an EMA of that relative length "
+                             "reconstructed from a run trained with train.posthoc_ema (with --tag, to choose the EMA)")
     parser.add_argument("--memorisation", type=int, default=256,
                         help="samples conditioned on training rows for the memorisation check (authenticity); 0 skips it")
     parser.add_argument("--sweep", action="store_true",

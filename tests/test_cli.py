@@ -91,6 +91,7 @@ def test_only_gmmcond_errors_become_one_line_messages(capsys):
     ("recipes", "recipes needs --runs RUN [RUN ...], trained runs of several recipes"),
     ("peer", "peer needs --runs RUN [RUN ...], trained runs of one recipe"),
     ("sampler-budget", "sampler-budget needs --runs RUN [RUN ...], trained runs of one recipe"),
+    ("ema-lengths", "ema-lengths needs --runs RUN [RUN ...], runs of one recipe trained with train.posthoc_ema"),
 ])
 def test_benchmarks_that_score_trained_runs_name_the_missing_runs(command, fragment, tmp_path):
     code, err = run_entry("benchmark", command, "--out", tmp_path)

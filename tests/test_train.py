@@ -69,7 +69,7 @@ def test_a_run_loads_its_live_weights_or_its_ema_weights(tiny_cfg, tmp_path):
     ema = load_run(run).parts.denoiser.inner_model.state_dict()
     assert all(torch.equal(ema[k], state["ema"][k]) for k in ema)
     assert any(not torch.equal(ema[k], got[k]) for k in ema)  # three steps of training moved the live weights
-    with pytest.raises(RunError, match="weights must be 'ema' or 'live'"):
+    with pytest.raises(RunError, match="weights must be 'ema', 'live' or 'posthoc:SIGMA_REL'"):
         load_run(run, weights="raw")
 
 

@@ -34,8 +34,8 @@ from ..config import dump_config, resolve
 from ..data.attrs import describe, parse_expr
 from ..data.cache import in_memory
 from ..data.prior import PRIOR_FILE, AttributePrior, save_prior
-from ..errors import (REQUEUE_EXIT, AttributeSpecError, ConfigError, Interrupted, RunError, StorageError,
-                      TrainingDiverged)
+from ..errors import (REQUEUE_EXIT, AttributeSpecError, CheckpointError, ConfigError, Interrupted, RunError,
+                      StorageError, TrainingDiverged)
 from ..io import (RunLock, append_metrics, atomic_write_bytes, checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint, previous_checkpoint,
                   read_metrics, save_checkpoint, truncate_metrics, write_json)
 from ..modeling.build import Components, build
@@ -47,6 +47,7 @@ from ..utils import peak_rss_mb, usable_cores
 from ..visualize import captioned_grid, plot_metrics, save_png
 from ..modeling.precision import autocast, compile_model, first_compiled_call, resolve_precision
 from ..modeling.runs import dataset_info, export_run
+from .posthoc_ema import PowerEMA
 from .trackers import flat_config, log_image, logging_dir, tracker_names
 
 
@@ -254,6 +255,7 @@ def fitted_steps(budget_s: float, sec_per_step: float, done: int, cap: int) -> i
 RESUME_REFUSED = {
     "batch_size": "the data order is a function of (seed, step, batch size), so the continued run would not be this run",
     "seed": "the data order and the noise streams are functions of the seed; the checkpoint carries the streams",
+    "posthoc_ema": "the post-hoc EMA tracks average from the first step, so they cannot start, stop or change midway",
 }
 
 
@@ -326,6 +328,9 @@ class Trainer:
         self.ema.to(self.device)
         self.unwrapped = acc.unwrap_model(self.module)
         self.ema_update = EMAUpdate(self.unwrapped.denoiser, self.ema)
+        self.power_ema = PowerEMA(self.unwrapped.denoiser.inner_model, t["posthoc_ema"]) if t["posthoc_ema"] else None
+        if self.power_ema is not None and self.ckpt_path is not None:
+            self.power_ema.load_state_dict(self.restored_posthoc_ema)
         self.metrics_file = self.run_dir / "metrics.jsonl"
         self.sums: dict[str, torch.Tensor] = {}
         self.count, self.tic, self.last = 0, time.time(), {}
@@ -379,6 +384,10 @@ class Trainer:
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
         self.ema_sched.load_state_dict(state["ema_sched"])
+        self.restored_posthoc_ema = state.get("posthoc_ema")  # loaded into the tracks once the model is prepared
+        if self.t["posthoc_ema"] and self.restored_posthoc_ema is None:
+            raise CheckpointError(f"{path} holds no post-hoc EMA tracks, though its run kept them "
+                                  f"(train.posthoc_ema={self.t['posthoc_ema']}): resume from a checkpoint that has them")
         set_rng_state(state["rng"][self.rank])
         self.start, self.fitted = state["step"], state.get("fitted")
         if changes:
@@ -467,6 +476,8 @@ class Trainer:
         with record_function("gmmcond::ema"):
             self.ema_update(self.ema_sched.get_value())
             self.ema_sched.step()
+            if self.power_ema is not None:
+                self.power_ema.update()
         return {**{k: v.detach() for k, v in losses.items()}, **stats}
 
     def _check_finite(self, loss: torch.Tensor, step: int) -> None:
@@ -548,6 +559,8 @@ class Trainer:
                      "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
                      "ema_sched": self.ema_sched.state_dict(), "rng": list(rng), "config": self.cfg,
                      "elapsed": self.elapsed + time.time() - self.t0, "fitted": self.fitted}
+            if self.power_ema is not None:
+                state["posthoc_ema"] = self.power_ema.state_dict()
             try:
                 save_checkpoint(self.run_dir, step, state, keep=self.t["keep_checkpoints"], protect=self.good_checkpoint())
             except StorageError as exc:
@@ -662,6 +675,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{self.log(done)['loss']:.4f}")
             if self.on_step is not None:
                 self.on_step(done, self.last)
+            if self.power_ema is not None and self.main and (done % t["posthoc_every"] == 0 or done >= t["steps"]):
+                self.power_ema.snapshot(self.run_dir, done)  # before the checkpoint: a resume never skips one
             if done % t["checkpoint_every"] == 0 or done == t["steps"]:
                 self.checkpoint(done)
             if self.main and ((t["grid_every"] and done % t["grid_every"] == 0) or done == t["steps"]):

@@ -691,6 +691,41 @@ def sampler_budget(runs: list, names=None, *, n: int = 512, log=print) -> dict:
     return result
 
 
+EMA_LENGTHS = (0.02, 0.05, 0.08, 0.1, 0.15, 0.2)  # ema-lengths' default post-hoc sigma_rel (EDM2's sweep range)
+
+
+def ema_lengths(runs: list, sigma_rels=EMA_LENGTHS, *, n: int = 512, log=print) -> dict:
+    """The EMA length chosen after training (EDM2's post-hoc EMA; runs trained with ``train.posthoc_ema``): each run
+    evaluated with its training EMA (k-diffusion's ``EMAWarmup``, what sampling uses), then with a power-function EMA
+    of each ``sigma_rel`` reconstructed from its tracks, all with the run's own sampler at the evaluation's defaults;
+    tabulated as :func:`sampler_budget` is, each length paired by run against the training EMA. Resumable: each
+    (run, weights) lands in RUN/ema_lengths.jsonl."""
+    from ..config import load_config
+    from ..eval.evaluate import EvalSize, eval_summary, evaluate_run
+    from ..io import ResultLog
+    from ..sampling.settings import SamplingSettings
+    from .runner import summarise_records
+
+    choices = {"training EMA (EMAWarmup)": "ema", **{f"post-hoc EMA, sigma_rel {s:g}": f"posthoc:{s:g}" for s in sigma_rels}}
+    cfg = load_config(Path(runs[0]) / "config.yaml")
+    calls = model_calls(SamplingSettings.from_config(cfg["sample"]), run_sigmas(runs[0], cfg["sample"]["steps"]))
+    result = {"runs": [str(r) for r in runs], "n": n, "settings": {}}
+    for name, weights in choices.items():
+        records = []
+        for run in map(Path, runs):
+            def compute(run=run, name=name, weights=weights) -> dict:
+                log(f"ema lengths: {run} / {name}")
+                tic = time.time()
+                ev = evaluate_run(run, None, EvalSize(n=n), weights=weights, tag=f"ema_{weights.replace(':', '')}",
+                                  progress=False)
+                return {"eval_seconds": time.time() - tic, "step": ev["step"], **eval_summary(ev)}
+
+            rec = ResultLog(run / "ema_lengths.jsonl").once({"weights": weights, "n": n}, compute)
+            records.append({**rec, "seed": len(records)})
+        result["settings"][name] = {"weights": weights, **summarise_records(records), "model_calls": calls}
+    return result
+
+
 # ------------------------------------------------------------------------------ processes on a small CPU
 
 def _steady_sec_per_step(run) -> float:

@@ -114,7 +114,7 @@ BOOKKEEPING = ("train.grid_every", "train.checkpoint_every", "train.keep_checkpo
 
 # Settings added after results were logged, with the value that does what runs did before they existed: left out
 # of a result's key at that value, so the keys logged before still match.
-ADDED_SETTINGS = {"sample.cfg_interval": []}
+ADDED_SETTINGS = {"sample.cfg_interval": [], "train.posthoc_ema": [], "train.posthoc_every": 500}
 
 
 def result_key(recipe: str, overrides: list[str], protocol: str) -> str:

@@ -102,13 +102,28 @@ def export_run(path: str | Path, parts: Components, cfg: dict, step: int) -> Non
 
 LIVE_PREFIX = "denoiser.inner_model."  # the inner model's keys in a checkpoint's "model" (the trainer's module)
 RUN_WEIGHTS = ("ema", "live")  # what load_run can load: the averaged weights, or the trained ones before averaging
+POSTHOC = "posthoc:"  # weights="posthoc:SIGMA_REL": a post-hoc EMA of that length from the run's tracks
+
+
+def posthoc_sigma_rel(weights: str) -> float | None:
+    """The sigma_rel of a ``posthoc:SIGMA_REL`` weights choice; None for ``ema`` and ``live``; else a RunError."""
+    if weights in RUN_WEIGHTS:
+        return None
+    if weights.startswith(POSTHOC):
+        try:
+            return float(weights[len(POSTHOC):])
+        except ValueError:
+            pass
+    raise RunError(f"weights must be 'ema', 'live' or 'posthoc:SIGMA_REL' (e.g. posthoc:0.08, for a run trained with "
+                   f"train.posthoc_ema), got {weights!r}")
 
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, weights: str = "ema") -> LoadedRun:
     """Load a run directory's resolved config and its EMA weights (export or checkpoint, whichever is newest);
-    ``weights="live"`` loads the trained, un-averaged weights of the checkpoint instead (to judge the EMA)."""
-    if weights not in RUN_WEIGHTS:
-        raise RunError(f"weights must be 'ema' or 'live', got {weights!r}")
+    ``weights="live"`` loads the trained, un-averaged weights of the checkpoint instead (to judge the EMA), and
+    ``weights="posthoc:0.08"`` an EMA of relative length 0.08 reconstructed after training from the run's post-hoc
+    EMA tracks (``train.posthoc_ema``; at the last snapshot, or at ``checkpoint``'s step)."""
+    sigma_rel = posthoc_sigma_rel(weights)
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.exists():
@@ -143,6 +158,11 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, weights:
         if weights == "live":
             inner = {k[len(LIVE_PREFIX):]: v for k, v in state["model"].items() if k.startswith(LIVE_PREFIX)}
         head = {k[len(HEAD_PREFIX):]: v for k, v in state["model"].items() if k.startswith(HEAD_PREFIX)}
+    if sigma_rel is not None:
+        from ..engine.posthoc_ema import reconstruct
+
+        inner, facts = reconstruct(run_dir, sigma_rel, checkpoint_step(path) if checkpoint else None)
+        step, source = facts["step"], run_dir / f"posthoc_ema (sigma_rel {sigma_rel:g})"
     parts.denoiser.inner_model.load_state_dict(inner)
     if parts.head is not None:  # the head is trained, not averaged: its live weights
         parts.head.load_state_dict(head)
