@@ -488,9 +488,15 @@ def test_recipes_compared_groups_runs_by_recipe_and_pairs_them_by_training_seed(
     c = tmp_path / "shapes_tiny_s0"  # seed 0 of a's recipe (its config only: grouping reads nothing else)
     cfg = yaml.safe_load((a / "config.yaml").read_text())
     c.mkdir()
-    (c / "config.yaml").write_text(yaml.safe_dump({**cfg, "name": "shapes_tiny_s0", "train": {**cfg["train"], "seed": 0}}))
+    # trained on one thread and keeping post-hoc EMA tracks: the same recipe
+    (c / "config.yaml").write_text(yaml.safe_dump({**cfg, "name": "shapes_tiny_s0", "train": {
+        **cfg["train"], "seed": 0, "cpu_threads": 1, "posthoc_ema": [0.1]}}))
     groups = benchmarks.recipe_groups([a, b, c])
     assert list(groups) == ["shapes_tiny", "other"] and [run for run, _ in groups["shapes_tiny"]] == [a, c]
+    d = tmp_path / "tiny_lr_s0"  # a recipe set by overrides keeps its config name: named by its run folder
+    d.mkdir()
+    (d / "config.yaml").write_text(yaml.safe_dump({**cfg, "train": {**cfg["train"], "lr": 2e-4}}))
+    assert list(benchmarks.recipe_groups([a, d])) == ["shapes_tiny", "tiny_lr"]
     real = evaluate.evaluate_run
     monkeypatch.setattr(evaluate, "evaluate_run", lambda run, overrides, size, **kw: real(
         run, {**overrides, "steps": 2}, evaluate.EvalSize(n=8, sets=1, per_set=8, memorisation=0), **kw))

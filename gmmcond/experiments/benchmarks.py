@@ -614,10 +614,17 @@ def run_sigmas(run, steps: int):
     return SCHEDULES.build(load_config(Path(run) / "config.yaml")["schedule"]).sigmas(steps)
 
 
+# train settings that leave the trained weights as they are (up to the threads' rounding): runs differing only in
+# them are seeds of one recipe
+RECIPE_NEUTRAL = ("train.cpu_threads", "train.num_workers", "train.log_every", "train.log_with", "train.grid_every",
+                  "train.checkpoint_every", "train.keep_checkpoints", "train.posthoc_ema", "train.posthoc_every")
+
+
 def recipe_groups(runs: list) -> dict[str, list]:
-    """Trained runs grouped by recipe: runs whose configs agree but for their name and ``train.seed`` (the history
-    of a resume aside) are seeds of one recipe; each group named by what its run names share (``shapes_s0``,
-    ``shapes_s1`` -> ``shapes``), with the config's hash where two groups would share a name."""
+    """Trained runs grouped by recipe: runs whose configs agree but for their name, ``train.seed`` and what does not
+    change the training (``RECIPE_NEUTRAL``: threads, logging, post-hoc EMA tracks; the history of a resume aside)
+    are seeds of one recipe; each group named by what its run folders share (``shapes_s0``, ``shapes_s1`` ->
+    ``shapes``; else by what the config names share), with the config's hash where two groups would share a name."""
     import hashlib
     import json
     import os
@@ -628,11 +635,12 @@ def recipe_groups(runs: list) -> dict[str, list]:
     for run in map(Path, runs):
         cfg = load_config(run / "config.yaml")
         recipe = {k: v for k, v in cfg.items() if k not in ("name", "history")}
-        recipe["train"] = {k: v for k, v in cfg["train"].items() if k != "seed"}
+        recipe["train"] = {k: v for k, v in cfg["train"].items() if k != "seed" and f"train.{k}" not in RECIPE_NEUTRAL}
         groups.setdefault(json.dumps(recipe, sort_keys=True, default=str), []).append((run, cfg))
     named: dict[str, list] = {}
     for key, members in groups.items():
-        shared = os.path.commonprefix([cfg["name"] for _, cfg in members]).rstrip("_0123456789").removesuffix("_s")
+        shared = next(filter(None, (os.path.commonprefix(names).rstrip("_0123456789").removesuffix("_s") for names in
+                                    ([run.name for run, _ in members], [cfg["name"] for _, cfg in members]))), "")
         name = shared or members[0][1]["name"]
         if name in named:
             name = f"{name} ({hashlib.sha1(key.encode()).hexdigest()[:8]})"
