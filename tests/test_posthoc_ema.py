@@ -68,6 +68,27 @@ def test_the_tracks_average_with_the_telescoped_power_weights():
         torch.testing.assert_close(track[0][0], (torch.from_numpy(w)[:, None] * values).sum(0), rtol=1e-10, atol=1e-12)
 
 
+def test_the_training_emas_profile_is_k_diffusions_ema_warmup():
+    """The weights EMAWarmup gives each step's parameters, read off k-diffusion's own schedule and the trainer's
+    update on impulses (the parameters equal to 1 at one step and 0 at the others)."""
+    import k_diffusion as K
+
+    from gmmcond.engine.posthoc_ema import ema_warmup_profile, ema_warmup_sigma_rel
+
+    steps, power, max_value = 60, 0.75, 0.95  # the cap reached at step 54
+    sched = K.utils.EMAWarmup(power=power, max_value=max_value)
+    avg, live = torch.zeros(steps, dtype=torch.float64), torch.zeros(steps, dtype=torch.float64)
+    for s in range(steps):
+        live.zero_()[s] = 1.0
+        avg.lerp_(live, 1 - sched.get_value())
+        sched.step()
+    np.testing.assert_allclose(ema_warmup_profile(power, max_value, steps), avg.numpy(), rtol=1e-12, atol=1e-15)
+    t = np.arange(1, steps + 1)
+    w = avg.numpy()
+    assert ema_warmup_sigma_rel(power, max_value, steps) == pytest.approx(
+        np.sqrt(np.average(t ** 2, weights=w) - np.average(t, weights=w) ** 2) / steps, rel=1e-9)
+
+
 class Killed(Exception):
     pass
 
@@ -138,3 +159,4 @@ def test_ema_lengths_scores_each_length_once_beside_the_training_ema(tmp_path, m
     assert list(first["settings"]) == ["training EMA (EMAWarmup)", "post-hoc EMA, sigma_rel 0.07",
                                        "post-hoc EMA, sigma_rel 0.1"]
     assert all(0 <= st["all_attributes_correct"]["mean"] <= 1 for st in first["settings"].values())
+    assert 0 < first["training_ema_sigma_rel"] < 0.2887  # where the run's own EMA sits among the lengths

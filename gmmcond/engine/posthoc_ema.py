@@ -66,6 +66,25 @@ def posthoc_coefficients(snapshots: list[tuple[float, float]], t: float, gamma: 
     return np.linalg.lstsq(a, b, rcond=None)[0]
 
 
+def ema_warmup_profile(power: float, max_value: float, steps: int) -> np.ndarray:
+    """The weight k-diffusion's ``EMAWarmup`` (inv_gamma 1, min 0, as the trainer builds it) gives the trained
+    weights after each of ``steps`` optimiser steps: update s (0-based) lerps by 1 - d_s, d_s = min(max_value,
+    1 - (1 + s)^-power), so its weight is (1 - d_s) times the product of the later decays."""
+    s = np.arange(steps, dtype=np.float64)
+    decay = np.minimum(max_value, 1 - (1 + s) ** -power)
+    later = np.concatenate([np.cumprod(decay[::-1])[::-1][1:], [1.0]])  # prod_{r > s} d_r
+    return (1 - decay) * later
+
+
+def ema_warmup_sigma_rel(power: float, max_value: float, steps: int) -> float:
+    """The relative standard deviation (std over the length, as :func:`sigma_rel_of_gamma`) of the training EMA's
+    averaging profile: where the run's own EMA sits among the post-hoc lengths."""
+    w = ema_warmup_profile(power, max_value, steps)
+    t = np.arange(1, steps + 1, dtype=np.float64)
+    mean = (w * t).sum()
+    return float(np.sqrt((w * t * t).sum() - mean ** 2) / steps)
+
+
 class PowerEMA:
     """Power-function EMA tracks of a model's parameters, one per ``sigma_rel``, updated after each optimiser step
     (buffers are copied from the model when a snapshot is taken)."""

@@ -717,7 +717,11 @@ def ema_lengths(runs: list, sigma_rels=EMA_LENGTHS, *, n: int = 512, log=print) 
     choices = {"training EMA (EMAWarmup)": "ema", **{f"post-hoc EMA, sigma_rel {s:g}": f"posthoc:{s:g}" for s in sigma_rels}}
     cfg = load_config(Path(runs[0]) / "config.yaml")
     calls = model_calls(SamplingSettings.from_config(cfg["sample"]), run_sigmas(runs[0], cfg["sample"]["steps"]))
-    result = {"runs": [str(r) for r in runs], "n": n, "settings": {}}
+    from ..engine.posthoc_ema import ema_warmup_sigma_rel
+
+    t = cfg["train"]
+    result = {"runs": [str(r) for r in runs], "n": n, "settings": {},
+              "training_ema_sigma_rel": ema_warmup_sigma_rel(t["ema_power"], t["ema_max"], t["steps"])}
     for name, weights in choices.items():
         records = []
         for run in map(Path, runs):
