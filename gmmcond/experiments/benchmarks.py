@@ -614,15 +614,16 @@ def run_sigmas(run, steps: int):
     return SCHEDULES.build(load_config(Path(run) / "config.yaml")["schedule"]).sigmas(steps)
 
 
-# train settings that leave the trained weights as they are (up to the threads' rounding): runs differing only in
-# them are seeds of one recipe
-RECIPE_NEUTRAL = ("train.cpu_threads", "train.num_workers", "train.log_every", "train.log_with", "train.grid_every",
-                  "train.checkpoint_every", "train.keep_checkpoints", "train.posthoc_ema", "train.posthoc_every")
+# train settings that leave the trained weights as they are (up to the threads' rounding), beside the experiments'
+# BOOKKEEPING: runs differing only in them are seeds of one recipe
+RECIPE_NEUTRAL = ("train.cpu_threads", "train.num_workers", "train.log_every", "train.log_with", "train.posthoc_ema",
+                  "train.posthoc_every")
 
 
 def recipe_groups(runs: list) -> dict[str, list]:
     """Trained runs grouped by recipe: runs whose configs agree but for their name, ``train.seed`` and what does not
-    change the training (``RECIPE_NEUTRAL``: threads, logging, post-hoc EMA tracks; the history of a resume aside)
+    change the training (``RECIPE_NEUTRAL`` and the experiments' ``BOOKKEEPING``: threads, logging, checkpoints,
+    post-hoc EMA tracks; the history of a resume aside)
     are seeds of one recipe; each group named by what its run folders share (``shapes_s0``, ``shapes_s1`` ->
     ``shapes``; else by what the config names share), with the config's hash where two groups would share a name."""
     import hashlib
@@ -630,12 +631,14 @@ def recipe_groups(runs: list) -> dict[str, list]:
     import os
 
     from ..config import load_config
+    from .runner import BOOKKEEPING
 
+    neutral = {*RECIPE_NEUTRAL, *(k for k in BOOKKEEPING if k.startswith("train."))}
     groups: dict[str, list] = {}
     for run in map(Path, runs):
         cfg = load_config(run / "config.yaml")
         recipe = {k: v for k, v in cfg.items() if k not in ("name", "history")}
-        recipe["train"] = {k: v for k, v in cfg["train"].items() if k != "seed" and f"train.{k}" not in RECIPE_NEUTRAL}
+        recipe["train"] = {k: v for k, v in cfg["train"].items() if k != "seed" and f"train.{k}" not in neutral}
         groups.setdefault(json.dumps(recipe, sort_keys=True, default=str), []).append((run, cfg))
     named: dict[str, list] = {}
     for key, members in groups.items():
@@ -709,6 +712,7 @@ def ema_lengths(runs: list, sigma_rels=EMA_LENGTHS, *, n: int = 512, log=print) 
     tabulated as :func:`sampler_budget` is, each length paired by run against the training EMA. Resumable: each
     (run, weights) lands in RUN/ema_lengths.jsonl."""
     from ..config import load_config
+    from ..engine.posthoc_ema import ema_warmup_sigma_rel
     from ..eval.evaluate import EvalSize, eval_summary, evaluate_run
     from ..io import ResultLog
     from ..sampling.settings import SamplingSettings
@@ -717,8 +721,6 @@ def ema_lengths(runs: list, sigma_rels=EMA_LENGTHS, *, n: int = 512, log=print) 
     choices = {"training EMA (EMAWarmup)": "ema", **{f"post-hoc EMA, sigma_rel {s:g}": f"posthoc:{s:g}" for s in sigma_rels}}
     cfg = load_config(Path(runs[0]) / "config.yaml")
     calls = model_calls(SamplingSettings.from_config(cfg["sample"]), run_sigmas(runs[0], cfg["sample"]["steps"]))
-    from ..engine.posthoc_ema import ema_warmup_sigma_rel
-
     t = cfg["train"]
     result = {"runs": [str(r) for r in runs], "n": n, "settings": {},
               "training_ema_sigma_rel": ema_warmup_sigma_rel(t["ema_power"], t["ema_max"], t["steps"])}
