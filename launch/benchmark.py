@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="*", help="sampler-budget: the SAMPLER_BUDGET names to run (default: all)")
     parser.add_argument("--sigma-rels", nargs="*", type=float,
                         help="ema-lengths: the post-hoc EMA lengths (sigma_rel) to reconstruct and score (default: "
-                             "0.02 0.05 0.08 0.1 0.15 0.2)")
+                             "0.05 0.08 0.1 0.15 0.2)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the recipe (quality, profile, train), e.g. "
                                                      "train.adamw_impl=fused; peer: of its PeerRecipe fields, e.g. lr=1e-3")
     args = parser.parse_intermixed_args()  # overrides may follow the options

@@ -53,6 +53,21 @@ def test_a_profile_a_snapshot_holds_is_reconstructed_as_that_snapshot():
         np.testing.assert_allclose(posthoc_coefficients(snapshots, t, g), np.eye(len(snapshots))[i], atol=1e-8)
 
 
+def test_the_profile_fits_residual_is_the_l2_distance_by_quadrature():
+    from gmmcond.engine.posthoc_ema import profile_fit
+
+    gammas = [gamma_of_sigma_rel(s) for s in (0.05, 0.1)]
+    snapshots = [(t, g) for t in (2000, 4000, 6000) for g in gammas]
+    t_r, g_r = 6000, gamma_of_sigma_rel(0.15)
+    x, residual = profile_fit(snapshots, t_r, g_r)
+    p = lambda tau, t, g: (g + 1) * tau ** g / t ** (g + 1) * (tau <= t)  # noqa: E731
+    gap = lambda tau: (sum(c * p(tau, t, g) for c, (t, g) in zip(x, snapshots)) - p(tau, t_r, g_r)) ** 2  # noqa: E731
+    norm = integrate.quad(lambda tau: p(tau, t_r, g_r) ** 2, 0, t_r, epsabs=0, epsrel=1e-12, limit=200)[0]
+    pieces = ((0, 2000), (2000, 4000), (4000, 6000))  # the profiles' kinks at the snapshot steps
+    distance = sum(integrate.quad(gap, a, b, epsabs=0, epsrel=1e-10, limit=200)[0] for a, b in pieces)
+    assert 0.01 < residual < 0.5 and residual == pytest.approx(np.sqrt(distance / norm), rel=1e-6)
+
+
 def test_the_tracks_average_with_the_telescoped_power_weights():
     """beta_t = (1 - 1/t)^(g + 1) telescopes: after T updates theta_hat = sum_t (t^(g+1) - (t-1)^(g+1)) / T^(g+1)
     theta_t, a discrete tau^g profile."""
@@ -160,3 +175,5 @@ def test_ema_lengths_scores_each_length_once_beside_the_training_ema(tmp_path, m
                                        "post-hoc EMA, sigma_rel 0.1"]
     assert all(0 <= st["all_attributes_correct"]["mean"] <= 1 for st in first["settings"].values())
     assert 0 < first["training_ema_sigma_rel"] < 0.2887  # where the run's own EMA sits among the lengths
+    residual = first["settings"]["post-hoc EMA, sigma_rel 0.1"]["profile_residual"]
+    assert residual["mean"] < 1e-6 and first["settings"]["post-hoc EMA, sigma_rel 0.07"]["profile_residual"]["mean"] > 0

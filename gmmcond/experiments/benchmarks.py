@@ -702,7 +702,9 @@ def sampler_budget(runs: list, names=None, *, n: int = 512, log=print) -> dict:
     return result
 
 
-EMA_LENGTHS = (0.02, 0.05, 0.08, 0.1, 0.15, 0.2)  # ema-lengths' default post-hoc sigma_rel (EDM2's sweep range)
+# ema-lengths' default post-hoc sigma_rel: between and around EDM2's two tracks, where the snapshots' profiles fit the
+# target's closely (a profile residual of about 0.01 to 0.04 at one snapshot every 500 of 6000 steps)
+EMA_LENGTHS = (0.05, 0.08, 0.1, 0.15, 0.2)
 
 
 def ema_lengths(runs: list, sigma_rels=EMA_LENGTHS, *, n: int = 512, log=print) -> dict:
@@ -712,7 +714,7 @@ def ema_lengths(runs: list, sigma_rels=EMA_LENGTHS, *, n: int = 512, log=print) 
     tabulated as :func:`sampler_budget` is, each length paired by run against the training EMA. Resumable: each
     (run, weights) lands in RUN/ema_lengths.jsonl."""
     from ..config import load_config
-    from ..engine.posthoc_ema import ema_warmup_sigma_rel
+    from ..engine.posthoc_ema import ema_warmup_sigma_rel, posthoc_fit
     from ..eval.evaluate import EvalSize, eval_summary, evaluate_run
     from ..io import ResultLog
     from ..sampling.settings import SamplingSettings
@@ -735,7 +737,8 @@ def ema_lengths(runs: list, sigma_rels=EMA_LENGTHS, *, n: int = 512, log=print) 
                 return {"eval_seconds": time.time() - tic, "step": ev["step"], **eval_summary(ev)}
 
             rec = ResultLog(run / "ema_lengths.jsonl").once({"weights": weights, "n": n}, compute)
-            records.append({**rec, "seed": len(records)})
+            fit = posthoc_fit(run, float(weights[len("posthoc:"):]))["profile_residual"] if weights != "ema" else None
+            records.append({**rec, "seed": len(records), **({"profile_residual": fit} if fit is not None else {})})
         result["settings"][name] = {"weights": weights, **summarise_records(records), "model_calls": calls}
     return result
 
