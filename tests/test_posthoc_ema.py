@@ -7,7 +7,7 @@ import torch
 from scipy import integrate
 
 from gmmcond.config import load_config
-from gmmcond.engine.posthoc_ema import (PowerEMA, gamma_of_sigma_rel, posthoc_coefficients, profile_dot,
+from gmmcond.engine.posthoc_ema import (PowerEMA, gamma_of_sigma_rel, profile_dot, profile_fit,
                                         read_snapshots, reconstruct, sigma_rel_of_gamma)
 from gmmcond.engine.trainer import train
 from gmmcond.errors import CheckpointError, ConfigError, RunError
@@ -50,12 +50,10 @@ def test_a_profile_a_snapshot_holds_is_reconstructed_as_that_snapshot():
     gammas = [gamma_of_sigma_rel(s) for s in (0.05, 0.1)]
     snapshots = [(t, g) for t in (500, 1000, 1500, 2000) for g in gammas]
     for i, (t, g) in enumerate(snapshots):
-        np.testing.assert_allclose(posthoc_coefficients(snapshots, t, g), np.eye(len(snapshots))[i], atol=1e-8)
+        np.testing.assert_allclose(profile_fit(snapshots, t, g)[0], np.eye(len(snapshots))[i], atol=1e-8)
 
 
 def test_the_profile_fits_residual_is_the_l2_distance_by_quadrature():
-    from gmmcond.engine.posthoc_ema import profile_fit
-
     gammas = [gamma_of_sigma_rel(s) for s in (0.05, 0.1)]
     snapshots = [(t, g) for t in (2000, 4000, 6000) for g in gammas]
     t_r, g_r = 6000, gamma_of_sigma_rel(0.15)

@@ -56,16 +56,12 @@ def profile_dot(t_a, gamma_a, t_b, gamma_b) -> np.ndarray:
     return (gamma_a + 1) * (gamma_b + 1) * ratio ** exponent / ((gamma_a + gamma_b + 1) * np.maximum(t_a, t_b))
 
 
-def posthoc_coefficients(snapshots: list[tuple[float, float]], t: float, gamma: float) -> np.ndarray:
-    """The weights x of the snapshots (each (step, gamma)) whose combined profile sum_i x_i p_i is closest in L2 to
-    the profile (t, gamma): the normal equations A x = b with A_ij = <p_i, p_j>, b_i = <p_i, p>."""
-    return profile_fit(snapshots, t, gamma)[0]
-
-
 def profile_fit(snapshots: list[tuple[float, float]], t: float, gamma: float) -> tuple[np.ndarray, float]:
-    """:func:`posthoc_coefficients` and how far the combined profile stays from the target: ||sum_i x_i p_i - p||
-    relative to ||p|` (0 where a snapshot holds the target; with EDM2's two tracks saved every twelfth of the run,
-    about 0.01 between sigma_rel 0.05 and 0.15, more outside them)."""
+    """The weights x of the snapshots (each (step, gamma)) whose combined profile sum_i x_i p_i is closest in L2 to
+    the profile (t, gamma), from the normal equations A x = b with A_ij = <p_i, p_j>, b_i = <p_i, p>; and how far the
+    combined profile stays from the target: ||sum_i x_i p_i - p|| relative to ||p|| (0 where a snapshot holds the
+    target; with EDM2's two tracks saved every twelfth of the run, about 0.01 between sigma_rel 0.05 and 0.15, more
+    outside them)."""
     ts = np.array([s[0] for s in snapshots], dtype=np.float64)
     gs = np.array([s[1] for s in snapshots], dtype=np.float64)
     a = profile_dot(ts[:, None], gs[:, None], ts[None, :], gs[None, :])
@@ -112,7 +108,7 @@ class PowerEMA:
         self.count += 1
         for gamma, track in zip(self.gammas, self.tracks):
             beta = (1 - 1 / self.count) ** (gamma + 1)
-            torch._foreach_lerp_(track, [p.detach() for p in self.params], 1 - beta)
+            torch._foreach_lerp_(track, self.params, 1 - beta)
 
     def state_dict(self) -> dict:
         return {"count": self.count, "sigma_rels": self.sigma_rels,
@@ -184,7 +180,10 @@ def read_snapshots(run_dir: str | Path, up_to: int | None = None) -> list[tuple[
 def posthoc_fit(run_dir: str | Path, sigma_rel: float, step: int | None = None) -> dict:
     """How a post-hoc EMA of ``sigma_rel`` at ``step`` (default: the last snapshot's) is made from the run's
     snapshots, without loading them: step, coefficients and the profile's relative residual (:func:`profile_fit`)."""
-    pairs = snapshot_profiles(run_dir, step)
+    return _fit_facts(snapshot_profiles(run_dir, step), sigma_rel, step)
+
+
+def _fit_facts(pairs: list[tuple[int, float]], sigma_rel: float, step: int | None) -> dict:
     step = step if step is not None else max(t for t, _ in pairs)
     x, residual = profile_fit(pairs, step, gamma_of_sigma_rel(sigma_rel))
     return {"step": step, "sigma_rel": sigma_rel, "coefficients": x.tolist(),
@@ -194,8 +193,8 @@ def posthoc_fit(run_dir: str | Path, sigma_rel: float, step: int | None = None) 
 def reconstruct(run_dir: str | Path, sigma_rel: float, step: int | None = None) -> tuple[dict, dict]:
     """The inner model's weights under a power-function EMA of ``sigma_rel`` at ``step`` (default: the last
     snapshot's), from the run's snapshots; returns (state dict, :func:`posthoc_fit`'s facts)."""
-    facts = posthoc_fit(run_dir, sigma_rel, step)
-    snaps = read_snapshots(run_dir, facts["step"])
+    snaps = read_snapshots(run_dir, step)
+    facts = _fit_facts([(s[0], s[1]) for s in snaps], sigma_rel, step)
     x = facts["coefficients"]
     state = {key: sum(float(c) * s[2][key].double() for c, s in zip(x, snaps)).to(value.dtype)
              for key, value in snaps[0][2].items()}

@@ -673,13 +673,22 @@ def recipes_compared(runs: list, *, n: int = 512, log=print) -> dict:
     return {"runs": [str(r) for r in runs], "n": n, "setting": setting, "compared": "recipe", "settings": settings}
 
 
+def timed_evaluation(run, settings, n: int, tag: str, weights: str = "ema") -> dict:
+    """One evaluation of a trained run at the evaluation's defaults but ``n`` (``launch/evaluate.py --tag``), its
+    headline numbers with its wall time and step: a record of :func:`sampler_budget` and :func:`ema_lengths`."""
+    from ..eval.evaluate import EvalSize, eval_summary, evaluate_run
+
+    tic = time.time()
+    ev = evaluate_run(run, settings, EvalSize(n=n), weights=weights, tag=tag, progress=False)
+    return {"eval_seconds": time.time() - tic, "step": ev["step"], **eval_summary(ev)}
+
+
 def sampler_budget(runs: list, names=None, *, n: int = 512, log=print) -> dict:
     """Evaluate each of ``SAMPLER_BUDGET`` (or ``names`` of them) on each trained run (seeds of one recipe) at the
     evaluation's defaults (n samples, 6 sets x 48, memorisation on 256 rows); per setting its model calls a sample
     and mean +- std over the runs of the headline numbers and of the evaluation's wall time. Resumable: each (run,
     setting) lands in RUN/sampler_budget.jsonl."""
 
-    from ..eval.evaluate import EvalSize, eval_summary, evaluate_run
     from ..io import ResultLog
     from ..sampling.settings import SamplingSettings
     from .runner import arm_slug, select_arms, summarise_records
@@ -690,9 +699,7 @@ def sampler_budget(runs: list, names=None, *, n: int = 512, log=print) -> dict:
         for run in map(Path, runs):
             def compute(run=run, name=name, overrides=overrides) -> dict:
                 log(f"sampler budget: {run} / {name}")
-                tic = time.time()
-                ev = evaluate_run(run, overrides, EvalSize(n=n), tag=f"budget_{arm_slug(name)}", progress=False)
-                return {"eval_seconds": time.time() - tic, "step": ev["step"], **eval_summary(ev)}
+                return timed_evaluation(run, overrides, n, f"budget_{arm_slug(name)}")
 
             rec = ResultLog(run / "sampler_budget.jsonl").once({"setting": name, "n": n}, compute)
             records.append({**rec, "seed": len(records)})
@@ -715,8 +722,8 @@ def ema_lengths(runs: list, sigma_rels=EMA_LENGTHS, *, n: int = 512, log=print) 
     (run, weights) lands in RUN/ema_lengths.jsonl."""
     from ..config import load_config
     from ..engine.posthoc_ema import ema_warmup_sigma_rel, posthoc_fit
-    from ..eval.evaluate import EvalSize, eval_summary, evaluate_run
     from ..io import ResultLog
+    from ..modeling.runs import posthoc_sigma_rel
     from ..sampling.settings import SamplingSettings
     from .runner import summarise_records
 
@@ -731,14 +738,12 @@ def ema_lengths(runs: list, sigma_rels=EMA_LENGTHS, *, n: int = 512, log=print) 
         for run in map(Path, runs):
             def compute(run=run, name=name, weights=weights) -> dict:
                 log(f"ema lengths: {run} / {name}")
-                tic = time.time()
-                ev = evaluate_run(run, None, EvalSize(n=n), weights=weights, tag=f"ema_{weights.replace(':', '')}",
-                                  progress=False)
-                return {"eval_seconds": time.time() - tic, "step": ev["step"], **eval_summary(ev)}
+                return timed_evaluation(run, None, n, f"ema_{weights.replace(':', '')}", weights)
 
             rec = ResultLog(run / "ema_lengths.jsonl").once({"weights": weights, "n": n}, compute)
-            fit = posthoc_fit(run, float(weights[len("posthoc:"):]))["profile_residual"] if weights != "ema" else None
-            records.append({**rec, "seed": len(records), **({"profile_residual": fit} if fit is not None else {})})
+            sigma_rel = posthoc_sigma_rel(weights)
+            fit = {} if sigma_rel is None else {"profile_residual": posthoc_fit(run, sigma_rel)["profile_residual"]}
+            records.append({**rec, "seed": len(records), **fit})
         result["settings"][name] = {"weights": weights, **summarise_records(records), "model_calls": calls}
     return result
 
