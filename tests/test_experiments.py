@@ -195,6 +195,26 @@ def test_a_result_records_the_precision_its_run_trained_at(tiny_run, tmp_path, m
     assert record["train_precision"] == trained and isinstance(record["precision"], float)
 
 
+
+def test_records_logged_before_a_key_was_take_it_from_their_run_folder(tiny_run, tmp_path):
+    """Precision, median step time and the head's share of the objective come from the run folder, for records
+    written before they carried them; a folder that is gone adds nothing, and what a record has stays."""
+    from gmmcond.experiments.reproduce import fill_from_run_folders, from_run_folder
+    from gmmcond.io import ResultLog, median_sec_per_step, read_metrics
+    from gmmcond.modeling.precision import resolve_precision
+
+    told = from_run_folder(tiny_run)
+    rows = [r for r in read_metrics(tiny_run / "metrics.jsonl") if "diffusion" in r]
+    assert told == {"train_precision": resolve_precision("auto", "cpu").name,
+                    "sec_per_step_median": median_sec_per_step(rows)}  # no head: no share
+    log = ResultLog(tmp_path / "log.jsonl")
+    log.add({"key": "a", "run": str(tiny_run), "sec_per_step_median": 9.0})
+    log.add({"key": "b", "run": str(tmp_path / "gone")})
+    fill_from_run_folders(log)
+    assert log.records[0] == {"key": "a", "run": str(tiny_run), "sec_per_step_median": 9.0,
+                              "train_precision": told["train_precision"]}
+    assert log.records[1] == {"key": "b", "run": str(tmp_path / "gone")}
+
 def test_a_logged_result_is_computed_once_and_read_back(tmp_path):
     """ResultLog.once, the resumable unit of every experiment: a key already logged is read back, not computed."""
     from gmmcond.io import ResultLog

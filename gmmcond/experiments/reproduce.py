@@ -252,6 +252,28 @@ def head_share(rows: list[dict]) -> float | None:
     return statistics.fmean(shares) if shares else None
 
 
+def from_run_folder(run: Path) -> dict:
+    """What a run folder tells a result record: the precision it trained at, its median step time and, with a
+    head, the head's share of the objective (each left out where the folder cannot say)."""
+    out = {} if (precision := trained_precision(run)) is None else {"train_precision": precision}
+    metrics = run / "metrics.jsonl"
+    rows = [r for r in read_metrics(metrics) if "diffusion" in r] if metrics.is_file() else []
+    if any("sec_per_step" in r for r in rows):
+        out["sec_per_step_median"] = median_sec_per_step(rows)
+    if (share := head_share(rows)) is not None:
+        out["head_share"] = share
+    return out
+
+
+def fill_from_run_folders(log: ResultLog) -> None:
+    """Records logged before they carried :func:`from_run_folder`'s keys take them from their run folders, where
+    those still are (in memory: the log on disk is not rewritten)."""
+    for r in log.records:
+        if {"train_precision", "sec_per_step_median", "head_share"} - r.keys():
+            for key, value in from_run_folder(Path(r["run"])).items():
+                r.setdefault(key, value)
+
+
 def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) -> dict:
     """:func:`train_once`, then evaluate the run; return the diffusion-loss curve and :func:`eval_summary`."""
     from ..eval.evaluate import EvalSize, eval_summary, evaluate_run
@@ -264,8 +286,7 @@ def train_and_evaluate(recipe: str, overrides: list[str], run: Path, *, n: int) 
                       progress=False)
     return {"steps": steps, "curve_steps": [r["step"] for r in records], "curve": [r["diffusion"] for r in records],
             "last100": statistics.fmean(r["diffusion"] for r in records if r["step"] > steps - 100),
-            "sec_per_step_median": median_sec_per_step(records), "train_precision": trained_precision(run),
-            **({} if (share := head_share(records)) is None else {"head_share": share}),
+            **from_run_folder(run),
             # per attribute too, so a logged result is whole without its run folder (a later machine lacks runs/)
             "per_attribute": ev["per_attribute"], **eval_summary(ev)}
 
@@ -325,9 +346,7 @@ def loss_arms(arm_table: dict, name: str, prefix: str, title: str, opts: Options
         title = f"{title.split(':')[0]}: {len(chosen)} of its {len(arm_table)} arms"
     arms = scaled_arms(chosen, opts)
     train_and_evaluate_arms(arms, log, opts, prefix)
-    for r in log.records:  # logged before records said their precision: from the run folder, where it still is
-        if "train_precision" not in r and (precision := trained_precision(Path(r["run"]))):
-            r["train_precision"] = precision
+    fill_from_run_folders(log)
     plot_loss_bands(opts.path(name, "png"), log, arms, opts.seeds, f"{title}, {opts.steps} steps ({opts.scale} scale)")
     return {"steps": opts.steps, "seeds": opts.seeds, "n": opts.n, "scale": opts.scale,
             "arms": summarise_arms(log, arms, opts.seeds)}
@@ -413,11 +432,8 @@ def head(opts: Options) -> dict:
     speed = convergence(log, scaled_arms(select_arms(table, opts.arms), opts), opts.seeds)
     for arm, stats in result["arms"].items():
         for r in stats["per_seed"]:
-            metrics = Path(r["run"]) / "metrics.jsonl"  # results logged before head_share was: from their run folders
-            if "head_share" not in r and metrics.exists() and (share := head_share(read_metrics(metrics))) is not None:
-                r["head_share"] = share
             r.update(speed.get(arm, {}).get(r["seed"], {}))
-        for key in ("head_share", "loss_at_25pct", "loss_at_50pct", "reaches_base_final", "steps_to_base_final"):
+        for key in ("loss_at_25pct", "loss_at_50pct", "reaches_base_final", "steps_to_base_final"):
             values = [r[key] for r in stats["per_seed"] if key in r]
             if values and len(values) == len(stats["per_seed"]):
                 stats[key] = summarise(values)
@@ -764,5 +780,6 @@ def combinations(opts: Options) -> dict:
     out = opts.path("combinations", "png")
     run_arms(arms, log, opts, "comb", trained_by=trained_by,
              evaluate=lambda *args: combination_scores(*args, out=out))
+    fill_from_run_folders(log)  # the step time and precision of each seed, read where its run folder still is
     return {"held_out": list(HELD_OUT_COMBINATIONS), "seeds": opts.seeds, "steps": opts.steps, "scale": opts.scale,
             "per": opts.n, "arms": summarise_arms(log, arms, opts.seeds)}
