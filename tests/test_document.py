@@ -46,6 +46,9 @@ def test_a_paired_placeholder_reads_its_base_from_another_json_by_seed(tmp_path)
     (tmp_path / "new.json").write_text(json.dumps(new))
     (tmp_path / "old.json").write_text(json.dumps({"arms": {"b": _per_seed([0.0, 0.1, 0.2])}}))
     assert document.render("{{paired_with|new.json|a|old.json|b|x|2}}", tmp_path) == "+0.60 +- 0.14 (2 of 2 > 0)"
+    # the verdict on the same differences (0.5 and 0.7: the mean 0.6 is six standard errors above zero)
+    assert document.render("{{verdict_with|new.json|a|old.json|b|x|higher}}", tmp_path) == "held"
+    assert document.render("{{verdict_with|new.json|a|old.json|b|x|lower}}", tmp_path) == "did not hold"
     with pytest.raises(document.DocumentError, match="KeyError"):
         document.render("{{paired_with|new.json|a|old.json|c|x|2}}", tmp_path)
 

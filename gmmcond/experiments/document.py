@@ -17,6 +17,7 @@ the JSON with ``>`` between keys (keys hold spaces, dots and slashes) and intege
 - ``{{verdict|FILE|ARM|BASE|KEY|higher}}`` (or ``lower``, the claimed direction of ARM against BASE): the results'
   rule (:func:`gmmcond.experiments.runner.paired_verdict`) on the same paired differences: "held", "did not hold" or
   "undecided at this scale" with the seeds a gap of the observed size would take;
+- ``{{verdict_with|FILE|ARM|BASE_FILE|BASE|KEY|higher}}``: the same rule with BASE from another JSON (as ``paired_with``);
 - ``{{ratio_of_means|FILE|PATH|REF_PATH|DIGITS}}``: mean over seeds of one over the other's (``arms>A>key``);
 - ``{{table|KIND|FILE...}}``: a whole table, one of ``TABLES``.
 
@@ -92,10 +93,10 @@ CLAIMED = {"higher": 1, "lower": -1}
 DECIDABLE_SEEDS = 100  # past this many seeds an undecided gap is reported as no lean
 
 
-def _verdict(result: dict, arm: str, base: str, key: str, claimed: str) -> str:
+def _verdict(result: dict, arm: str, base: str, key: str, claimed: str, base_result: dict | None = None) -> str:
     if claimed not in CLAIMED:
         raise ValueError(f"the claimed direction is 'higher' or 'lower', not {claimed!r}")
-    v = paired_verdict(_paired_diffs(result, arm, base, key), CLAIMED[claimed])
+    v = paired_verdict(_paired_diffs(result, arm, base, key, base_result), CLAIMED[claimed])
     if v["verdict"] != "undecided":
         return v["verdict"]
     need = v["seeds_to_decide"]
@@ -259,12 +260,14 @@ def fill(spec: str, root: Path, cache: dict) -> str:
             return _paired(data, args[1], args[3], args[4], int(args[5]), _load(root, args[2], cache))
         if kind == "verdict":
             return _verdict(data, args[1], args[2], args[3], args[4])
+        if kind == "verdict_with":
+            return _verdict(data, args[1], args[3], args[4], args[5], _load(root, args[2], cache))
         if kind == "ratio_of_means":
             return _per_seed_ratio(data, args[1], args[2], int(args[3]))
     except (KeyError, IndexError, ValueError, TypeError) as e:
         raise DocumentError(f"{{{{{spec}}}}}: {type(e).__name__}: {e}") from None
     raise DocumentError(f"{{{{{spec}}}}}: unknown placeholder kind {kind!r}; one of v, pm, x, paired, paired_with, "
-                        "verdict, ratio_of_means, table")
+                        "verdict, verdict_with, ratio_of_means, table")
 
 
 def render(template: str, root: Path) -> str:
