@@ -195,7 +195,6 @@ def test_a_result_records_the_precision_its_run_trained_at(tiny_run, tmp_path, m
     assert record["train_precision"] == trained and isinstance(record["precision"], float)
 
 
-
 def test_records_logged_before_a_key_was_take_it_from_their_run_folder(tiny_run, tmp_path):
     """Precision, median step time and the head's share of the objective come from the run folder, for records
     written before they carried them; a folder that is gone adds nothing, and what a record has stays."""
@@ -214,6 +213,7 @@ def test_records_logged_before_a_key_was_take_it_from_their_run_folder(tiny_run,
     assert log.records[0] == {"key": "a", "run": str(tiny_run), "sec_per_step_median": 9.0,
                               "train_precision": told["train_precision"]}
     assert log.records[1] == {"key": "b", "run": str(tmp_path / "gone")}
+
 
 def test_a_logged_result_is_computed_once_and_read_back(tmp_path):
     """ResultLog.once, the resumable unit of every experiment: a key already logged is read back, not computed."""
