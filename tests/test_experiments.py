@@ -517,6 +517,15 @@ def test_recipes_compared_groups_runs_by_recipe_and_pairs_them_by_training_seed(
     d.mkdir()
     (d / "config.yaml").write_text(yaml.safe_dump({**cfg, "train": {**cfg["train"], "lr": 2e-4}}))
     assert list(benchmarks.recipe_groups([a, d])) == ["shapes_tiny", "tiny_lr"]
+    budgeted = []  # two seeds of one wall-clock budget, their steps fitted to different speeds: one recipe
+    for seed, steps in enumerate((4479, 3938)):
+        run = tmp_path / f"budget_s{seed}"
+        run.mkdir()
+        history = [{"step": 21, "fitted": {"train.steps": {"from": 20000, "to": steps}, "train.minutes": 10.0}}]
+        (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "history": history, "train": {
+            **cfg["train"], "seed": seed, "minutes": 10.0, "steps": steps}}))
+        budgeted.append(run)
+    assert list(benchmarks.recipe_groups(budgeted)) == ["budget"]
     real = evaluate.evaluate_run
     monkeypatch.setattr(evaluate, "evaluate_run", lambda run, overrides, size, **kw: real(
         run, {**overrides, "steps": 2}, evaluate.EvalSize(n=8, sets=1, per_set=8, memorisation=0), **kw))

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from gmmcond.errors import RunError
 from gmmcond.io import load_checkpoint
@@ -180,24 +181,37 @@ def test_fitted_steps_take_the_budget_share_left_at_the_measured_step_time():
     assert fitted_steps(-5.0, 0.5, 20, 50) == 21  # a spent budget still finishes the step it is on
 
 
-def test_train_minutes_fits_the_steps_records_them_and_train_steps_reproduces_the_run(tiny_cfg, tmp_path):
-    """train.minutes: the step count is fitted to the budget after the calibration steps (the warm-up covers them,
-    so the lr schedule is that of the fitted train.steps throughout), the run stops there, config.yaml records
-    the fitted steps, and train.steps=N with train.minutes off trains the same weights bit for bit."""
-    import yaml
+def test_train_minutes_fits_the_steps_records_them_and_train_steps_reproduces_the_run(tiny_cfg, tmp_path, monkeypatch):
+    """train.minutes: the step count is fitted to the budget at the end of the warm-up (so the lr schedule is that
+    of the fitted train.steps throughout), the run stops there, config.yaml records the fitted steps, and
+    train.steps=N with train.minutes off trains the same weights bit for bit."""
+    from gmmcond.engine import trainer
 
+    monkeypatch.setattr(trainer, "BUDGET_CALIBRATION_SHARE", math.inf)  # however slow the machine: at the warm-up's end
     common = ("train.warmup_steps=40", "train.checkpoint_every=1000", "train.log_every=1", "train.grid_every=0")
     budget = train(tiny_cfg("train.minutes=0.03", "train.steps=500", *common), tmp_path / "budget")
     cfg = yaml.safe_load((tmp_path / "budget" / "config.yaml").read_text())
     fitted = cfg["history"][-1]["fitted"]
     n = cfg["train"]["steps"]
-    assert fitted["train.steps"] == {"from": 500, "to": n} and 22 <= n < 500 and fitted["sec_per_step"] > 0
+    assert fitted["train.steps"] == {"from": 500, "to": n} and 41 <= n < 500 and fitted["sec_per_step"] > 0
+    assert cfg["history"][-1]["step"] == 40  # fitted at the end of the warm-up
     assert budget["step"] == n and read_metrics(tmp_path / "budget")[-1]["step"] == n
     train(tiny_cfg(f"train.steps={n}", *common), tmp_path / "steps")
     a = load_checkpoint(tmp_path / "budget" / "checkpoints" / f"step_{n:07d}.pt")
     b = load_checkpoint(tmp_path / "steps" / "checkpoints" / f"step_{n:07d}.pt")
     assert all(torch.equal(v, b["ema"][k]) for k, v in a["ema"].items())
     assert [m["loss"] for m in read_metrics(tmp_path / "budget")] == [m["loss"] for m in read_metrics(tmp_path / "steps")]
+
+
+def test_a_long_warm_up_is_not_waited_for_once_the_timed_steps_took_their_share_of_the_budget(tiny_cfg, tmp_path,
+                                                                                             monkeypatch):
+    from gmmcond.engine import trainer
+
+    monkeypatch.setattr(trainer, "BUDGET_CALIBRATION_SHARE", 0.0)  # any time taken is the share: fit at the minimum
+    train(tiny_cfg("train.minutes=0.03", "train.steps=500", "train.warmup_steps=400", "train.checkpoint_every=1000",
+                   "train.grid_every=0"), tmp_path / "run")
+    history = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["history"]
+    assert history[-1]["step"] == 1 + trainer.BUDGET_CALIBRATION_STEPS
 
 
 def test_a_budgeted_run_resumes_to_its_fitted_steps_with_the_minutes_left(tiny_cfg, tmp_path, monkeypatch):
@@ -208,20 +222,21 @@ def test_a_budgeted_run_resumes_to_its_fitted_steps_with_the_minutes_left(tiny_c
     from gmmcond.engine import trainer
 
     monkeypatch.setattr(trainer, "fitted_steps", lambda budget_s, sec_per_step, done, cap: min(cap, done + 10))
+    monkeypatch.setattr(trainer, "BUDGET_CALIBRATION_SHARE", math.inf)  # fitted at the warm-up's end, step 40
     overrides = ("train.minutes=5", "train.steps=500", "train.warmup_steps=40", "train.checkpoint_every=5",
                  "train.grid_every=0")
 
     class Killed(Exception):
         pass
 
-    def kill_at_27(step, metrics):
-        if step == 27:  # fitted to 31 (calibrated at 21); dies with its last checkpoint at step 25
+    def kill_at_47(step, metrics):
+        if step == 47:  # fitted to 50 (at the warm-up's end, step 40); dies with its last checkpoint at step 45
             raise Killed
 
     with pytest.raises(Killed):
-        train(tiny_cfg(*overrides), tmp_path / "run", on_step=kill_at_27)
-    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000025.pt")
-    assert state["fitted"] == 31 and state["elapsed"] > 0
+        train(tiny_cfg(*overrides), tmp_path / "run", on_step=kill_at_47)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000045.pt")
+    assert state["fitted"] == 50 and state["elapsed"] > 0
     last = train(tiny_cfg(*overrides), tmp_path / "run", resume=True)
     assert last["step"] == state["fitted"]
     spent = dict(state, elapsed=10.0**6)

@@ -624,7 +624,8 @@ def recipe_groups(runs: list) -> dict[str, list]:
     """Trained runs grouped by recipe: runs whose configs agree but for their name, ``train.seed`` and what does not
     change the training (``RECIPE_NEUTRAL`` and the experiments' ``BOOKKEEPING``: threads, logging, checkpoints,
     post-hoc EMA tracks; the history of a resume aside)
-    are seeds of one recipe; each group named by what its run folders share (``shapes_s0``, ``shapes_s1`` ->
+    are seeds of one recipe (a ``train.minutes`` run by its budget and step cap, not the steps fitted to it); each group
+    named by what its run folders share (``shapes_s0``, ``shapes_s1`` ->
     ``shapes``; else by what the config names share), with the config's hash where two groups would share a name."""
     import hashlib
     import json
@@ -639,6 +640,9 @@ def recipe_groups(runs: list) -> dict[str, list]:
         cfg = load_config(run / "config.yaml")
         recipe = {k: v for k, v in cfg.items() if k not in ("name", "history")}
         recipe["train"] = {k: v for k, v in cfg["train"].items() if k != "seed" and f"train.{k}" not in neutral}
+        if cfg["train"].get("minutes"):  # a budgeted run's steps were fitted to its machine: its recipe has the cap
+            recipe["train"]["steps"] = next((h["fitted"]["train.steps"]["from"] for h in cfg.get("history", [])
+                                             if "fitted" in h), cfg["train"]["steps"])
         groups.setdefault(json.dumps(recipe, sort_keys=True, default=str), []).append((run, cfg))
     named: dict[str, list] = {}
     for key, members in groups.items():
