@@ -39,6 +39,19 @@ def test_placeholders_are_filled_from_the_json(tmp_path):
     assert document.render(text, tmp_path) == "12.35 / 0.50 +- 0.25 / +0.35 +- 0.21 (2 of 2 > 0) / 0.041x"
 
 
+def test_a_per_seed_index_names_the_seed_not_the_position(tmp_path):
+    """Parallel workers finish seeds out of order: per_seed>1 is seed 1's record wherever it sits, and a seed the
+    records lack is an error that lists the seeds they hold."""
+    result = {"arms": {"a": {"per_seed": [{"seed": 2, "x": 0.9}, {"seed": 0, "x": 0.1}, {"seed": 1, "x": 0.5}]}},
+              "plain": [10, 20, 30]}
+    (tmp_path / "r.json").write_text(json.dumps(result))
+    assert document.render("{{v|r.json|arms>a>per_seed>1>x|.1f}} {{v|r.json|plain>1|d}}", tmp_path) == "0.5 20"
+    with pytest.raises(document.DocumentError, match=r"seed 3 \(the records hold seeds \[0, 1, 2\]\)"):
+        document.render("{{v|r.json|arms>a>per_seed>3>x|.1f}}", tmp_path)
+    from gmmcond.experiments.runner import summarise_records
+    assert [r["seed"] for r in summarise_records(result["arms"]["a"]["per_seed"])["per_seed"]] == [0, 1, 2]
+
+
 def test_a_paired_placeholder_reads_its_base_from_another_json_by_seed(tmp_path):
     """paired_with: the base arm ran under another command; seeds pair by number, a seed only one side has is left
     out, and the same arm in one file pairs exactly as paired does."""

@@ -56,9 +56,15 @@ def _load(root: Path, name: str, cache: dict) -> dict | list:
 
 
 def lookup(data, path: str):
-    """Walk ``data`` along ``path`` ('a>b>0>c'); integers index lists."""
+    """Walk ``data`` along ``path`` ('a>b>0>c'); integers index lists, except in a list of per-seed records (dicts
+    with a ``seed``), where ``per_seed>2`` is the record of seed 2 whatever order the seeds finished in."""
     for key in path.split(">"):
-        if isinstance(data, list):
+        if isinstance(data, list) and data and all(isinstance(r, dict) and "seed" in r for r in data):
+            match = [r for r in data if r["seed"] == int(key)]
+            if not match:
+                raise KeyError(f"seed {key} (the records hold seeds {sorted(r['seed'] for r in data)})")
+            data = match[0]
+        elif isinstance(data, list):
             data = data[int(key)]
         elif key in data:
             data = data[key]

@@ -262,7 +262,9 @@ def arm_records(log: ResultLog, arms, arm: str, seeds: int) -> list[dict]:
 
 
 def summarise_records(rs: list[dict]) -> dict:
-    """Mean +- std over records (one per seed) of every number they all share, and the records themselves."""
+    """Mean +- std over records (one per seed) of every number they all share, and the records themselves in seed
+    order."""
+    rs = sorted(rs, key=lambda r: r.get("seed", 0))
     keys = [k for k, v in rs[0].items() if isinstance(v, (int, float)) and k not in ("seed", "steps")
             and all(isinstance(r.get(k), (int, float)) for r in rs)]
     return {**{k: summarise([r[k] for r in rs]) for k in keys},
