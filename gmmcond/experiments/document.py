@@ -4,7 +4,8 @@ so no number in it can go stale (``python launch/reproduce.py document``; ``--ch
 ``tests/test_document.py`` runs the check).
 
 A placeholder is ``{{kind|arg|arg...}}``; file arguments are paths relative to the figures folder, key paths walk
-the JSON with ``>`` between keys (keys hold spaces, dots and slashes) and integers index lists:
+the JSON with ``>`` between keys (keys hold spaces, dots and slashes) and integers index lists, except that in a
+list of per-seed records ``per_seed>2`` is seed 2's record, wherever it sits:
 
 - ``{{v|FILE|PATH|FMT}}``: the value, formatted with Python's format spec FMT (``.3f``, ``.1%``, ``d``);
 - ``{{pm|FILE|PATH|DIGITS}}``: a ``{mean, std}`` summary as "mean +- std";
