@@ -307,3 +307,40 @@ def test_tokens_and_the_model_settings_they_need_go_together(tiny_cfg):
         build(tiny_cfg("conditioner=gmm_tokens", "model.cross_cond_dim=16"))
     pooled = build(tiny_cfg(*TOKENS, "conditioner.pooled=true"))
     assert pooled.denoiser.inner_model.pooled and pooled.conditioner.mapping_dim == pooled.conditioner.dim
+
+
+def test_a_run_from_before_tokens_loads_and_samples_what_it_sampled_then(tmp_path):
+    """tests/data/old_run_9e0624c was trained and sampled at 9e0624c, the commit before attribute tokens (made by
+    tests/data/make_old_run.py). Today's code loads it as the pooled model it was and draws the same images for the
+    same requests: exactly on the host that made it; within 1e-5 here, where a changed condition moves them by ~0.2."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from gmmcond.modeling.models import AttributeTokens
+    from gmmcond.modeling.runs import load_run
+    from gmmcond.sampling.sheets import sample_requests
+
+    fixture = Path(__file__).parent / "data" / "old_run_9e0624c"
+    shutil.copytree(fixture, tmp_path / "run")  # loading may write beside the run (a lock); the fixture stays as made
+    then = load_file(tmp_path / "run" / "drawn_then.safetensors")
+    with safe_open(tmp_path / "run" / "drawn_then.safetensors", "pt") as f:
+        assert f.metadata()["commit"].startswith("9e0624c")
+    sys.path.insert(0, str(fixture.parent))
+    try:
+        from make_old_run import REQUESTS, draw
+    finally:
+        sys.path.remove(str(fixture.parent))
+    run = load_run(tmp_path / "run")
+    assert not run.parts.conditioner.tokens and not isinstance(run.parts.denoiser.inner_model, AttributeTokens)
+    now = draw(tmp_path / "run")
+    assert sorted(now) == sorted(then) == sorted(name for name, *_ in REQUESTS)
+    for name in then:
+        torch.testing.assert_close(now[name], then[name], atol=1e-5, rtol=0, msg=f"request {name!r}")
+    # the fixture tells a change apart: the same noise under plain conditional sampling moves the images far more
+    _, sets, settings, n = next(r for r in REQUESTS if r[0] == "data")
+    unguided = sample_requests(run, sets, {**settings, "cfg_scale": 1.0}, n=n, log=lambda m: None).images
+    assert (unguided - then["data"]).abs().max() > 1e-2
