@@ -61,7 +61,9 @@ RECIPES = recipes_dir()
 
 @dataclass
 class DenoiserConfig:
-    sigma_data: float = 0.5  # Expected std of the data (images in [-1, 1]).
+    # Expected std of the data (images in [-1, 1]); "data": measured on the training data when the run starts, and
+    # recorded in its config.yaml (gmmcond.data.measure_sigma_data).
+    sigma_data: Any = 0.5
     loss: str = "karras"  # karras | snr | soft_min_snr | eps (L_simple, the paper's).
 
 
@@ -274,7 +276,15 @@ def resolve(raw: dict) -> dict:
             raise ConfigError(f"head.loss: {LOSSES.unknown_message(loss)}")
     if cfg["denoiser"]["loss"] not in DENOISER_LOSSES:
         raise _unknown_key("denoiser.loss", cfg["denoiser"]["loss"], DENOISER_LOSSES)
+    sigma_data = cfg["denoiser"]["sigma_data"]
+    if sigma_data != "data" and (isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float))
+                                 or not sigma_data > 0):
+        raise ConfigError(f"denoiser.sigma_data: must be a number > 0 (the data's standard deviation) or data (measured "
+                          f"on the training data when the run starts), got {sigma_data!r}")
     tilt = cfg["schedule"].get("tilt", "none")
+    if tilt != "none" and sigma_data == "data":
+        raise ConfigError(f"schedule.tilt={tilt} needs denoiser.sigma_data as a number (equal to "
+                          f"schedule.tilt_sigma_data), not data")
     if tilt != "none" and cfg["schedule"]["tilt_sigma_data"] != cfg["denoiser"]["sigma_data"]:
         raise ConfigError(f"schedule.tilt_sigma_data ({cfg['schedule']['tilt_sigma_data']}) must equal denoiser.sigma_data "
                           f"({cfg['denoiser']['sigma_data']}): the {tilt} tilt stands in for that weighting")

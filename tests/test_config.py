@@ -129,10 +129,18 @@ def test_required_kwarg_and_yaml_path(tmp_path):
     ("train.precision=fp8", "train.precision: must be one of auto, fp32, bf16, fp16, got 'fp8'"),
     ("sample.cfg_interval=[5.0,1.0]", "sample.cfg_interval: must be [lo, hi] with 0 <= lo < hi"),
     ("sample.cfg_interval=[1.0]", "sample.cfg_interval: must be [lo, hi] with 0 <= lo < hi"),
+    ("denoiser.sigma_data=date", "denoiser.sigma_data: must be a number > 0 (the data's standard deviation) or data"),
+    ("denoiser.sigma_data=0", "denoiser.sigma_data: must be a number > 0"),
 ])
 def test_out_of_range_settings_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("shapes_tiny", [override])
+
+
+def test_sigma_data_measured_on_the_data_is_a_setting_the_tilt_refuses():
+    assert load_config("shapes_tiny", ["denoiser.sigma_data=data"])["denoiser"]["sigma_data"] == "data"
+    with pytest.raises(ConfigError, match="schedule.tilt=soft_min_snr needs denoiser.sigma_data as a number"):
+        load_config("shapes_tiny", ["denoiser.sigma_data=data", "schedule.tilt=soft_min_snr", "denoiser.loss=karras"])
 
 
 def test_a_dotted_override_expands_a_plain_sampler_key():

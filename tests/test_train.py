@@ -267,3 +267,26 @@ def test_the_trainer_assigns_the_noise_when_asked(tiny_cfg, tmp_path):
         train(tiny_cfg(f"train.immiscible={str(on).lower()}", "train.steps=2", "train.log_every=1"), tmp_path / str(on))
         losses[on] = [r["loss"] for r in read_metrics(tmp_path / str(on) / "metrics.jsonl")]
     assert all(map(math.isfinite, losses[True])) and losses[True][0] != losses[False][0]  # same draws, reassigned
+
+
+def test_sigma_data_measured_on_the_data_is_the_images_std_recorded_and_resumed(tiny_cfg, tmp_path):
+    import numpy as np
+
+    from gmmcond.data import measure_sigma_data
+    from gmmcond.registry import DATASETS
+
+    cfg = tiny_cfg("denoiser.sigma_data=data")
+    dataset = DATASETS.build(cfg["dataset"])
+    pixels = np.stack([dataset[i][0].numpy() for i in range(len(dataset))]).astype(np.float64)
+    assert measure_sigma_data(dataset) == round(float(pixels.std(ddof=1)), 2)
+    every_third = np.stack([dataset[i][0].numpy() for i in (0, 85, 170, 255)]).astype(np.float64)
+    assert measure_sigma_data(dataset, max_items=4) == round(float(every_third.std(ddof=1)), 2)  # evenly spaced
+    run = tmp_path / "run"
+    train(tiny_cfg("denoiser.sigma_data=data", "train.steps=2"), run)
+    recorded = yaml.safe_load((run / "config.yaml").read_text())["denoiser"]["sigma_data"]
+    assert recorded == measure_sigma_data(dataset) != 0.5
+    assert load_run(run).parts.denoiser.sigma_data == recorded
+    train(tiny_cfg("denoiser.sigma_data=data", "train.steps=3"), run, resume=True)  # measured again: the same run
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
+    with pytest.raises(RunError, match="different denoiser settings"):
+        train(tiny_cfg("denoiser.sigma_data=0.5", "train.steps=4"), run, resume=True)

@@ -38,7 +38,7 @@ from ..errors import (REQUEUE_EXIT, AttributeSpecError, CheckpointError, ConfigE
                       StorageError, TrainingDiverged)
 from ..io import (RunLock, append_metrics, atomic_write_bytes, checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint, previous_checkpoint,
                   read_metrics, save_checkpoint, truncate_metrics, write_json)
-from ..modeling.build import Components, build
+from ..modeling.build import Components, build, resolve_sigma_data
 from ..modeling.objective import TrainingObjective, immiscible_noise
 from ..sampling.generate import generate
 from ..sampling.requests import DEFAULT_OPEN, resolve_requests
@@ -47,6 +47,7 @@ from ..utils import peak_rss_mb, usable_cores
 from ..visualize import captioned_grid, plot_metrics, save_png
 from ..modeling.precision import autocast, compile_model, first_compiled_call, resolve_precision
 from ..modeling.runs import dataset_info, export_run
+from ..registry import DATASETS
 from .posthoc_ema import PowerEMA
 from .trackers import flat_config, log_image, logging_dir, tracker_names
 
@@ -308,7 +309,12 @@ class Trainer:
         self.ckpt_path = self._checkpoint_to_resume(resume)
 
         torch.manual_seed(self.t["seed"])  # identical initial weights on every process
-        self.parts = build(cfg)
+        dataset = DATASETS.build(cfg["dataset"])
+        if cfg["denoiser"]["sigma_data"] == "data":  # the number goes into config.yaml; a resume measures it again
+            self.cfg = cfg = resolve_sigma_data(cfg, dataset)
+            acc.print(f"gmmcond: denoiser.sigma_data {cfg['denoiser']['sigma_data']}, measured on the training data "
+                      f"(recorded in config.yaml)")
+        self.parts = build(cfg, dataset)
         self.ema = ema_copy(self.parts.denoiser)
         self.grid_texts = grid_rows(cfg, self.parts, log=acc.print)  # checked before the first step, on every process
         # the training split's attribute rows: written into the run directory, and what the grids' open attributes

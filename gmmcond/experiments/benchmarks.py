@@ -241,6 +241,9 @@ def train_step_time(cfg: dict, *, steps: int = 4, rounds: int = 15, warmup: int 
     """Time a training step of every arm in TRAIN_ARMS: warm-up (compilation excluded), then ``rounds`` interleaved
     round-robin rounds of ``steps`` steps with a rotating order; median and IQR per arm, FLOPs per step and the
     machine's matmul/conv peaks measured in the same run."""
+    from ..modeling.build import resolve_sigma_data
+
+    cfg = resolve_sigma_data(cfg)  # measured once, not in every arm (k-diffusion's own arm needs the number)
     arms = list(arms or TRAIN_ARMS)
     batch_size = cfg["train"]["batch_size"]
     steppers, parts = {}, None

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from .. import data  # noqa: F401  (fills DATASETS)
+from .. import data  # fills DATASETS; measures sigma_data
 from ..errors import ConfigError
 from ..registry import CONDITIONERS, DATASETS, MODELS, SCHEDULES
 from . import conditioners, schedules  # noqa: F401  (fill the registries)
@@ -27,10 +27,22 @@ class Components:
     groups: list[list[str]]
 
 
+def resolve_sigma_data(cfg: dict, dataset: Any = None) -> dict:
+    """``cfg``, or with ``denoiser.sigma_data: data`` a copy holding the number measured on the dataset (built unless
+    given; :func:`gmmcond.data.measure_sigma_data`). A run records the number, so nothing after training needs the
+    data for it."""
+    if cfg["denoiser"]["sigma_data"] != "data":
+        return cfg
+    if dataset is None:
+        dataset = DATASETS.build(cfg["dataset"])
+    return {**cfg, "denoiser": {**cfg["denoiser"], "sigma_data": data.measure_sigma_data(dataset)}}
+
+
 def build(cfg: dict, dataset: Any = None) -> Components:
     """Build the components of a resolved config (the dataset too, unless one is given)."""
     if dataset is None:
         dataset = DATASETS.build(cfg["dataset"])
+    cfg = resolve_sigma_data(cfg, dataset)
     attr_names, groups = list(dataset.attr_names), [list(g) for g in dataset.groups]
     conditioner = CONDITIONERS.build(cfg["conditioner"], num_attrs=len(attr_names))
     conditioner.set_groups([[attr_names.index(a) for a in g] for g in groups])
