@@ -434,8 +434,9 @@ PROBES = {
     "batch 32 x 12000 steps": ["train.batch_size=32", "train.steps=12000", "train.warmup_steps=200"],
     # the soft-min-SNR objective by importance sampling: sigma drawn from the log-normal times the weighting,
     # unit weight (schedules.KarrasSchedule, tilt), so no batch slot goes to a near-zero weight; measured: far
-    # worse (conformity 0.33 against 0.84); likely AdamW's per-parameter normalisation breaks the equivalence
-    "importance-sampled soft-min-snr": ["schedule.tilt=soft_min_snr", "denoiser.loss=karras"],
+    # worse (conformity 0.33 against 0.84); likely AdamW's per-parameter normalisation breaks the equivalence. The
+    # tilt needs sigma_data as a number: the 0.5 it was measured at
+    "importance-sampled soft-min-snr": ["denoiser.sigma_data=0.5", "schedule.tilt=soft_min_snr", "denoiser.loss=karras"],
     # Karras weighting with the gradient-norm clip off: is it the weighting or the clip? (soft-min-SNR's
     # gradient norms stay far below the 1.0 clip after the first 50 steps, metrics.jsonl grad_clipped)
     "karras weighting, no clip": ["denoiser.loss=karras", "train.grad_clip=0"],

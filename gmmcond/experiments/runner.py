@@ -99,10 +99,28 @@ def arm_slug(arm: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in arm).strip("_")
 
 
+# Recipe values changed after the experiments were logged: {dotted key: (the recipe's value now, the value the
+# logged runs trained with)}. Where an arm's recipe has the new value, the old one is set ahead of the arm's own
+# overrides and left out of its key, so every logged result, run folder and reused record still matches, and a
+# rerun trains what was logged. (The shapes recipe set sigma_data 0.5 until it was measured on the data:
+# RESULTS.md, "sigma_data measured on the data".)
+RECIPE_AS_LOGGED = {"denoiser.sigma_data": ("data", 0.5)}
+
+
+def logged_pins(recipe: str) -> list[str]:
+    """The overrides that set ``recipe``'s changed values (:data:`RECIPE_AS_LOGGED`) back to the logged ones."""
+    from ..config import load_config
+
+    base = load_config(recipe)
+    return [f"{dotted}={old}" for dotted, (now, old) in RECIPE_AS_LOGGED.items()
+            if base[dotted.split(".")[0]][dotted.split(".")[1]] == now]
+
+
 def arm_config(recipe: str, overrides: list[str], seed: int) -> tuple[list[str], str]:
-    """An arm's full override list at ``seed`` and the key its result is stored under."""
+    """An arm's full override list at ``seed`` (led by :func:`logged_pins`) and the key its result is stored under
+    (without them)."""
     full = [*overrides, f"train.seed={seed}", f"conditioner.seed={seed}"]
-    return full, f"{recipe}: " + " ".join(full)
+    return [*logged_pins(recipe), *full], f"{recipe}: " + " ".join(full)
 
 
 # Settings that change neither the trained weights, the logged loss curve nor the evaluation (grids are drawn from
@@ -123,7 +141,7 @@ def result_key(recipe: str, overrides: list[str], protocol: str) -> str:
     experiments' logs are one training and one evaluation."""
     from ..config import load_config
 
-    cfg = load_config(recipe, overrides)
+    cfg = load_config(recipe, [*logged_pins(recipe), *overrides])  # a logged key's overrides lack the pins
     for dotted in BOOKKEEPING:
         section, key = dotted.split(".")
         cfg.get(section, {}).pop(key, None)
