@@ -313,8 +313,8 @@ def test_a_run_from_before_tokens_loads_and_samples_what_it_sampled_then(tmp_pat
     """tests/data/old_run_9e0624c was trained and sampled at 9e0624c, the commit before attribute tokens (made by
     tests/data/make_old_run.py). Today's code loads it as the pooled model it was and draws the same images for the
     same requests: exactly on the host that made it; within 1e-5 here, where a changed condition moves them by ~0.2."""
+    import importlib.util
     import shutil
-    import sys
     from pathlib import Path
 
     from safetensors import safe_open
@@ -329,11 +329,10 @@ def test_a_run_from_before_tokens_loads_and_samples_what_it_sampled_then(tmp_pat
     then = load_file(tmp_path / "run" / "drawn_then.safetensors")
     with safe_open(tmp_path / "run" / "drawn_then.safetensors", "pt") as f:
         assert f.metadata()["commit"].startswith("9e0624c")
-    sys.path.insert(0, str(fixture.parent))
-    try:
-        from make_old_run import REQUESTS, draw
-    finally:
-        sys.path.remove(str(fixture.parent))
+    spec = importlib.util.spec_from_file_location("make_old_run", fixture.parent / "make_old_run.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)  # what was asked then, and how: the maker's own REQUESTS and draw()
+    REQUESTS, draw = maker.REQUESTS, maker.draw
     run = load_run(tmp_path / "run")
     assert not run.parts.conditioner.tokens and not isinstance(run.parts.denoiser.inner_model, AttributeTokens)
     now = draw(tmp_path / "run")

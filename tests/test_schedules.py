@@ -67,10 +67,14 @@ def test_tilt_config_errors_name_the_fix():
     from gmmcond.config import load_config
     from gmmcond.errors import ConfigError
 
+    with pytest.raises(ConfigError, match="schedule.tilt=soft_min_snr needs denoiser.sigma_data as a number"):
+        load_config("shapes", ["schedule.tilt=soft_min_snr", "denoiser.loss=karras"])  # the recipe measures it
     with pytest.raises(ConfigError, match="set denoiser.loss=karras"):
-        load_config("shapes", ["schedule.tilt=soft_min_snr"])
+        load_config("shapes", ["denoiser.sigma_data=0.5", "schedule.tilt=soft_min_snr"])
     with pytest.raises(ConfigError, match="must equal denoiser.sigma_data"):
-        load_config("shapes", ["schedule.tilt=soft_min_snr", "denoiser.loss=karras", "schedule.tilt_sigma_data=1.0"])
+        load_config("shapes", ["denoiser.sigma_data=0.5", "schedule.tilt=soft_min_snr", "denoiser.loss=karras",
+                               "schedule.tilt_sigma_data=1.0"])
     with pytest.raises(ConfigError, match="schedule.tilt must be one of none, soft_min_snr"):
         SCHEDULES.build({"type": "karras", "tilt": "snr"})
-    assert load_config("shapes", ["schedule.tilt=soft_min_snr", "denoiser.loss=karras"])["schedule"]["tilt"] == "soft_min_snr"
+    assert load_config("shapes", ["denoiser.sigma_data=0.5", "schedule.tilt=soft_min_snr",
+                                  "denoiser.loss=karras"])["schedule"]["tilt"] == "soft_min_snr"
