@@ -279,8 +279,8 @@ def test_sigma_data_measured_on_the_data_is_the_images_std_recorded_and_resumed(
     dataset = DATASETS.build(cfg["dataset"])
     pixels = np.stack([dataset[i][0].numpy() for i in range(len(dataset))]).astype(np.float64)
     assert measure_sigma_data(dataset) == round(float(pixels.std(ddof=1)), 2)
-    every_third = np.stack([dataset[i][0].numpy() for i in (0, 85, 170, 255)]).astype(np.float64)
-    assert measure_sigma_data(dataset, max_items=4) == round(float(every_third.std(ddof=1)), 2)  # evenly spaced
+    evenly_spaced = np.stack([dataset[i][0].numpy() for i in (0, 85, 170, 255)]).astype(np.float64)
+    assert measure_sigma_data(dataset, max_items=4) == round(float(evenly_spaced.std(ddof=1)), 2)
     run = tmp_path / "run"
     train(tiny_cfg("denoiser.sigma_data=data", "train.steps=2"), run)
     recorded = yaml.safe_load((run / "config.yaml").read_text())["denoiser"]["sigma_data"]

@@ -310,8 +310,9 @@ class Trainer:
 
         torch.manual_seed(self.t["seed"])  # identical initial weights on every process
         dataset = DATASETS.build(cfg["dataset"])
-        if cfg["denoiser"]["sigma_data"] == "data":  # the number goes into config.yaml; a resume measures it again
-            self.cfg = cfg = resolve_sigma_data(cfg, dataset)
+        measured = resolve_sigma_data(cfg, dataset)  # the number goes into config.yaml; a resume measures it again
+        if measured is not cfg:
+            self.cfg = cfg = measured
             acc.print(f"gmmcond: denoiser.sigma_data {cfg['denoiser']['sigma_data']}, measured on the training data "
                       f"(recorded in config.yaml)")
         self.parts = build(cfg, dataset)

@@ -111,9 +111,12 @@ def logged_pins(recipe: str) -> list[str]:
     """The overrides that set ``recipe``'s changed values (:data:`RECIPE_AS_LOGGED`) back to the logged ones."""
     from ..config import load_config
 
-    base = load_config(recipe)
-    return [f"{dotted}={old}" for dotted, (now, old) in RECIPE_AS_LOGGED.items()
-            if base[dotted.split(".")[0]][dotted.split(".")[1]] == now]
+    base, pins = load_config(recipe), []
+    for dotted, (now, old) in RECIPE_AS_LOGGED.items():
+        section, key = dotted.split(".")
+        if base[section][key] == now:
+            pins.append(f"{dotted}={old}")
+    return pins
 
 
 def arm_config(recipe: str, overrides: list[str], seed: int) -> tuple[list[str], str]:
