@@ -573,6 +573,9 @@ CALLS_PER_STEP = {"heun": 2, "dpm_2": 2, "dpm_2_ancestral": 2, "dpmpp_2s_ancestr
 SAMPLER_BUDGET = {
     "x0_reproject 0.5, 100 steps, CFG 1.5 (recipe)": {"sampler": {"type": "x0_reproject", "renoise": 0.5}, "steps": 100,
                                                       "cfg_scale": 1.5},
+    # stronger guidance at every sigma: more conformity for less spread (the sampler table of RESULTS.md)
+    "x0_reproject 0.5, 100 steps, CFG 2": {"sampler": {"type": "x0_reproject", "renoise": 0.5}, "steps": 100,
+                                           "cfg_scale": 2.0},
     "x0_reproject 0.5, 15 steps, CFG 1.5": {"sampler": {"type": "x0_reproject", "renoise": 0.5}, "steps": 15, "cfg_scale": 1.5},
     "x0_reproject 0.5, 30 steps, CFG 1": {"sampler": {"type": "x0_reproject", "renoise": 0.5}, "steps": 30, "cfg_scale": 1.0},
     "dpmpp_2m, 15 steps, CFG 1.5": {"sampler": "dpmpp_2m", "steps": 15, "cfg_scale": 1.5},
