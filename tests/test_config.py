@@ -14,7 +14,7 @@ def test_default_recipe_resolves_with_every_default():
     cfg = load_config("shapes")
     assert cfg["conditioner"]["type"] == "gmm_attrs" and cfg["conditioner"]["means"] == [1.0, 2.0, 3.0]
     assert cfg["train"]["steps"] > 0 and cfg["head"] == {"type": "none"}
-    assert cfg["sample"]["sampler"] == {"type": "x0_reproject", "renoise": 0.5} and cfg["sample"]["cfg_scale"] == 1.5
+    assert cfg["sample"]["sampler"] == {"type": "x0_reproject", "renoise": 0.5} and cfg["sample"]["cfg_scale"] == 2.0
     assert cfg["sample"]["steps"] == 100
     assert yaml.safe_load(yaml.safe_dump(cfg)) == cfg  # the resolved config round-trips through YAML
 

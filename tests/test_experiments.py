@@ -311,11 +311,13 @@ def test_an_experiment_scale_leads_each_arm_and_its_result_key(tmp_path):
     cfg = load_config(recipe, arm_config(recipe, overrides, 0)[0])
     default = load_config("shapes")
     assert SCALES["recipe"] == () and cfg["denoiser"]["loss"] == default["denoiser"]["loss"]
-    # the recipe's sigma_data changed after these experiments were logged: their arms train at the logged 0.5, and
-    # neither their keys nor their run folders name it
+    # the recipe's sigma_data and guidance changed after these experiments were logged: their arms train and sample
+    # at the logged 0.5 and 1.5, and neither their keys nor their run folders name them
     full, key = arm_config(recipe, overrides, 0)
     assert default["denoiser"]["sigma_data"] == "data" and cfg["denoiser"]["sigma_data"] == 0.5
-    assert full[0] == "denoiser.sigma_data=0.5" and "sigma_data" not in key
+    assert default["sample"]["cfg_scale"] == 2.0 and cfg["sample"]["cfg_scale"] == 1.5
+    assert full[:2] == ["denoiser.sigma_data=0.5", "sample.cfg_scale=1.5"] and "sigma_data" not in key
+    assert "cfg_scale" not in key
     own = arm_config("shapes", ["denoiser.sigma_data=data"], 0)[0]  # an arm that sets it itself keeps its value
     assert load_config("shapes", own)["denoiser"]["sigma_data"] == "data"
     assert cfg["model"]["self_attn_depths"] == default["model"]["self_attn_depths"] and cfg["train"]["steps"] == 500

@@ -568,14 +568,13 @@ def profile_table(results: list[dict]) -> str:
 # previous step's output, its second-order single-step ones evaluate twice (the last step once).
 CALLS_PER_STEP = {"heun": 2, "dpm_2": 2, "dpm_2_ancestral": 2, "dpmpp_2s_ancestral": 2, "dpmpp_sde": 2}
 
-# sampling settings compared at the same trained weights: the recipe's, ones of 30 model calls a sample or fewer, and
-# guidance in a limited interval
+# sampling settings compared at the same trained weights: the recipe's, the one it had before, ones of 30 model calls
+# a sample or fewer, and guidance in a limited interval
 SAMPLER_BUDGET = {
-    "x0_reproject 0.5, 100 steps, CFG 1.5 (recipe)": {"sampler": {"type": "x0_reproject", "renoise": 0.5}, "steps": 100,
-                                                      "cfg_scale": 1.5},
-    # stronger guidance at every sigma: more conformity for less spread (the sampler table of RESULTS.md)
     "x0_reproject 0.5, 100 steps, CFG 2": {"sampler": {"type": "x0_reproject", "renoise": 0.5}, "steps": 100,
                                            "cfg_scale": 2.0},
+    "x0_reproject 0.5, 100 steps, CFG 1.5": {"sampler": {"type": "x0_reproject", "renoise": 0.5}, "steps": 100,
+                                             "cfg_scale": 1.5},
     "x0_reproject 0.5, 15 steps, CFG 1.5": {"sampler": {"type": "x0_reproject", "renoise": 0.5}, "steps": 15, "cfg_scale": 1.5},
     "x0_reproject 0.5, 30 steps, CFG 1": {"sampler": {"type": "x0_reproject", "renoise": 0.5}, "steps": 30, "cfg_scale": 1.0},
     "dpmpp_2m, 15 steps, CFG 1.5": {"sampler": "dpmpp_2m", "steps": 15, "cfg_scale": 1.5},
@@ -593,6 +592,13 @@ SAMPLER_BUDGET = {
     "dpmpp_2m_sde, 20 steps, CFG 2.5 in (0.28, 5.42]": {"sampler": "dpmpp_2m_sde", "steps": 20, "cfg_scale": 2.5,
                                                         "cfg_interval": (0.28, 5.42)},
 }
+
+
+# the default recipe's sampling (registry/shapes.yaml's `sample`): what `recipes` and `peer` score every run with,
+# whatever the run's own config says, so runs trained before a change of the recipe's sampling compare with today's
+RECIPE_SETTING = "x0_reproject 0.5, 100 steps, CFG 2"
+# the names of settings in results logged before the recipe's guidance rose to 2 (RESULTS.md), still accepted
+FORMER_NAMES = {"x0_reproject 0.5, 100 steps, CFG 1.5 (recipe)": "x0_reproject 0.5, 100 steps, CFG 1.5"}
 
 
 def model_calls(settings, sigmas=None) -> int:
@@ -664,14 +670,14 @@ def recipe_groups(runs: list) -> dict[str, list]:
 
 def recipes_compared(runs: list, *, n: int = 512, log=print) -> dict:
     """Trained runs of several recipes (seeds of each; grouped by :func:`recipe_groups`), each scored as
-    :func:`sampler_budget` scores the default recipe's sampling setting (the first ``SAMPLER_BUDGET`` one, whatever
-    the run's own ``sample`` section says; read back from RUN/sampler_budget.jsonl where it is there); seeds paired
+    :func:`sampler_budget` scores the default recipe's sampling (``RECIPE_SETTING``, whatever the run's own
+    ``sample`` section says; read back from RUN/sampler_budget.jsonl where it is there); seeds paired
     by ``train.seed``, with each run's training minutes at its median step time and its steps."""
     from ..io import read_metrics
     from ..sampling.settings import SamplingSettings
     from .runner import summarise_records
 
-    setting = next(iter(SAMPLER_BUDGET))
+    setting = RECIPE_SETTING
     calls = model_calls(SamplingSettings(**SAMPLER_BUDGET[setting]))
     settings = {}
     for name, members in recipe_groups(runs).items():
@@ -705,6 +711,7 @@ def sampler_budget(runs: list, names=None, *, n: int = 512, log=print) -> dict:
     from .runner import arm_slug, select_arms, summarise_records
 
     result = {"runs": [str(r) for r in runs], "n": n, "settings": {}}
+    names = [FORMER_NAMES.get(name, name) for name in names or ()]
     for name, overrides in select_arms(SAMPLER_BUDGET, names).items():
         records = []
         for run in map(Path, runs):

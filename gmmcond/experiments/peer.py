@@ -237,11 +237,12 @@ def peer_vs_runs(runs: list, recipe: PeerRecipe | None = None, *, minutes: float
     from ..io import ResultLog, read_metrics
     from ..registry import DATASETS
     from ..sampling.settings import SamplingSettings
-    from .benchmarks import SAMPLER_BUDGET, model_calls, sampler_budget, steady_minutes, step_seconds_now
+    from .benchmarks import (RECIPE_SETTING, SAMPLER_BUDGET, model_calls, sampler_budget, steady_minutes,
+                             step_seconds_now)
     from .runner import summarise_records
 
     recipe = recipe or PeerRecipe()
-    recipe_setting = next(iter(SAMPLER_BUDGET))
+    recipe_setting = RECIPE_SETTING
     peer_log = ResultLog(Path(out) / "peer.jsonl")
     mine, theirs = [], []
     for seed, run in enumerate(map(Path, runs)):

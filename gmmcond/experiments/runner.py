@@ -102,9 +102,9 @@ def arm_slug(arm: str) -> str:
 # Recipe values changed after the experiments were logged: {dotted key: (the recipe's value now, the value the
 # logged runs trained with)}. Where an arm's recipe has the new value, the old one is set ahead of the arm's own
 # overrides and left out of its key, so every logged result, run folder and reused record still matches, and a
-# rerun trains what was logged. (The shapes recipe set sigma_data 0.5 until it was measured on the data:
-# RESULTS.md, "sigma_data measured on the data".)
-RECIPE_AS_LOGGED = {"denoiser.sigma_data": ("data", 0.5)}
+# rerun trains what was logged. (The shapes recipe set sigma_data 0.5 until it was measured on the data, and guided
+# at 1.5 until 2: RESULTS.md, "sigma_data measured on the data" and "Guidance 2".)
+RECIPE_AS_LOGGED = {"denoiser.sigma_data": ("data", 0.5), "sample.cfg_scale": (2.0, 1.5)}
 
 
 def logged_pins(recipe: str) -> list[str]:
