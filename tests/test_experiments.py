@@ -501,6 +501,19 @@ def test_the_sampler_budget_counts_model_calls_and_evaluates_each_setting_once(t
     row = first["settings"][names[0]]
     assert len(calls) == 1 and again == first and row["model_calls"] == 30
     assert 0 <= row["all_attributes_correct"]["mean"] <= 1 and row["eval_seconds"]["mean"] > 0
+    # a setting's name in tables logged before the recipe's guidance changed still selects it
+    former = benchmarks.sampler_budget([tiny_run], ["x0_reproject 0.5, 100 steps, CFG 1.5 (recipe)"], n=8,
+                                       log=lambda *_: None)
+    assert list(former["settings"]) == ["x0_reproject 0.5, 100 steps, CFG 1.5"] and calls[-1]["cfg_scale"] == 1.5
+
+
+def test_the_setting_recipes_and_peer_score_with_is_the_default_recipes_sampling():
+    from gmmcond.config import load_config
+    from gmmcond.experiments.benchmarks import FORMER_NAMES, RECIPE_SETTING, SAMPLER_BUDGET
+
+    sample = load_config("shapes")["sample"]
+    assert SAMPLER_BUDGET[RECIPE_SETTING] == {k: sample[k] for k in ("sampler", "steps", "cfg_scale")}
+    assert set(FORMER_NAMES.values()) <= set(SAMPLER_BUDGET) and not set(FORMER_NAMES) & set(SAMPLER_BUDGET)
 
 
 def test_recipes_compared_groups_runs_by_recipe_and_pairs_them_by_training_seed(tiny_cfg, tmp_path, monkeypatch):
