@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help=f"training steps ({takers('steps')}; editing: sampling steps)")
     parser.add_argument("--n", type=int, help=f"evaluated samples per run, per combination for combinations ({takers('n')})")
     parser.add_argument("--run", help="editing: the trained run whose edits are measured (the default recipe's)")
+    parser.add_argument("--cfg-scale", type=float, help="editing: the guidance scale to edit with (default the run's "
+                                                          "own sample.cfg_scale)")
     parser.add_argument("--scale", help=f"{takers('scale')}: the recipe scale (gmmcond.experiments.reproduce.SCALES): v1, "
                                         "the shapes recipe as the paper experiments first ran (the default, so older "
                                         "tables reproduce), recipe, the default recipe as it is, or paper, the default "
@@ -72,7 +74,7 @@ def main() -> None:
         opts = exp.options({"out": out, "seeds": args.seeds, "steps": args.steps, "n": args.n, "scale": args.scale,
                             "arms": tuple(args.arms or ()), "train": False if args.no_train else None,
                             "reuse": tuple(ResultLog(Path(p)) for p in args.reuse),
-                            "run": Path(args.run) if args.run else None})
+                            "run": Path(args.run) if args.run else None, "cfg_scale": args.cfg_scale})
     except ConfigError as e:
         parser.error(str(e))
     if args.jobs != 1 and "train" not in exp.takes:

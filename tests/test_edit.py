@@ -1,5 +1,7 @@
 """Attribute editing: inversion is the exact inverse of k-diffusion's Euler sampler; SDEdit; edit requests; the CLI."""
 
+import json
+
 import k_diffusion as K
 import pytest
 import torch
@@ -9,6 +11,7 @@ from gmmcond.data.attrs import parse_expr
 from gmmcond.data.shapes import ATTR_NAMES, COLOURS, SHAPES
 from gmmcond.errors import ConfigError
 from gmmcond.modeling.build import build
+from gmmcond.modeling.runs import load_run
 from gmmcond.sampling import sample
 from gmmcond.sampling.edit import apply_edit, edit_by_inversion, invert_euler, sdedit, start_sigmas
 from gmmcond.data.attrs import read_attributes
@@ -127,3 +130,23 @@ def test_the_cli_writes_an_edit_grid_and_names_a_bad_request(tiny_cfg, tmp_path)
     assert (tmp_path / "e.png").exists()
     bad = run_captured("sample", *cmd, "--attrs", "purple", "--source-attrs", "circle,red")
     assert bad.returncode == 2 and "unknown attribute(s) ['purple']" in bad.stderr
+
+
+def test_the_editing_experiment_edits_at_the_guidance_it_is_given_and_resumes(tiny_run, tmp_path, monkeypatch):
+    """reproduce.py editing --cfg-scale: every edit is keyed, logged and summarised at that guidance (the run's own
+    when not given), and a rerun computes nothing it has logged."""
+    import gmmcond.experiments.editing as editing_mod
+    from gmmcond.experiments.runner import EXPERIMENTS
+
+    exp = EXPERIMENTS["editing"]
+    opts = exp.options({"out": tmp_path / "ed", "run": tiny_run, "seeds": 1, "n": 2, "steps": 2, "cfg_scale": 3.0})
+    result = exp(opts)
+    records = [json.loads(line) for line in (tmp_path / "ed" / "editing.jsonl").read_text().splitlines()]
+    assert result["config"]["cfg_scale"] == 3.0 and records and {r["cfg_scale"] for r in records} == {3.0}
+    assert set(result["edits"]) == {f"{m} / {k}" for m in editing_mod.EDIT_METHODS for k in editing_mod.EDIT_KINDS}
+    calls = []
+    monkeypatch.setattr(editing_mod, "edit_scores", lambda *a, **k: calls.append(1) or {})
+    assert exp(opts)["edits"] == result["edits"] and calls == []  # resumed: nothing edited or scored again
+    monkeypatch.undo()
+    own = exp.options({"out": tmp_path / "own", "run": tiny_run, "seeds": 1, "n": 2, "steps": 2})
+    assert exp(own)["config"]["cfg_scale"] == load_run(tiny_run).cfg["sample"]["cfg_scale"]

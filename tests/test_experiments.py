@@ -164,6 +164,8 @@ def test_the_experiment_registry_says_which_options_each_experiment_takes(tmp_pa
         EXPERIMENTS["precision"].options({"out": tmp_path, "arms": ("fp32",)})
     with pytest.raises(ConfigError, match="--run applies to editing, not density"):
         EXPERIMENTS["density"].options({"out": tmp_path, "run": tmp_path})
+    with pytest.raises(ConfigError, match="--cfg-scale applies to editing, not head"):
+        EXPERIMENTS["head"].options({"out": tmp_path, "cfg_scale": 2.0})
 
 
 def test_a_tabulation_ends_with_the_experiments_table_not_its_json(tmp_path):

@@ -117,10 +117,11 @@ def _held_out(dataset_cfg: dict, n: int, offset: int):
     return test, torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
 
 
-@experiment("editing", takes=("run", "seeds", "steps", "n"), defaults={"seeds": 3, "n": 128})
+@experiment("editing", takes=("run", "seeds", "steps", "n", "cfg_scale"), defaults={"seeds": 3, "n": 128})
 def editing(opts: Options, *, iters: int = 3) -> dict:
     """Edit ``opts.n`` held-out images per seed (different images per seed) with every method and kind, with the
-    run ``opts.run`` (its sampler at ``opts.steps`` steps, default its own); resumable through OUT/editing.jsonl."""
+    run ``opts.run`` (its sampler at ``opts.steps`` steps and guidance ``opts.cfg_scale``, default its own); resumable
+    through OUT/editing.jsonl."""
     from ..eval.evaluator import evaluator_for
     from ..modeling.runs import load_run
 
@@ -135,9 +136,10 @@ def editing(opts: Options, *, iters: int = 3) -> dict:
     evaluator, _, _ = evaluator_for(cfg["dataset"])
     s = cfg["sample"]
     steps = opts.steps or s["steps"]
-    settings = lambda seed: SamplingSettings.of_run(cfg, {"steps": steps, "seed": seed})  # noqa: E731
+    cfg_scale = s["cfg_scale"] if opts.cfg_scale is None else opts.cfg_scale
+    settings = lambda seed: SamplingSettings.of_run(cfg, {"steps": steps, "seed": seed, "cfg_scale": cfg_scale})  # noqa: E731
     log = ResultLog(opts.path("editing", "jsonl"))
-    base = {"run": str(run_dir), "step": run.step, "n": n, "steps": steps, "cfg_scale": s["cfg_scale"]}
+    base = {"run": str(run_dir), "step": run.step, "n": n, "steps": steps, "cfg_scale": cfg_scale}
     for seed in range(seeds):
         test, images, attrs = _held_out(cfg["dataset"], n, seed * n)
         for iters_r in RECONSTRUCT_ITERS:

@@ -35,6 +35,7 @@ class Options:
     train: bool = True  # False: train and evaluate nothing, tabulate what is logged
     reuse: tuple[ResultLog, ...] = ()  # other experiments' result logs whose identical arms are taken over
     run: Path | None = None  # editing: the trained run whose edits are measured
+    cfg_scale: float | None = None  # editing: the guidance scale (default the run's own sample.cfg_scale)
     progress: Callable[[str], None] = field(default=print, compare=False)
 
     def path(self, name: str, suffix: str) -> Path:
